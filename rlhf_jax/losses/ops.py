@@ -1,0 +1,43 @@
+"""Shared array ops of the losses: masked reductions and memory-light token log-probs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def masked_sum(x, mask, axis=None):
+  return jnp.sum(jnp.where(mask, x, 0.0), axis=axis)
+
+
+def masked_mean(x, mask, axis=None):
+  """Mean of x over the entries where mask is true (0 where there are none)."""
+  return masked_sum(x, mask, axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1)
+
+
+def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: int = 256):
+  """log π(target_t | context) [B, T] in float32, without holding [B, T, V] logits.
+
+  The sequence is cut into chunks of `chunk_size` positions; each chunk's logits are made,
+  reduced to log-softmax at the targets and dropped, and recomputed in the backward pass
+  (`jax.checkpoint`), so peak memory is O(B · chunk · V) instead of O(B · T · V).
+  """
+  b, t, d = hidden_BxTxD.shape
+  chunk = min(chunk_size, t)
+  pad = -t % chunk
+  hidden = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+  n = (t + pad) // chunk
+  hidden_NxBxCxD = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets_NxBxC = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def chunk_logprobs(h_BxCxD, y_BxC):
+    logits = jnp.dot(h_BxCxD, unembedding_DxV.astype(h_BxCxD.dtype),
+                     preferred_element_type=jnp.float32)
+    target_logits = jnp.take_along_axis(logits, y_BxC[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+  _, logps_NxBxC = jax.lax.scan(lambda c, xs: (c, chunk_logprobs(*xs)), None,
+                                (hidden_NxBxCxD, targets_NxBxC))
+  return logps_NxBxC.swapaxes(0, 1).reshape(b, t + pad)[:, :t]

@@ -1,0 +1,4 @@
+"""Flax NNX decoder-only transformers and their HF checkpoint bridge."""
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import KVCache, Transformer

@@ -1,0 +1,113 @@
+"""Building blocks of the transformer: parameters with logical axes, norms, RoPE, masks.
+
+Every parameter is an `nnx.Param` whose metadata `logical_axes` names its dimensions
+(`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, or None). `rlhf_jax.parallel` maps those names
+to mesh axes with the rules table of the config; nothing here knows about meshes.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Dense(nnx.Module):
+  """y = x·W (+ b), W stored [in, out] in `param_dtype` and used in the compute dtype."""
+
+  def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, cfg: ModelConfig,
+               rngs: nnx.Rngs):
+    self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes,
+                        cfg.param_dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (d_out,), axes[1:], cfg.param_dtype)
+                 if bias else None)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x):
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Norm(nnx.Module):
+  """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba 2016), computed in float32.
+
+  rms:   y = x / sqrt(mean(x²) + eps) · w
+  layer: y = (x − mean(x)) / sqrt(var(x) + eps) · w + b
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, cfg.compute_dtype
+    self.scale = param(rngs, nnx.initializers.ones, (d,), ('norm',), cfg.param_dtype)
+    self.bias = (param(rngs, nnx.initializers.zeros, (d,), ('norm',), cfg.param_dtype)
+                 if cfg.norm == 'layer' else None)
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    if self.kind == 'layer':
+      x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
+    y = x * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> jax.Array:
+  """θ_i = theta^(−2i/Dh) (Su 2021), with Llama 3's frequency-dependent scaling if set."""
+  hd = cfg.resolved_head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  if cfg.rope_llama3_scaling is None:
+    return inv_freq
+  factor, low_freq_factor, high_freq_factor, original_max = cfg.rope_llama3_scaling
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen = original_max / low_freq_factor
+  high_freq_wavelen = original_max / high_freq_factor
+  smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array):
+  """Rotates feature pairs (i, i + Dh/2) by angle position·θ_i (the HF 'rotate_half' layout)."""
+  angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  cos, sin = jnp.cos(angles_BxTxH2)[:, :, None], jnp.sin(angles_BxTxH2)[:, :, None]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxTxNxH.dtype)
+
+
+def make_attention_mask(query_pos_BxT, key_pos_BxS, key_valid_BxS, *, query_segment_BxT=None,
+                   key_segment_BxS=None, sliding_window=None) -> jax.Array:
+  """Boolean [B, 1, T, S]: query t may attend key s.
+
+  Causality is decided on positions within each sequence, so it holds for left padding, right
+  padding, packed segments and a KV cache alike. A padding query may see no key at all; the
+  softmax then spreads uniformly (no NaN) and its output is ignored downstream.
+  """
+  q, k = query_pos_BxT[:, :, None], key_pos_BxS[:, None, :]
+  mask = (k <= q) & key_valid_BxS[:, None, :]
+  if query_segment_BxT is not None:
+    mask &= query_segment_BxT[:, :, None] == key_segment_BxS[:, None, :]
+  if sliding_window is not None:
+    mask &= q - k < sliding_window
+  return mask[:, None]
+
+
+def positions_from_mask(attention_mask_BxT: jax.Array) -> jax.Array:
+  """Position of each token among the real tokens of its row (0 for leading padding)."""
+  return jnp.maximum(jnp.cumsum(attention_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)

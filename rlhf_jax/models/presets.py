@@ -1,0 +1,29 @@
+"""Named model sizes. The Llama/Qwen2/GPT-2 presets copy the published architectures."""
+
+from rlhf_jax.models.config import ModelConfig
+
+PRESETS: dict[str, ModelConfig] = {
+    # Runs in seconds on one CPU core: unit tests and smoke runs.
+    'tiny': ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=192, max_position=512),
+    # ~20M parameters: the CPU benchmark and minute-scale CPU experiments.
+    'small': ModelConfig(vocab_size=8192, d_model=384, n_layers=8, n_heads=6, n_kv_heads=2,
+                         d_ff=1024, max_position=1024),
+    'gpt2': ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                        d_ff=3072, norm='layer', norm_eps=1e-5, position='learned',
+                        max_position=1024, mlp='gelu', qkv_bias=True, out_bias=True,
+                        tie_embeddings=True),
+    'qwen2-0.5b': ModelConfig(vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
+                              n_kv_heads=2, d_ff=4864, norm_eps=1e-6, rope_theta=1_000_000.0,
+                              qkv_bias=True, tie_embeddings=True, max_position=32768),
+    'llama-1b': ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
+                            n_kv_heads=8, d_ff=8192, head_dim=64, norm_eps=1e-5,
+                            rope_theta=500_000.0, rope_llama3_scaling=(32.0, 1.0, 4.0, 8192),
+                            tie_embeddings=True, max_position=131072),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f'Unknown model preset {name!r}; choose from {sorted(PRESETS)}.')
+  return PRESETS[name]

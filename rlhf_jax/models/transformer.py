@@ -1,0 +1,207 @@
+"""Decoder-only transformer in Flax NNX: Llama / Mistral / Qwen2 and GPT-2 from one config.
+
+    x = embed(tokens) (+ pos_embed(positions))
+    for each block:  x += attn(norm_1(x));  x += mlp(norm_2(x))      (pre-norm)
+    h = norm_f(x)
+    head: logits = h·W_vocab (LM)   or   value = h·w (scalar: reward / value model)
+
+Padding is described by `attention_mask` [B, T] (1 = real token, left or right padding) and
+positions default to the rank of each real token in its row, so a padded batch gives each
+sequence the logits it would get alone. `segment_ids` keep packed examples apart.
+Incremental decoding goes through `KVCache`: `init_cache`, then `step` for the prompt (prefill)
+and again for each new token; both compile once under `jax.jit`.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import (Dense, Norm, apply_rope, make_attention_mask, param,
+                                    positions_from_mask, rope_inverse_frequencies)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for S slots, filled left to right.
+
+  `end` is the next free slot (the same for all rows: prompts are left-padded); a row's
+  positions continue from its number of valid slots. S must cover prompt + generated tokens.
+  """
+  keys: tuple[jax.Array, ...]  # Per layer [B, S, K, Dh].
+  values: tuple[jax.Array, ...]  # Per layer [B, S, K, Dh].
+  key_positions_BxS: jax.Array
+  key_valid_BxS: jax.Array
+  end: jax.Array  # int32 scalar.
+
+  def write(self, positions_BxT, valid_BxT) -> 'KVCache':
+    """Marks the next T slots as holding tokens at these positions."""
+    start = (0, self.end)
+    return self.replace(
+        key_positions_BxS=jax.lax.dynamic_update_slice(
+            self.key_positions_BxS, positions_BxT.astype(jnp.int32), start),
+        key_valid_BxS=jax.lax.dynamic_update_slice(self.key_valid_BxS, valid_BxT, start))
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped-query keys/values (Ainslie 2023) and RoPE (Su 2021)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, hd = cfg.d_model, cfg.resolved_head_dim
+    self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+    self.q = Dense(d, cfg.n_heads * hd, ('embed', 'heads'), bias=cfg.qkv_bias, cfg=cfg,
+                   rngs=rngs)
+    self.k = Dense(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), bias=cfg.qkv_bias, cfg=cfg,
+                   rngs=rngs)
+    self.v = Dense(d, cfg.n_kv_heads * hd, ('embed', 'kv_heads'), bias=cfg.qkv_bias, cfg=cfg,
+                   rngs=rngs)
+    self.o = Dense(cfg.n_heads * hd, d, ('heads', 'embed'), bias=cfg.out_bias, cfg=cfg,
+                   rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, kv_cache=None, cache_end=None):
+    b, t, _ = x_BxTxD.shape
+    q = self.q(x_BxTxD).reshape(b, t, self.n_heads, self.head_dim)
+    k = self.k(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v = self.v(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim)
+    if self.cfg.position == 'rope':
+      inv_freq = rope_inverse_frequencies(self.cfg)
+      q = apply_rope(q, positions_BxT, inv_freq)
+      k = apply_rope(k, positions_BxT, inv_freq)
+    if kv_cache is not None:
+      cached_k, cached_v = kv_cache
+      start = (0, cache_end, 0, 0)
+      k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
+      kv_cache = (k, v)
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                       mask=mask_Bx1xTxS)
+    return self.o(out.reshape(b, t, -1)), kv_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) · up(x)) (Shazeer 2020), or GPT-2's down(gelu(up(x)))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, bias = cfg.d_model, cfg.d_ff, cfg.out_bias
+    self.gate = (Dense(d, f, ('embed', 'mlp'), bias=bias, cfg=cfg, rngs=rngs)
+                 if cfg.mlp == 'swiglu' else None)
+    self.up = Dense(d, f, ('embed', 'mlp'), bias=bias, cfg=cfg, rngs=rngs)
+    self.down = Dense(f, d, ('mlp', 'embed'), bias=bias, cfg=cfg, rngs=rngs)
+
+  def __call__(self, x):
+    if self.gate is not None:
+      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    return self.down(jax.nn.gelu(self.up(x), approximate=True))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = Norm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, mask, kv_cache=None, cache_end=None):
+    attn_out, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_end)
+    x = x + attn_out
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, kv_cache
+
+
+class Transformer(nnx.Module):
+  """The model: `model(tokens, attention_mask=mask)` → logits [B, T, V] or values [B, T]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt, d = cfg.param_dtype, cfg.d_model
+    self.embed = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, d),
+                       ('vocab', 'embed'), pdt)
+    self.pos_embed = (param(rngs, nnx.initializers.normal(0.01), (cfg.max_position, d),
+                            (None, 'embed'), pdt) if cfg.position == 'learned' else None)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = Norm(cfg, rngs)
+    if cfg.head == 'scalar':
+      self.head = Dense(d, 1, ('embed', None), bias=False, cfg=cfg, rngs=rngs)
+    elif not cfg.tie_embeddings:
+      self.head = Dense(d, cfg.vocab_size, ('embed', 'vocab'), bias=False, cfg=cfg, rngs=rngs)
+    else:
+      self.head = None
+
+  def __call__(self, tokens_BxT, *, attention_mask=None, positions=None, segment_ids=None):
+    hidden, _ = self.hidden_states(tokens_BxT, attention_mask=attention_mask,
+                                   positions=positions, segment_ids=segment_ids)
+    return self.apply_head(hidden)
+
+  def hidden_states(self, tokens_BxT, *, attention_mask=None, positions=None,
+                    segment_ids=None, cache: KVCache | None = None):
+    """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
+    cfg = self.cfg
+    if attention_mask is None:
+      attention_mask = jnp.ones(tokens_BxT.shape, jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+      if cache is not None:
+        positions += cache.key_valid_BxS.sum(-1, dtype=jnp.int32)[:, None]
+    if cache is None:
+      mask = make_attention_mask(positions, positions, attention_mask,
+                            query_segment_BxT=segment_ids, key_segment_BxS=segment_ids,
+                            sliding_window=cfg.sliding_window)
+    else:
+      if segment_ids is not None:
+        raise ValueError('segment_ids (packing) cannot be combined with a KV cache.')
+      cache = cache.write(positions, attention_mask)
+      mask = make_attention_mask(positions, cache.key_positions_BxS, cache.key_valid_BxS,
+                            sliding_window=cfg.sliding_window)
+
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.compute_dtype)
+
+    def run_block(block, x, kv):
+      return block(x, positions, mask, kv, None if cache is None else cache.end)
+    if cfg.remat:
+      run_block = nnx.remat(run_block)
+
+    new_keys, new_values = [], []
+    for i, block in enumerate(self.blocks):
+      kv = None if cache is None else (cache.keys[i], cache.values[i])
+      x, kv = run_block(block, x, kv)
+      if kv is not None:
+        new_keys.append(kv[0])
+        new_values.append(kv[1])
+    if cache is not None:
+      cache = cache.replace(keys=tuple(new_keys), values=tuple(new_values),
+                            end=cache.end + tokens_BxT.shape[1])
+    return self.final_norm(x), cache
+
+  def apply_head(self, hidden_BxTxD):
+    """LM: float32 logits [B, T, V]. Scalar: float32 values [B, T]."""
+    if self.cfg.head == 'scalar':
+      return self.head(hidden_BxTxD)[..., 0].astype(jnp.float32)
+    return jnp.dot(hidden_BxTxD, self.unembedding().astype(hidden_BxTxD.dtype),
+                   preferred_element_type=jnp.float32)
+
+  def unembedding(self) -> jax.Array:
+    """The [D, V] matrix that maps hidden states to logits (for chunked log-probs)."""
+    if self.cfg.head != 'lm':
+      raise ValueError('unembedding() needs an LM head (config.head == "lm").')
+    return self.embed[...].T if self.head is None else self.head.kernel[...]
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    cfg = self.cfg
+    shape = (batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    zeros = lambda: jnp.zeros(shape, dtype or cfg.compute_dtype)
+    return KVCache(keys=tuple(zeros() for _ in range(cfg.n_layers)),
+                   values=tuple(zeros() for _ in range(cfg.n_layers)),
+                   key_positions_BxS=jnp.zeros((batch_size, max_len), jnp.int32),
+                   key_valid_BxS=jnp.zeros((batch_size, max_len), jnp.bool_),
+                   end=jnp.zeros((), jnp.int32))
+
+  def step(self, tokens_BxT, cache: KVCache, *, attention_mask=None):
+    """Feeds T more tokens (a left-padded prompt, or one sampled token): (output, cache)."""
+    hidden, cache = self.hidden_states(tokens_BxT, attention_mask=attention_mask, cache=cache)
+    return self.apply_head(hidden), cache

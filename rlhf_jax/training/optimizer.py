@@ -1,0 +1,48 @@
+"""Optimizer and learning-rate schedule from the config's `optim` entry."""
+
+import jax
+import optax
+
+SCHEDULES = ('constant', 'warmup_cosine', 'warmup_stable_decay')
+
+
+def make_schedule(optim, total_steps: int) -> optax.Schedule:
+  """Learning rate per step.
+
+  constant:            lr after a linear warmup.
+  warmup_cosine:       linear warmup, then cosine decay to lr·final_lr_fraction.
+  warmup_stable_decay: linear warmup, constant lr, then a linear decay over the last
+                       `decay_fraction` of training to lr·final_lr_fraction (Hu 2024, MiniCPM).
+  """
+  lr, warmup = optim.lr, optim.warmup_steps
+  final = lr * optim.final_lr_fraction
+  warmup_fn = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  if optim.schedule == 'constant':
+    rest = optax.constant_schedule(lr)
+  elif optim.schedule == 'warmup_cosine':
+    rest = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1), final / lr if lr else 0)
+  elif optim.schedule == 'warmup_stable_decay':
+    decay_steps = max(int(total_steps * optim.decay_fraction), 1)
+    stable_steps = max(total_steps - warmup - decay_steps, 0)
+    rest = optax.join_schedules(
+        [optax.constant_schedule(lr), optax.linear_schedule(lr, final, decay_steps)],
+        [stable_steps])
+  else:
+    raise ValueError(f'config.optim.schedule={optim.schedule!r}; choose from {SCHEDULES}.')
+  return optax.join_schedules([warmup_fn, rest], [warmup]) if warmup else rest
+
+
+def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                      optax.Schedule]:
+  """AdamW (Loshchilov & Hutter 2019) after global-norm gradient clipping.
+
+  Weight decay skips 1-D parameters (norm scales, biases), as is standard for transformers.
+  """
+  if optim.name != 'adamw':
+    raise ValueError(f'config.optim.name={optim.name!r}; only "adamw" is implemented.')
+  schedule = make_schedule(optim, total_steps)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  chain = [optax.clip_by_global_norm(optim.grad_clip_norm)] if optim.grad_clip_norm else []
+  chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                           weight_decay=optim.weight_decay, mask=decay_mask))
+  return optax.chain(*chain), schedule

@@ -1,0 +1,72 @@
+"""The one train step that every algorithm uses.
+
+An algorithm is a `loss_fn(model, batch, rng) -> (loss, metrics)`: it runs the model on its
+batch and hands the arrays to a pure loss from `rlhf_jax.losses`. Everything else (gradient
+accumulation, the optimizer, shardings, donation) lives here once.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rlhf_jax.training.state import TrainState
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    graphdef: nnx.GraphDef, *, state_shardings: TrainState, batch_shardings,
+                    schedule: optax.Schedule | None = None, grad_accum_steps: int = 1):
+  """Jitted `step(state, batch) -> (state, metrics)` with explicit shardings.
+
+  With `grad_accum_steps` = A > 1 the global batch is split into A micro-batches that run one
+  after another in a `lax.scan`; gradients and metrics are averaged over them (the mean of
+  micro-batch losses, which equals the full-batch loss when micro-batches weigh the same).
+  Each device's rows stay on it: row r of micro-batch a is global row r·A + a.
+  """
+
+  def loss_and_grad(params, batch, rng):
+    def compute(params):
+      return loss_fn(nnx.merge(graphdef, params), batch, rng)
+    (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(params)
+    return grads, {**metrics, 'loss': loss}
+
+  def step(state: TrainState, batch):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    if grad_accum_steps == 1:
+      grads, metrics = loss_and_grad(state.params, batch, step_rng)
+    else:
+      micro_batches = jax.tree.map(_split_micro_batches, batch)
+      rngs = jax.random.split(step_rng, grad_accum_steps)
+
+      def accumulate(grads_sum, xs):
+        grads, metrics = loss_and_grad(state.params, *xs)
+        return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      grads, metrics = jax.lax.scan(accumulate, zeros, (micro_batches, rngs))
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      metrics = jax.tree.map(jnp.mean, metrics)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['param_norm'] = optax.global_norm(params)
+    if schedule is not None:
+      metrics['lr'] = schedule(state.step)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+  def _split_micro_batches(x):
+    if x.shape[0] % grad_accum_steps:
+      raise ValueError(f'Batch of {x.shape[0]} rows does not split into '
+                       f'config.optim.grad_accum_steps={grad_accum_steps} micro-batches.')
+    return x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
+                     *x.shape[1:]).swapaxes(0, 1)
+
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=0)

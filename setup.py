@@ -1,0 +1,33 @@
+"""rlhf_jax: the alignment pipeline (SFT, reward models, DPO family, PPO, best-of-n) in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name='rlhf_jax',
+    version='0.1.0',
+    description=__doc__,
+    packages=setuptools.find_packages(include=['rlhf_jax', 'rlhf_jax.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.10.2,<0.11',
+        'flax>=0.12.8,<0.13',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'transformers>=5.0',
+        'safetensors>=0.6',
+        'tokenizers>=0.22',
+        'ml-collections>=1.1.0',
+        'absl-py>=2.1',
+        'tensorflow-datasets>=4.9.10',
+        'array-record>=0.8',
+        'tensorboardX>=2.6',
+        'tqdm>=4.66',
+        'matplotlib>=3.9',
+        'numpy>=2.0',
+    ],
+    extras_require={
+        # torch only builds reference models for parity tests; 2.13.0 is the CPU build that
+        # pip takes from local disk on our machines (a bare 'torch' pulls a CUDA build).
+        'test': ['pytest>=8', 'torch==2.13.0'],
+    },
+)
