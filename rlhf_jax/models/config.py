@@ -75,7 +75,7 @@ class ModelConfig:
     if self.head == 'lm' and not self.tie_embeddings:
       total += d * self.vocab_size
     elif self.head == 'scalar':
-      total += d + 1
+      total += d
     if embeddings:
       total += self.vocab_size * d
       total += self.max_position * d if self.position == 'learned' else 0

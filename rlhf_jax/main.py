@@ -1,0 +1,30 @@
+"""Entry point: `python -m rlhf_jax.main --config=configs/sft.py:tiny --workdir=DIR`.
+
+Any config key can be overridden: `--config.optim.lr=1e-4 --config.mesh.fsdp=2`.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rlhf_jax.training import loop, sft
+
+ALGORITHMS = {'sft': sft.make_algorithm}
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:preset].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and plots go.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if config.algorithm not in ALGORITHMS:
+    raise app.UsageError(f'config.algorithm={config.algorithm!r}; known: {sorted(ALGORITHMS)}.')
+  logging.info('Config:\n%s', config)
+  loop.train(config, _WORKDIR.value, ALGORITHMS[config.algorithm](config))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,135 @@
+"""The generic training loop: model, optimizer, sharded step, checkpoints, metrics.
+
+An algorithm brings a loss function and a data source; this loop does the rest, the same way
+for SFT, reward models and DPO. A run is (config, workdir): run it again on the same workdir
+and it resumes from the last checkpoint as if it had never stopped.
+"""
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import parallel
+from rlhf_jax.models import Transformer
+from rlhf_jax.training.algorithm import Algorithm
+from rlhf_jax.training.checkpoint import Checkpointer
+from rlhf_jax.training.config import to_model_config
+from rlhf_jax.training.metrics import MetricWriter, progress_bar
+from rlhf_jax.training.optimizer import make_optimizer
+from rlhf_jax.training.state import (abstract_like, init_train_state,
+                                     train_state_shardings)
+from rlhf_jax.training.step import LossFn, make_train_step
+
+
+def build_model(config, mesh):
+  """(graphdef, params, param_shardings), created or loaded straight into the mesh layout."""
+  model_config = to_model_config(config.model)
+  make = lambda: Transformer(model_config, rngs=nnx.Rngs(config.seed))
+  return parallel.create_sharded(make, mesh, config.sharding_rules)
+
+
+def local_rows(global_batch: int) -> range:
+  """This process's rows of the global batch."""
+  n = jax.process_count()
+  if global_batch % n:
+    raise ValueError(f'config.train.batch_size={global_batch} does not split over {n} '
+                     'processes.')
+  per_process = global_batch // n
+  return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def train(config, workdir: str, algorithm: Algorithm) -> None:
+  parallel.maybe_initialize_distributed(config.distributed)
+  mesh = parallel.make_mesh(config.mesh)
+  rules = config.sharding_rules
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  graphdef, params, param_shardings = build_model(config, mesh)
+  optimizer, schedule = make_optimizer(config.optim, tc.steps)
+  state_shardings = train_state_shardings(param_shardings, optimizer, params, mesh)
+  state = init_train_state(params, optimizer, config.seed, state_shardings)
+
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
+                              save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
+                              async_save=tc.async_checkpoint)
+  start = checkpointer.latest_step() or 0
+  if start:
+    state, data_state = checkpointer.restore(start, abstract_like(state))
+    assert data_state['step'] == start, (data_state, start)
+    logging.info('Resumed from step %d.', start)
+  writer = MetricWriter(workdir, start_step=start, tensorboard=tc.tensorboard)
+
+  rows = local_rows(tc.batch_size)
+  example = algorithm.data.batch('train', 0, rows)
+  batch_shardings = {k: parallel.batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
+  train_step = make_train_step(algorithm.loss_fn, optimizer, graphdef,
+                               state_shardings=state_shardings,
+                               batch_shardings=batch_shardings, schedule=schedule,
+                               grad_accum_steps=config.optim.grad_accum_steps)
+  evaluate = make_eval_step(algorithm.loss_fn, graphdef, state_shardings.params,
+                            batch_shardings)
+
+  def get_batch(split, step):
+    return parallel.shard_batch(algorithm.data.batch(split, step, rows), mesh, rules)
+
+  bar = progress_bar(tc.steps, start, enabled=tc.progress_bar)
+  throughput = Throughput(tokens_per_step=tc.batch_size * tc.seq_len, step=start)
+  pending = None  # (step, device metrics), fetched one step late so the device never waits.
+
+  def flush():
+    nonlocal pending
+    if pending is not None:
+      step, metrics = pending[0], jax.device_get(pending[1])
+      writer.write(step, metrics)
+      bar.set_postfix(loss=f'{metrics["loss"]:.4f}', tok_s=f'{throughput(step):,.0f}')
+      pending = None
+
+  for step in range(start, tc.steps):
+    state, metrics = train_step(state, get_batch('train', step))
+    flush()
+    done = step + 1
+    if done % tc.log_every == 0 or done == tc.steps:
+      pending = (done, metrics)
+    if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+      flush()
+      eval_metrics = [evaluate(state.params, get_batch('eval', i)) for i in range(tc.eval_batches)]
+      eval_metrics = jax.tree.map(lambda *x: np.mean(x), *jax.device_get(eval_metrics))
+      writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
+    if done % tc.checkpoint_every == 0 or done == tc.steps:
+      flush()  # A checkpoint's step must never lack its metrics line.
+      checkpointer.save(done, state, {'step': done}, force=True)
+    bar.update(1)
+  flush()
+  bar.close()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+
+
+class Throughput:
+  """Tokens per second since the previous call."""
+
+  def __init__(self, *, tokens_per_step: int, step: int):
+    self.tokens_per_step, self.step, self.time = tokens_per_step, step, time.perf_counter()
+
+  def __call__(self, step: int) -> float:
+    now = time.perf_counter()
+    rate = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
+    self.step, self.time = step, now
+    return rate
+
+
+def make_eval_step(loss_fn: LossFn, graphdef, params_shardings, batch_shardings) -> Callable:
+  def evaluate(params, batch):
+    loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, jax.random.key(0))
+    return {**metrics, 'loss': loss}
+  return jax.jit(evaluate, in_shardings=(params_shardings, batch_shardings))
