@@ -2,3 +2,4 @@
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import KVCache, Transformer
+from rlhf_jax.models.hf import config_from_hf, load_hf, save_hf

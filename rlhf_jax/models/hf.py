@@ -1,0 +1,300 @@
+"""Hugging Face checkpoints <-> `Transformer`: config translation, safetensors load and save.
+
+Covers Llama, Mistral, Qwen2 and GPT-2 causal LMs, and their *ForSequenceClassification
+reward models (`head='scalar'`). One table, `_name_table`, pairs every HF tensor with the
+parameters it holds; loading and saving both read it. Tokenizers need nothing from here:
+`transformers.AutoTokenizer.from_pretrained(local_dir)`.
+
+`transformers` is imported inside the functions that build HF configs, so importing this
+module stays cheap.
+"""
+
+import contextlib
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import Transformer
+
+ParamPath = tuple[str | int, ...]  # A parameter's path in `nnx.state(model)`.
+
+# model_type -> (config class, causal LM class, sequence classifier class) in transformers.
+_FAMILIES = {
+    'llama': ('LlamaConfig', 'LlamaForCausalLM', 'LlamaForSequenceClassification'),
+    'mistral': ('MistralConfig', 'MistralForCausalLM', 'MistralForSequenceClassification'),
+    'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', 'Qwen2ForSequenceClassification'),
+    'gpt2': ('GPT2Config', 'GPT2LMHeadModel', 'GPT2ForSequenceClassification'),
+}
+# Buffers some checkpoints carry that are no parameters: GPT-2's causal masks, old RoPE tables.
+_IGNORED = re.compile(r'.*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$')
+
+
+def _check(field: str, value, allowed: tuple):
+  if value not in allowed:
+    raise ValueError(f'Unsupported {field}={value!r}; supported: {allowed}.')
+
+
+def config_from_hf(hf_config, *, head: str = 'lm') -> ModelConfig:
+  """`ModelConfig` of a transformers config (llama, mistral, qwen2 or gpt2)."""
+  _check('model_type', hf_config.model_type, tuple(_FAMILIES))
+  if hf_config.model_type == 'gpt2':
+    return _gpt2_config(hf_config, head)
+  return _llama_config(hf_config, head)
+
+
+def _gpt2_config(c, head: str) -> ModelConfig:
+  _check('activation_function', c.activation_function, ('gelu_new', 'gelu_pytorch_tanh'))
+  _check('scale_attn_weights', c.scale_attn_weights, (True,))
+  _check('scale_attn_by_inverse_layer_idx', c.scale_attn_by_inverse_layer_idx, (False,))
+  _check('add_cross_attention', c.add_cross_attention, (False,))
+  return ModelConfig(
+      vocab_size=c.vocab_size, d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head,
+      n_kv_heads=c.n_head, d_ff=c.n_inner or 4 * c.n_embd, norm='layer',
+      norm_eps=c.layer_norm_epsilon, position='learned', max_position=c.n_positions,
+      mlp='gelu', qkv_bias=True, out_bias=True, tie_embeddings=c.tie_word_embeddings,
+      head=head)
+
+
+def _llama_config(c, head: str) -> ModelConfig:
+  _check('hidden_act', c.hidden_act, ('silu',))
+  _check('attention_bias', getattr(c, 'attention_bias', False), (False,))
+  _check('mlp_bias', getattr(c, 'mlp_bias', False), (False,))
+  rope = c.rope_parameters
+  _check('rope_type', rope.get('rope_type', 'default'), ('default', 'llama3'))
+  _check('partial_rotary_factor', rope.get('partial_rotary_factor', 1.0), (1.0,))
+  llama3 = None
+  if rope.get('rope_type') == 'llama3':
+    llama3 = (float(rope['factor']), float(rope['low_freq_factor']),
+              float(rope['high_freq_factor']), int(rope['original_max_position_embeddings']))
+  return ModelConfig(
+      vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
+      n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
+      d_ff=c.intermediate_size,
+      head_dim=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads,
+      norm='rms', norm_eps=c.rms_norm_eps, rope_theta=float(rope['rope_theta']),
+      rope_llama3_scaling=llama3, max_position=c.max_position_embeddings,
+      qkv_bias=c.model_type == 'qwen2', tie_embeddings=c.tie_word_embeddings,
+      sliding_window=_sliding_window(c), head=head)
+
+
+def _sliding_window(c) -> int | None:
+  if c.model_type != 'qwen2':
+    return getattr(c, 'sliding_window', None)  # Mistral's; Llama has none.
+  kinds = set(c.layer_types)  # Qwen2 slides only from layer max_window_layers on.
+  if len(kinds) > 1:
+    raise ValueError(f'Unsupported layer_types={c.layer_types!r}: one attention kind for all '
+                     'layers is supported.')
+  return c.sliding_window if kinds == {'sliding_attention'} else None
+
+
+def hf_config_from(cfg: ModelConfig, **fields):
+  """The transformers config (with `architectures`) of `cfg`; `fields` adds e.g. token ids."""
+  import transformers
+  model_type = ('gpt2' if cfg.position == 'learned' else 'qwen2' if cfg.qkv_bias else
+                'mistral' if cfg.sliding_window else 'llama')
+  config_class, lm_class, classifier_class = _FAMILIES[model_type]
+  if cfg.head == 'scalar':
+    fields |= dict(num_labels=1)
+  if model_type == 'gpt2':
+    fields |= dict(n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                   n_inner=cfg.d_ff, n_positions=cfg.max_position,
+                   layer_norm_epsilon=cfg.norm_eps, activation_function='gelu_new')
+  else:
+    rope = dict(rope_type='default', rope_theta=cfg.rope_theta)
+    if cfg.rope_llama3_scaling:
+      rope |= dict(zip(('factor', 'low_freq_factor', 'high_freq_factor',
+                        'original_max_position_embeddings'), cfg.rope_llama3_scaling),
+                   rope_type='llama3')
+    fields |= dict(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                   num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                   intermediate_size=cfg.d_ff, head_dim=cfg.resolved_head_dim,
+                   rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
+                   max_position_embeddings=cfg.max_position)
+    if model_type == 'mistral':
+      fields |= dict(sliding_window=cfg.sliding_window)
+    if model_type == 'qwen2' and cfg.sliding_window:
+      fields |= dict(use_sliding_window=True, sliding_window=cfg.sliding_window,
+                     max_window_layers=0)
+  hf_config = getattr(transformers, config_class)(
+      vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
+      architectures=[lm_class if cfg.head == 'lm' else classifier_class],
+      dtype=jnp.dtype(cfg.param_dtype).name, **fields)
+  # The HF config must describe the same architecture, or `cfg` has no HF equivalent.
+  numerics = dict(dtype='float32', param_dtype='float32', remat=False)
+  canonical = lambda c: c.replace(head_dim=c.resolved_head_dim, **numerics)
+  if canonical(config_from_hf(hf_config, head=cfg.head)) != canonical(cfg):
+    raise ValueError(f'{cfg} has no {config_class} equivalent.')
+  return hf_config
+
+
+def _name_table(cfg: ModelConfig) -> list[tuple[str, tuple[ParamPath, ...], str]]:
+  """(HF tensor name, parameter paths it holds, layout) for every tensor of a checkpoint.
+
+  Layouts: 'same'; 'transpose' (torch Linear weights are [out, in], our kernels [in, out]);
+  'split' (GPT-2's Conv1D c_attn holds the q, k and v projections side by side).
+  """
+  rows = []
+
+  def add(name, layout, *paths):
+    rows.append((name, paths, layout))
+
+  def dense(name, path, bias, layout='transpose'):
+    add(f'{name}.weight', layout, path + ('kernel',))
+    if bias:
+      add(f'{name}.bias', 'same', path + ('bias',))
+
+  def norm(name, path):
+    add(f'{name}.weight', 'same', path + ('scale',))
+    if cfg.norm == 'layer':
+      add(f'{name}.bias', 'same', path + ('bias',))
+
+  if cfg.position == 'learned':  # GPT-2: Conv1D weights are already [in, out].
+    add('transformer.wte.weight', 'same', ('embed',))
+    add('transformer.wpe.weight', 'same', ('pos_embed',))
+    for i in range(cfg.n_layers):
+      hf, ours = f'transformer.h.{i}', ('blocks', i)
+      norm(f'{hf}.ln_1', ours + ('attn_norm',))
+      qkv = [ours + ('attn', x) for x in 'qkv']
+      add(f'{hf}.attn.c_attn.weight', 'split', *(p + ('kernel',) for p in qkv))
+      add(f'{hf}.attn.c_attn.bias', 'split', *(p + ('bias',) for p in qkv))
+      dense(f'{hf}.attn.c_proj', ours + ('attn', 'o'), True, 'same')
+      norm(f'{hf}.ln_2', ours + ('mlp_norm',))
+      dense(f'{hf}.mlp.c_fc', ours + ('mlp', 'up'), True, 'same')
+      dense(f'{hf}.mlp.c_proj', ours + ('mlp', 'down'), True, 'same')
+    norm('transformer.ln_f', ('final_norm',))
+  else:
+    add('model.embed_tokens.weight', 'same', ('embed',))
+    for i in range(cfg.n_layers):
+      hf, ours = f'model.layers.{i}', ('blocks', i)
+      norm(f'{hf}.input_layernorm', ours + ('attn_norm',))
+      for x in 'qkvo':
+        dense(f'{hf}.self_attn.{x}_proj', ours + ('attn', x),
+              cfg.qkv_bias if x != 'o' else cfg.out_bias)
+      norm(f'{hf}.post_attention_layernorm', ours + ('mlp_norm',))
+      for x in ('gate', 'up', 'down'):
+        dense(f'{hf}.mlp.{x}_proj', ours + ('mlp', x), cfg.out_bias)
+    norm('model.norm', ('final_norm',))
+  if cfg.head == 'scalar':
+    add('score.weight', 'transpose', ('head', 'kernel'))
+  elif not cfg.tie_embeddings:
+    add('lm_head.weight', 'transpose', ('head', 'kernel'))
+  return rows
+
+
+def _to_ours(tensor: np.ndarray, layout: str, n: int) -> list[np.ndarray]:
+  if layout == 'split':
+    return np.split(tensor, n, axis=-1)
+  return [tensor.T if layout == 'transpose' else tensor]
+
+
+def _to_hf(arrays: list[np.ndarray], layout: str) -> np.ndarray:
+  if layout == 'split':
+    return np.concatenate(arrays, axis=-1)
+  return arrays[0].T if layout == 'transpose' else arrays[0]
+
+
+def _locate_tensors(path: pathlib.Path, cfg: ModelConfig):
+  """({table name: (safetensors file, name stored there)}, the file or index listing them)."""
+  index = path / 'model.safetensors.index.json'
+  single = path / 'model.safetensors'
+  if index.exists():
+    weight_map = json.loads(index.read_text())['weight_map']
+    files, source = {name: path / file for name, file in weight_map.items()}, index
+  elif single.exists():
+    with safetensors.safe_open(single, framework='np') as f:
+      files, source = dict.fromkeys(f.keys(), single), single
+  else:
+    raise FileNotFoundError(f'No model.safetensors or model.safetensors.index.json in {path}.')
+
+  def table_name(name):  # GPT-2 checkpoints may lack the `transformer.` prefix.
+    if cfg.position != 'learned' or name.startswith(('transformer.', 'lm_head.', 'score.')):
+      return name
+    return f'transformer.{name}'
+  return {table_name(name): (file, name) for name, file in files.items()}, source
+
+
+def _check_names(locations: dict, table: list, cfg: ModelConfig):
+  """Raises on a checkpoint tensor that no parameter takes (known buffers aside)."""
+  expected = {name for name, _, _ in table}
+  if cfg.head == 'scalar' or cfg.tie_embeddings:
+    expected.add('lm_head.weight')  # Tied to the embedding, or unused by a scalar head.
+  for name, (file, stored) in locations.items():
+    if name not in expected and not _IGNORED.match(name):
+      raise ValueError(f'Unexpected tensor {stored!r} in {file}: no parameter of this '
+                       f'{cfg.head!r}-head model corresponds to it.')
+
+
+def _unbox(x):
+  return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None) -> Transformer:
+  """Loads an HF checkpoint directory (config.json + safetensors, single or sharded).
+
+  Parameters are stored in `dtype` (the compute dtype stays `ModelConfig.dtype`). The model
+  is built abstractly and filled tensor by tensor; with `shardings` (a pytree shaped like
+  `nnx.state(model)` of `jax.sharding.Sharding`) each tensor goes straight to its devices.
+  `head='scalar'` takes `score.weight` of a sequence classifier, or zeros if there is none.
+  """
+  import transformers
+  path = pathlib.Path(path)
+  cfg = config_from_hf(transformers.AutoConfig.from_pretrained(path), head=head)
+  cfg = cfg.replace(param_dtype=jnp.dtype(dtype).name)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  variables = dict(nnx.to_flat_state(abstract))
+  placements = ({} if shardings is None else
+                {p: _unbox(s) for p, s in nnx.to_flat_state(shardings)})
+  table = _name_table(cfg)
+  locations, source = _locate_tensors(path, cfg)
+  _check_names(locations, table, cfg)
+
+  arrays = {}
+  with contextlib.ExitStack() as stack:
+    opened = {}
+
+    def read(name):
+      file, stored = locations[name]
+      if file not in opened:
+        opened[file] = stack.enter_context(safetensors.safe_open(file, framework='np'))
+      return opened[file].get_tensor(stored)
+
+    for name, paths, layout in table:
+      if name in locations:
+        parts = _to_ours(read(name), layout, len(paths))
+      elif name == 'score.weight':  # A causal LM becoming a reward model: fresh head.
+        parts = [np.zeros(variables[paths[0]].shape)]
+      else:
+        raise ValueError(f'Tensor {name!r} (for {paths}) is missing from {source}.')
+      for param_path, array in zip(paths, parts):
+        want = variables[param_path]
+        if array.shape != want.shape:
+          raise ValueError(f'Tensor {name!r} in {locations[name][0]} gives {param_path} the '
+                           f'shape {array.shape}; expected {want.shape}.')
+        arrays[param_path] = jax.device_put(array.astype(want.dtype, copy=False),
+                                            placements.get(param_path))
+  state = nnx.from_flat_state([(p, v.replace(arrays[p])) for p, v in variables.items()])
+  return nnx.merge(graphdef, state)
+
+
+def save_hf(model: Transformer, path, **config_fields):
+  """Writes config.json and model.safetensors that transformers' `from_pretrained` loads.
+
+  `config_fields` go to the transformers config (e.g. `eos_token_id`, `pad_token_id`).
+  """
+  path = pathlib.Path(path)
+  hf_config = hf_config_from(model.cfg, **config_fields)
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  tensors = {name: np.ascontiguousarray(_to_hf([np.asarray(params[p][...]) for p in paths],
+                                               layout))
+             for name, paths, layout in _name_table(model.cfg)}
+  path.mkdir(parents=True, exist_ok=True)
+  hf_config.save_pretrained(path)
+  safetensors.numpy.save_file(tensors, path / 'model.safetensors', metadata={'format': 'pt'})
