@@ -18,6 +18,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the bar says enough.
   config = _CONFIG.value
   if config.algorithm not in ALGORITHMS:
     raise app.UsageError(f'config.algorithm={config.algorithm!r}; known: {sorted(ALGORITHMS)}.')

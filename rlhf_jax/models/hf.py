@@ -236,18 +236,26 @@ def _unbox(x):
   return x.get_value() if isinstance(x, nnx.Variable) else x
 
 
-def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None) -> Transformer:
+def read_hf_config(path, *, head: str = 'lm') -> ModelConfig:
+  """`ModelConfig` of the checkpoint directory at `path`."""
+  import transformers
+  return config_from_hf(transformers.AutoConfig.from_pretrained(path), head=head)
+
+
+def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
+            compute_dtype: str | None = None, remat: bool = False) -> Transformer:
   """Loads an HF checkpoint directory (config.json + safetensors, single or sharded).
 
-  Parameters are stored in `dtype` (the compute dtype stays `ModelConfig.dtype`). The model
-  is built abstractly and filled tensor by tensor; with `shardings` (a pytree shaped like
-  `nnx.state(model)` of `jax.sharding.Sharding`) each tensor goes straight to its devices.
+  Parameters are stored in `dtype`; matmuls run in `compute_dtype` (default: `dtype`), with
+  activation rematerialisation if `remat`. The model is built abstractly and filled tensor by
+  tensor; with `shardings` (a pytree shaped like `nnx.state(model)` of
+  `jax.sharding.Sharding`) each tensor goes straight to its devices.
   `head='scalar'` takes `score.weight` of a sequence classifier, or zeros if there is none.
   """
-  import transformers
   path = pathlib.Path(path)
-  cfg = config_from_hf(transformers.AutoConfig.from_pretrained(path), head=head)
-  cfg = cfg.replace(param_dtype=jnp.dtype(dtype).name)
+  param_dtype = jnp.dtype(dtype).name
+  cfg = read_hf_config(path, head=head).replace(
+      param_dtype=param_dtype, dtype=compute_dtype or param_dtype, remat=remat)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   variables = dict(nnx.to_flat_state(abstract))
   placements = ({} if shardings is None else

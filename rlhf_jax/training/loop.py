@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import parallel
-from rlhf_jax.models import Transformer
+from rlhf_jax.models import Transformer, load_hf, read_hf_config
 from rlhf_jax.training.algorithm import Algorithm
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.config import to_model_config
@@ -27,10 +27,24 @@ from rlhf_jax.training.step import LossFn, make_train_step
 
 
 def build_model(config, mesh):
-  """(graphdef, params, param_shardings), created or loaded straight into the mesh layout."""
-  model_config = to_model_config(config.model)
+  """(graphdef, params, param_shardings), created or loaded straight into the mesh layout.
+
+  `config.model.hf_path` loads an HF checkpoint (its architecture replaces config.model's,
+  except the numerics: dtype, param_dtype, remat and head).
+  """
+  model = config.model
+  rules = config.sharding_rules
+  if model.hf_path:
+    cfg = read_hf_config(model.hf_path, head=model.head)
+    abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    shardings = parallel.state_shardings(abstract_state, mesh, rules)
+    loaded = load_hf(model.hf_path, model.param_dtype, head=model.head, shardings=shardings,
+                     compute_dtype=model.dtype, remat=model.remat)
+    graphdef, params = nnx.split(loaded)
+    return graphdef, params, shardings
+  model_config = to_model_config(model)
   make = lambda: Transformer(model_config, rngs=nnx.Rngs(config.seed))
-  return parallel.create_sharded(make, mesh, config.sharding_rules)
+  return parallel.create_sharded(make, mesh, rules)
 
 
 def local_rows(global_batch: int) -> range:
@@ -65,7 +79,7 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
   if start:
     state, data_state = checkpointer.restore(start, abstract_like(state))
     assert data_state['step'] == start, (data_state, start)
-    logging.info('Resumed from step %d.', start)
+    logging.warning('Resumed %s from step %d.', workdir, start)
   writer = MetricWriter(workdir, start_step=start, tensorboard=tc.tensorboard)
 
   rows = local_rows(tc.batch_size)
