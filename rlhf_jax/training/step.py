@@ -53,8 +53,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
-    metrics['param_norm'] = optax.global_norm(params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['param_norm'] = optax.tree.norm(params)
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
