@@ -8,13 +8,13 @@ heads, MLP and vocabulary). Parameters name their dimensions logically (`embed`,
     rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...)
 """
 
-import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 

@@ -5,13 +5,13 @@ for SFT, reward models and DPO. A run is (config, workdir): run it again on the 
 and it resumes from the last checkpoint as if it had never stopped.
 """
 
-import logging
 import os
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from rlhf_jax import parallel
@@ -78,7 +78,8 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
   start = checkpointer.latest_step() or 0
   if start:
     state, data_state = checkpointer.restore(start, abstract_like(state))
-    assert data_state['step'] == start, (data_state, start)
+    if data_state['step'] != start:
+      raise ValueError(f'Checkpoint {start} in {workdir} holds data position {data_state}.')
     logging.warning('Resumed %s from step %d.', workdir, start)
   writer = MetricWriter(workdir, start_step=start, tensorboard=tc.tensorboard)
 
