@@ -1,4 +1,5 @@
-"""Checkpoints restore exactly, keep the last K, and never surface a half-written step."""
+"""Checkpoints restore bit for bit into their shardings, keep the last K, and never surface a
+half-written step: neither one cut short by a real SIGKILL nor a manufactured leftover."""
 
 import os
 import signal
@@ -14,83 +15,142 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax import parallel
 from rlhf_jax.training.checkpoint import Checkpointer
-from rlhf_jax.training.metrics import MetricWriter, read_metrics
 from rlhf_jax.training.state import abstract_like
+
+TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax 0.12's name for a step still being written.
 
 
 def make_state(seed: int):
+  """A train-state-like pytree sharded over the 8 virtual devices (fsdp=4, tensor=2)."""
   mesh = parallel.make_mesh({'fsdp': 4, 'tensor': 2})
   kernel = jax.random.normal(jax.random.key(seed), (8, 6))
-  return {'kernel': jax.device_put(kernel, NamedSharding(mesh, P('fsdp', 'tensor'))),
+  return {'params': {'kernel': jax.device_put(kernel, NamedSharding(mesh, P('fsdp', 'tensor')))},
           'step': jnp.array(seed, jnp.int32),
           'rng': jax.random.key_data(jax.random.key(seed))}
 
 
-def test_restore_is_exact_and_keeps_the_last_k(tmp_path):
-  checkpointer = Checkpointer(str(tmp_path), save_every=2, keep=2, async_save=True)
-  for step in range(5):
-    checkpointer.save(step, make_state(step), {'step': step})
-  checkpointer.wait()
-  assert checkpointer.latest_step() == 4
-  assert sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit()) == [2, 4]
-
-  target = make_state(0)
-  restored, data_state = Checkpointer(str(tmp_path), save_every=2, keep=2).restore(
-      None, abstract_like(target))
-  expected = make_state(4)
-  assert data_state == {'step': 4}
+def assert_same(restored, expected):
+  """Same tree, bitwise-equal arrays, same dtypes and shardings."""
+  assert jax.tree.structure(restored) == jax.tree.structure(expected)
   for x, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
-    assert x.sharding == want.sharding  # Restored straight into the sharded layout.
+    assert x.dtype == want.dtype and x.sharding == want.sharding
+    assert np.asarray(x).tobytes() == np.asarray(want).tobytes()
+
+
+def steps_on_disk(directory) -> list[str]:
+  return sorted(os.listdir(directory))
+
+
+def test_restore_is_exact_and_keeps_the_last_k(tmp_path):
+  checkpointer = Checkpointer(str(tmp_path), save_every=2, keep=2, async_save=False)
+  saved = [checkpointer.save(step, make_state(step), {'step': step}) for step in range(5)]
+  assert saved == [True, False, True, False, True]
+  assert checkpointer.latest_step() == 4
+  assert steps_on_disk(tmp_path) == ['2', '4']
+  checkpointer.close()
+
+  checkpointer = Checkpointer(str(tmp_path), save_every=2, keep=2)
+  target = abstract_like(make_state(0))
+  for step in (None, 2):
+    restored, data_state = checkpointer.restore(step, target)
+    assert data_state == {'step': step or 4}
+    assert_same(restored, make_state(step or 4))
   checkpointer.close()
 
 
-def test_typed_keys_are_refused_with_a_clear_error(tmp_path):
-  checkpointer = Checkpointer(str(tmp_path), save_every=1, keep=1)
-  with pytest.raises(TypeError, match=r"\['rng'\] is a typed PRNG key"):
-    checkpointer.save(0, {'rng': jax.random.key(0)}, {}, force=True)
+def test_async_save_then_wait_restores_typed_keys_too(tmp_path):
+  mesh = parallel.make_mesh({'fsdp': 4, 'tensor': 2})
+  keys = jax.device_put(jax.random.split(jax.random.key(7), 8), NamedSharding(mesh, P('fsdp')))
+  state = {**make_state(3), 'keys': keys}
+  checkpointer = Checkpointer(str(tmp_path), save_every=3, keep=1, async_save=True)
+  assert checkpointer.save(3, state, {'step': 3, 'epoch': 1})
+  checkpointer.wait()
+  assert steps_on_disk(tmp_path) == ['3']
+  restored, data_state = Checkpointer(str(tmp_path), save_every=3, keep=1).restore(
+      None, abstract_like(state))
+  assert data_state == {'step': 3, 'epoch': 1}
+  restored_keys = restored.pop('keys')
+  assert restored_keys.dtype == keys.dtype and restored_keys.sharding == keys.sharding
+  assert np.array_equal(jax.random.key_data(restored_keys), jax.random.key_data(keys))
+  assert_same(restored, make_state(3))
+  checkpointer.close()
 
 
-WRITER = textwrap.dedent('''
-    import os, signal, sys
+def test_saves_only_due_steps_unless_forced(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  checkpointer = Checkpointer('relative/dir', save_every=5, keep=3, async_save=False)
+  assert checkpointer.latest_step() is None
+  with pytest.raises(FileNotFoundError):
+    checkpointer.restore(None, abstract_like(make_state(0)))
+  assert not checkpointer.save(3, make_state(3), {'step': 3})  # Even as the first of a run.
+  assert checkpointer.save(3, make_state(3), {'step': 3}, force=True)
+  assert not checkpointer.save(3, make_state(3), {'step': 3})  # Not above the latest.
+  with pytest.raises(ValueError, match='already exists'):
+    checkpointer.save(3, make_state(3), {'step': 3}, force=True)
+  assert checkpointer.save(5, make_state(5), {'step': 5})
+  assert steps_on_disk(tmp_path / 'relative/dir') == ['3', '5']
+  checkpointer.close()
+
+
+def assert_resumes_from_step_4(directory):
+  """A fresh Checkpointer ignores the unfinished step 6 and saves a new step 6 over it."""
+  checkpointer = Checkpointer(str(directory), save_every=2, keep=5)
+  assert checkpointer.latest_step() == 4
+  restored, data_state = checkpointer.restore(None, abstract_like(make_state(4)))
+  assert data_state == {'step': 4}
+  assert_same(restored, make_state(4))
+  assert checkpointer.save(6, make_state(60), {'step': 6})  # Training goes on.
+  checkpointer.wait()
+  assert steps_on_disk(directory) == ['4', '6']
+  restored, data_state = checkpointer.restore(None, abstract_like(make_state(0)))
+  assert data_state == {'step': 6}
+  assert_same(restored, make_state(60))  # Nothing of the dead write mixed in.
+  checkpointer.close()
+
+
+KILLED_WRITER = textwrap.dedent(f'''
+    import os, signal, sys, time
     import jax, jax.numpy as jnp
     from rlhf_jax.training.checkpoint import Checkpointer
-    checkpointer = Checkpointer(sys.argv[1], save_every=1, keep=5, async_save=True)
-    checkpointer.save(4, {'x': jnp.zeros((4,))}, {'step': 4})
-    checkpointer.wait()
-    big = {f'x{i}': jnp.full((4_000_000,), i, jnp.float32) for i in range(8)}  # 128 MB.
-    checkpointer.save(6, big, {'step': 6})
-    os.kill(os.getpid(), signal.SIGKILL)  # Dies while the async write is in flight.
+
+    directory = sys.argv[1]
+    checkpointer = Checkpointer(directory, save_every=2, keep=5, async_save=True)
+    big = {{'big': jnp.arange(4 * 2**20, dtype=jnp.float32)}}  # 16 MB.
+    checkpointer.save(6, jax.block_until_ready(big), {{'step': 6}})
+    # save() returns once the arrays are on the host; the directory and files are written by a
+    # background thread. Kill as soon as the write has begun, so that it is surely cut short.
+    deadline = time.time() + 30
+    while not os.path.exists(os.path.join(directory, '6{TMP_SUFFIX}')) and time.time() < deadline:
+      time.sleep(1e-4)
+    os.kill(os.getpid(), signal.SIGKILL)
 ''')
 
 
-def test_a_write_cut_short_is_never_the_latest_step(tmp_path):
-  result = subprocess.run([sys.executable, '-c', WRITER, str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+def save_step_4(directory):
+  checkpointer = Checkpointer(str(directory), save_every=2, keep=5, async_save=False)
+  checkpointer.save(4, make_state(4), {'step': 4})
+  checkpointer.close()
+
+
+def test_a_write_cut_short_by_sigkill_is_never_the_latest_step(tmp_path):
+  save_step_4(tmp_path)
+  result = subprocess.run([sys.executable, '-c', KILLED_WRITER, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
   assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-  leftovers = [p for p in os.listdir(tmp_path) if p.startswith('6')]
-  assert leftovers == ['6.orbax-checkpoint-tmp']  # The kill did cut a write short.
-  checkpointer = Checkpointer(str(tmp_path), save_every=1, keep=5)
-  assert checkpointer.latest_step() == 4
-  _, data_state = checkpointer.restore(None, {'x': jax.ShapeDtypeStruct((4,), jnp.float32)})
-  assert data_state == {'step': 4}
-  # And training goes on: the next save lands, and is then the latest.
-  checkpointer.save(8, {'x': jnp.ones((4,))}, {'step': 8}, force=True)
-  checkpointer.wait()
-  assert checkpointer.latest_step() == 8
+  assert steps_on_disk(tmp_path) == ['4', '6' + TMP_SUFFIX]  # The kill did cut a write short.
+  assert_resumes_from_step_4(tmp_path)
 
 
-def test_metric_writer_drops_lines_after_the_resumed_step(tmp_path):
-  writer = MetricWriter(str(tmp_path), tensorboard=True)
-  for step in range(1, 7):
-    writer.write(step, {'loss': jnp.float32(1.0 / step), 'tokens': np.int32(step)})
-  writer.close()
-  writer = MetricWriter(str(tmp_path), start_step=4, tensorboard=False)
-  for step in (5, 6):
-    writer.write(step, {'loss': jnp.float32(1.0 / step), 'tokens': np.int32(step)})
-  writer.close()
-  lines = read_metrics(tmp_path / 'metrics.jsonl')
-  assert [m['step'] for m in lines] == [1, 2, 3, 4, 5, 6]
-  assert lines[1] == {'step': 2, 'loss': 0.5, 'tokens': 2}
-  assert any(name.startswith('events.out.tfevents') for name in
-             os.listdir(tmp_path / 'tensorboard'))
+def test_a_leftover_unfinished_step_is_never_the_latest_step(tmp_path):
+  """Deterministic: a step 6 with all its files, one of them cut in half, but not renamed."""
+  save_step_4(tmp_path)
+  checkpointer = Checkpointer(str(tmp_path / 'scratch'), save_every=2, keep=5, async_save=False)
+  checkpointer.save(6, make_state(6), {'step': 6})
+  checkpointer.close()
+  leftover = tmp_path / f'6{TMP_SUFFIX}'
+  os.rename(tmp_path / 'scratch' / '6', leftover)
+  os.rmdir(tmp_path / 'scratch')
+  largest = max((os.path.join(root, name) for root, _, names in os.walk(leftover)
+                 for name in names), key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 2)
+  assert_resumes_from_step_4(tmp_path)

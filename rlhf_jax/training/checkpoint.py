@@ -1,18 +1,20 @@
 """Checkpoints with orbax: train state (sharded arrays) and data position, saved together.
 
-Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once
-every file is written (on GCS: a commit marker), so a write cut short by a crash is never listed
-as a step and never restored. Async saves copy the arrays to host memory and write them in the
-background while training goes on.
+Each step is written into `<directory>/<step>.orbax-checkpoint-tmp` and renamed to
+`<directory>/<step>` only once every file is in place (on GCS, which cannot rename atomically,
+it is written in place and counts only once `commit_success.txt` is there). A write cut short
+by a crash is therefore never listed as a step nor restored, and the next save of that step
+deletes its leftovers. Async saves copy the arrays to host memory, then write them in a
+background thread while training goes on.
 """
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 
 def _absolute(directory: str) -> str:
+  """Orbax needs absolute paths; remote ones (gs://...) are kept as they are."""
   return directory if '://' in directory else os.path.abspath(directory)
 
 
@@ -21,29 +23,30 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every,
-        enable_async_checkpointing=async_save, create=True)
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+        # Not orbax's default policy, which also saves the first step of a run, whatever it is.
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every))
     self._manager = ocp.CheckpointManager(_absolute(directory), options=options)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-    """Saves (state, data_state) if `step` is due or `force`; returns whether it saved.
+    """Saves if `step % save_every == 0` or `force`; returns whether it saved.
 
-    state: a pytree of jax.Arrays (typed PRNG keys must be stored as `jax.random.key_data`).
+    state: a pytree of jax.Arrays (params, optimizer state, step; typed PRNG keys work too).
     data_state: a JSON-able dict, e.g. the data position.
+    A step not above the latest is skipped, unless forced; forcing an existing step raises.
     """
-    _check_no_typed_keys(state)
     return self._manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       data=ocp.args.JsonSave(data_state)), force=force)
 
-  def restore(self, step: int | None, abstract_state):
-    """(state, data_state) of `step` (None: latest), each array placed as `abstract_state` says.
+  def restore(self, step: int | None, abstract_state) -> tuple[object, dict]:
+    """(state, data_state) of `step` (None: the latest), each array laid out as asked.
 
-    abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding`, so every array is read
-    straight into its sharded layout (each host reads only its shards).
+    abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding`, so every array is read
+    straight into its sharded layout (each host reads only its own shards).
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -54,14 +57,9 @@ class Checkpointer:
     return restored.state, restored.data
 
   def wait(self):
+    """Blocks until the async saves in flight are written and committed."""
     self._manager.wait_until_finished()
 
   def close(self):
+    """Waits for the saves in flight, then releases orbax's threads."""
     self._manager.close()
-
-
-def _check_no_typed_keys(state):
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    if jax.dtypes.issubdtype(getattr(leaf, 'dtype', None), jax.dtypes.prng_key):
-      raise TypeError(f'Checkpoint leaf {jax.tree_util.keystr(path)} is a typed PRNG key; '
-                      'store jax.random.key_data(key) instead.')
