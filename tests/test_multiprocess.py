@@ -1,0 +1,81 @@
+"""Two CPU processes (jax.distributed + gloo, one device each) train like one 2-device process.
+
+Each process is a real `python -m rlhf_jax.main` with `--config.distributed.*`, as a user would
+launch one per host; process 0 writes metrics.jsonl.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+from rlhf_jax.training.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 240  # Seconds for all three runs together.
+COMMON = [f'--config={ROOT}/configs/sft.py:tiny', '--config.train.seq_len=16',
+          '--config.data.max_items=6', '--config.train.batch_size=8',
+          '--config.train.steps=6', '--config.train.log_every=1',
+          '--config.train.eval_every=3', '--config.train.eval_batches=1',
+          '--config.train.checkpoint_every=3', '--config.mesh.data=-1',
+          '--config.train.progress_bar=False', '--config.train.tensorboard=False']
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start(workdir, devices: int, log, *overrides) -> subprocess.Popen:
+  # An explicit XLA_FLAGS: `devices` devices per process, whatever conftest.py set.
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  # stderr goes to a file: a pipe nobody reads while we wait on the other process could fill
+  # up and stall this one, and with it the collectives of both.
+  return subprocess.Popen(
+      [sys.executable, '-m', 'rlhf_jax.main', f'--workdir={workdir}', *COMMON, *overrides],
+      env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def test_two_processes_match_one_process(tmp_path):
+  port = free_port()
+  logs = {name: open(tmp_path / f'{name}.log', 'w') for name in ('single', 'p0', 'p1')}
+  processes = {'single': start(tmp_path / 'single', 2, logs['single'])}
+  for i in range(2):
+    processes[f'p{i}'] = start(
+        tmp_path / 'multi', 1, logs[f'p{i}'],
+        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+        '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}',
+        '--config.distributed.cpu_collectives=gloo', '--verbosity=0')
+
+  deadline = time.time() + TIMEOUT
+  while time.time() < deadline and any(p.poll() is None for p in processes.values()):
+    if any(p.poll() not in (None, 0) for p in processes.values()):
+      break  # One failed: the others may wait for it forever.
+    time.sleep(0.2)
+  for p in processes.values():
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  for log in logs.values():
+    log.close()
+  stderr = {name: (tmp_path / f'{name}.log').read_text() for name in processes}
+  for name, p in processes.items():
+    assert p.returncode == 0, f'{name} exited with {p.returncode}:\n{stderr[name][-5000:]}'
+  for i in range(2):  # Really one job of two processes with one device each.
+    assert f'jax.distributed: process {i} of 2, 1 local devices' in stderr[f'p{i}']
+
+  single = read_metrics(tmp_path / 'single/metrics.jsonl')
+  multi = read_metrics(tmp_path / 'multi/metrics.jsonl')
+  assert [m['step'] for m in multi] == [1, 2, 3, 3, 4, 5, 6, 6]  # 6 steps, eval at 3 and 6.
+  assert [sorted(m) for m in multi] == [sorted(m) for m in single]
+  # Exactly equal, not just to 1e-5: both runs split the batch over the same two devices and
+  # compute the same partial results; a two-way all-reduce is a single float addition, which
+  # is commutative, so gloo and the in-process collectives give the same bits.
+  assert multi == single
+  assert (tmp_path / 'multi/metrics.jsonl').read_bytes() == (
+      tmp_path / 'single/metrics.jsonl').read_bytes()
+  # Both processes took part in the final checkpoint (orbax commits only when all have).
+  assert (tmp_path / 'multi/checkpoints/6').is_dir()
