@@ -1,0 +1,45 @@
+"""Simulated labelers: preference labels drawn from a Bradley-Terry model of a gold reward.
+
+    P(a ≻ b) = σ((g_a − g_b + λ·(ℓ_a − ℓ_b)) / T)
+
+g is the gold reward, ℓ the response length in words, λ ≥ 0 a bias toward longer answers (the
+length effect human labelers show; Singhal 2023), T > 0 the labelers' noise (T → 0: they always
+pick the better answer; T = 0 exactly is that limit, ties broken by a coin). The label noise
+puts a ceiling on any reward model's accuracy against these labels:
+`rlhf_jax.eval.calibration.bradley_terry_ceiling`.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Labeler:
+  temperature: float = 0.1
+  length_bias: float = 0.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'Labeler temperature must be >= 0, got {self.temperature}.')
+
+  def preference_logit(self, gold_a, gold_b, length_a, length_b) -> np.ndarray:
+    """The labeler's margin in favour of a, before the temperature: g_a − g_b + λ(ℓ_a − ℓ_b)."""
+    return (np.asarray(gold_a, np.float64) - np.asarray(gold_b, np.float64)
+            + self.length_bias * (np.asarray(length_a) - np.asarray(length_b)))
+
+  def probability(self, gold_a, gold_b, length_a, length_b) -> np.ndarray:
+    """P(a ≻ b); with temperature 0: 1, 0, or ½ on a tie."""
+    logit = self.preference_logit(gold_a, gold_b, length_a, length_b)
+    if self.temperature == 0:
+      return 0.5 * (1 + np.sign(logit))
+    return 1.0 / (1.0 + np.exp(-logit / self.temperature))
+
+  def label(self, gold_a, gold_b, length_a, length_b, rng: np.random.Generator):
+    """(a_preferred [N] bool, P(a ≻ b) [N]), one Bernoulli draw per pair."""
+    p = self.probability(gold_a, gold_b, length_a, length_b)
+    return rng.random(p.shape) < p, p
+
+
+def num_words(text: str) -> int:
+  return len(text.split())
