@@ -1,0 +1,80 @@
+"""Fixed-shape rows from token sequences: padding to length buckets, and packing.
+
+A *piece* is one example's token ids with a 0/1 loss weight per token. A row holds one piece
+(padded on the right) or several packed end to end; packed pieces get their own `segment_ids`
+and positions restarting at 0, so attention and position ids never cross examples.
+"""
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+Piece = tuple[np.ndarray, np.ndarray]  # (token ids [L], loss mask [L])
+
+
+def bucket_length(longest: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds `longest` tokens (buckets sorted, last = seq_len)."""
+  i = bisect.bisect_left(buckets, longest)
+  if i == len(buckets):
+    raise ValueError(f'A row of {longest} tokens exceeds the largest bucket {buckets[-1]}.')
+  return buckets[i]
+
+
+def buckets_for(seq_len: int, buckets: Sequence[int] | None) -> tuple[int, ...]:
+  """config.data.buckets validated and closed with seq_len (no buckets: always seq_len)."""
+  buckets = sorted(set(buckets or ()) | {seq_len})
+  if buckets[-1] != seq_len or buckets[0] < 1:
+    raise ValueError(f'config.data.buckets={buckets} must lie in [1, seq_len={seq_len}].')
+  return tuple(buckets)
+
+
+def pad_rows(rows: Sequence[Sequence[Piece]], length: int, *, pad_id: int,
+             packed: bool = False) -> dict:
+  """Rows of pieces into right-padded [N, length] arrays.
+
+  Returns tokens, attention_mask, loss_mask, and if `packed` also segment_ids (1, 2, … per
+  piece, 0 on padding) and positions (restarting at each piece); every batch of a packed
+  source carries them, so batches keep one structure.
+  """
+  n = len(rows)
+  tokens = np.full((n, length), pad_id, np.int32)
+  loss_mask = np.zeros((n, length), np.int32)
+  segment_ids = np.zeros((n, length), np.int32)
+  positions = np.zeros((n, length), np.int32)
+  for i, pieces in enumerate(rows):
+    start = 0
+    for segment, (ids, mask) in enumerate(pieces, start=1):
+      end = start + len(ids)
+      if end > length:
+        raise ValueError(f'Row {i} needs {end} tokens; the row length is {length}.')
+      tokens[i, start:end] = ids
+      loss_mask[i, start:end] = mask
+      segment_ids[i, start:end] = segment
+      positions[i, start:end] = np.arange(len(ids))
+      start = end
+  batch = {'tokens': tokens, 'attention_mask': (segment_ids > 0).astype(np.int32),
+           'loss_mask': loss_mask}
+  if packed:
+    batch |= {'segment_ids': segment_ids, 'positions': positions}
+  return batch
+
+
+def pack(lengths: Sequence[int], order: Sequence[int], seq_len: int) -> list[list[int]]:
+  """Examples (in `order`) into rows of at most seq_len tokens, next-fit.
+
+  Next-fit keeps the order (a pure function of it, so resumable and the same on every host);
+  a row is closed when the next example does not fit.
+  """
+  rows, current, used = [], [], 0
+  for index in order:
+    if lengths[index] > seq_len:
+      raise ValueError(f'Example {index} has {lengths[index]} tokens > seq_len={seq_len}.')
+    if used + lengths[index] > seq_len:
+      rows.append(current)
+      current, used = [], 0
+    current.append(index)
+    used += lengths[index]
+  if current:
+    rows.append(current)
+  return rows
