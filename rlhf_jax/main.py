@@ -6,9 +6,9 @@ Any config key can be overridden: `--config.optim.lr=1e-4 --config.mesh.fsdp=2`.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax.training import loop, sft
+from rlhf_jax.training import loop, rm, sft
 
-ALGORITHMS = {'sft': sft.make_algorithm}
+ALGORITHMS = {'sft': sft.make_algorithm, 'rm': rm.make_algorithm}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:preset].',
                                           lock_config=True)
@@ -24,7 +24,7 @@ def main(argv):
   if config.algorithm not in ALGORITHMS:
     raise app.UsageError(f'config.algorithm={config.algorithm!r}; known: {sorted(ALGORITHMS)}.')
   logging.info('Config:\n%s', config)
-  loop.train(config, _WORKDIR.value, ALGORITHMS[config.algorithm](config))
+  loop.train(config, _WORKDIR.value, ALGORITHMS[config.algorithm](config, _WORKDIR.value))
 
 
 if __name__ == '__main__':

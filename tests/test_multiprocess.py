@@ -15,7 +15,7 @@ from rlhf_jax.training.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # Seconds for all three runs together.
-COMMON = [f'--config={ROOT}/configs/sft.py:tiny', '--config.train.seq_len=16',
+COMMON = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',
           '--config.data.max_items=6', '--config.train.batch_size=8',
           '--config.train.steps=6', '--config.train.log_every=1',
           '--config.train.eval_every=3', '--config.train.eval_batches=1',

@@ -15,7 +15,7 @@ import time
 from rlhf_jax.training.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = [f'--config={ROOT}/configs/sft.py:tiny', '--config.train.seq_len=16',
+TINY = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',
         '--config.data.max_items=6', '--config.train.batch_size=8',
         '--config.train.progress_bar=False', '--config.train.tensorboard=False']
 TIMEOUT = 240  # Seconds; a run takes ~10 s on an idle core.

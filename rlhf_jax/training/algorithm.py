@@ -1,11 +1,18 @@
-"""What an algorithm hands the generic trainer: a loss function and a data source."""
+"""What an algorithm hands the generic trainer: a loss function, a data source, evaluations."""
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
 from rlhf_jax.training.step import LossFn
+
+# evaluation(params, step) -> metrics; made once the model's graphdef and the mesh exist.
+Evaluation = Callable[[nnx.State, int], Mapping[str, float]]
+MakeEvaluations = Callable[[nnx.GraphDef, Mesh], Mapping[str, Evaluation]]
 
 
 class DataSource(Protocol):
@@ -18,3 +25,7 @@ class DataSource(Protocol):
 class Algorithm:
   loss_fn: LossFn
   data: DataSource
+  # Evaluations beyond the loss on eval batches (e.g. gold reward of samples, calibration).
+  make_evaluations: MakeEvaluations | None = None
+  tokenizer: object | None = None  # Saved next to the exported model.
+  data_stats: Mapping[str, int] = dataclasses.field(default_factory=dict)  # Skips, truncations.

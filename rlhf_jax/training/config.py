@@ -72,11 +72,45 @@ def base_config() -> ml_collections.ConfigDict:
       'log_every': 10,
       'eval_every': 50,
       'eval_batches': 4,
+      'eval_at_start': False,  # Also evaluate the initial model (step 0).
       'checkpoint_every': 50,
       'keep_checkpoints': 2,
       'async_checkpoint': True,
       'progress_bar': True,
       'tensorboard': True,
       'logprob_chunk_size': 256,  # Sequence chunk for log-probs without [B, T, V] logits.
+      'export_hf': False,  # Write the final model (+ tokenizer) to <workdir>/hf.
   })
   return c
+
+
+def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
+  """The `data` entry of tokenized training: sources, mixture, tokenizer, batching, playground.
+
+  sources: name -> spec (see rlhf_jax.data.sources), mixed by `weights` (default equal).
+  """
+  return ml_collections.ConfigDict({
+      'name': 'tokenized',
+      'sources': sources,
+      'weights': {name: 1.0 for name in sources},
+      # Weights from the decay stage of a warmup_stable_decay run on ("midtraining"), or None.
+      'decay_weights': None,
+      'tokenizer': 'playground',  # A tokenizer directory, 'playground', or '' (model.hf_path's).
+      'seed': 0,
+      'eval_fraction': 0.05,  # Held out of a single-file JSONL source.
+      'skip_invalid': False,  # Count and skip bad examples instead of stopping at the first.
+      'max_prompt_len': 32,
+      'truncation': 'response',  # 'error' | 'response' | 'prompt_and_response'
+      'packing': False,  # Several SFT/text examples per row, kept apart by segment ids.
+      'buckets': (),  # Row lengths below seq_len to pad short batches to.
+      'tfds_splits': {'train': 'train', 'eval': 'test'},
+      'tfds_data_dir': config_dict.placeholder(str),
+      'playground': {'seed': 0, 'train_size': 20000, 'eval_size': 512,
+                     'label_temperature': 0.1, 'length_bias': 0.0},
+  })
+
+
+def sample_eval_config(**overrides) -> ml_collections.ConfigDict:
+  """The `eval` entry: gold reward of sampled answers to held-out playground prompts."""
+  return ml_collections.ConfigDict({'gold': 'playground', 'num_prompts': 256,
+                                    'max_new_tokens': 24, 'temperature': 1.0, **overrides})

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from rlhf_jax import parallel
-from rlhf_jax.models import Transformer, load_hf, read_hf_config
+from rlhf_jax.models import Transformer, load_hf, read_hf_config, save_hf
 from rlhf_jax.training.algorithm import Algorithm
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.config import to_model_config
@@ -90,11 +91,28 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
                                state_shardings=state_shardings,
                                batch_shardings=batch_shardings, schedule=schedule,
                                grad_accum_steps=config.optim.grad_accum_steps)
-  evaluate = make_eval_step(algorithm.loss_fn, graphdef, state_shardings.params,
-                            batch_shardings)
+  evaluate_loss = make_eval_step(algorithm.loss_fn, graphdef, state_shardings.params,
+                                 batch_shardings)
+  evaluations = (algorithm.make_evaluations(graphdef, mesh)
+                 if algorithm.make_evaluations else {})
 
   def get_batch(split, step):
     return parallel.shard_batch(algorithm.data.batch(split, step, rows), mesh, rules)
+
+  def evaluate(step, params):
+    """Loss over the eval batches and every evaluation of the algorithm, as 'eval/...'."""
+    losses = [evaluate_loss(params, get_batch('eval', i)) for i in range(tc.eval_batches)]
+    results = {f'eval/{k}': v for k, v in
+               jax.tree.map(lambda *x: np.mean(x), *jax.device_get(losses)).items()}
+    for name, evaluation in evaluations.items():
+      results |= {f'eval/{name}/{k}': v for k, v in evaluation(params, step).items()}
+    writer.write(step, results)
+
+  if start == 0:
+    if algorithm.data_stats:  # Skipped and truncated examples, by source.
+      writer.write(0, dict(algorithm.data_stats))
+    if tc.eval_every and tc.eval_at_start:
+      evaluate(0, state.params)
 
   bar = progress_bar(tc.steps, start, enabled=tc.progress_bar)
   throughput = Throughput(tokens_per_step=tc.batch_size * tc.seq_len, step=start)
@@ -116,9 +134,7 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
       pending = (done, metrics)
     if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
       flush()
-      eval_metrics = [evaluate(state.params, get_batch('eval', i)) for i in range(tc.eval_batches)]
-      eval_metrics = jax.tree.map(lambda *x: np.mean(x), *jax.device_get(eval_metrics))
-      writer.write(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
+      evaluate(done, state.params)
     if done % tc.checkpoint_every == 0 or done == tc.steps:
       flush()  # A checkpoint's step must never lack its metrics line.
       checkpointer.save(done, state, {'step': done}, force=True)
@@ -128,6 +144,25 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
   checkpointer.wait()
   checkpointer.close()
   writer.close()
+  if tc.export_hf:
+    export_hf(graphdef, state.params, os.path.join(workdir, 'hf'), algorithm.tokenizer)
+
+
+def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
+  """The trained model (and its tokenizer) as a Hugging Face checkpoint directory.
+
+  The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
+  parameters are gathered to every host (save_hf writes from one host's memory).
+  """
+  params = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() != 0:
+    return
+  token_ids = {}
+  if tokenizer is not None:
+    token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  save_hf(nnx.merge(graphdef, params), path, **token_ids)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
 
 
 class Throughput:

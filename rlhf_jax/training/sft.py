@@ -1,11 +1,16 @@
-"""SFT as an algorithm of the generic trainer: next-token cross-entropy on response tokens.
+"""Supervised fine-tuning and pretraining: cross-entropy on the target tokens.
 
-With `loss_mask` = every real token this is language-model pretraining.
+SFT examples have loss on their response tokens; text examples (pretraining, or the
+"pre-training mix" of an SFT run) on every token. With packing, a token is never predicted
+from the previous example's last token.
 """
 
 import functools
 
+from rlhf_jax.data import playground
+from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
 from rlhf_jax.data.synthetic import SortingTask
+from rlhf_jax.eval.generation import GoldRewardOfSamples
 from rlhf_jax.losses import sft_loss, token_logprobs
 from rlhf_jax.training.algorithm import Algorithm
 
@@ -13,20 +18,45 @@ from rlhf_jax.training.algorithm import Algorithm
 def sft_loss_fn(model, batch, rng, *, normalize: str, chunk_size: int):
   """Runs the model on batch['tokens'] and scores token t+1 from position t."""
   del rng  # Deterministic loss.
-  tokens = batch['tokens']
+  tokens, segment_ids = batch['tokens'], batch.get('segment_ids')
   hidden, _ = model.hidden_states(tokens, attention_mask=batch['attention_mask'],
-                                  segment_ids=batch.get('segment_ids'))
+                                  positions=batch.get('positions'), segment_ids=segment_ids)
   logps = token_logprobs(hidden[:, :-1], model.unembedding(), tokens[:, 1:],
                          chunk_size=chunk_size)
-  return sft_loss(logps, batch['loss_mask'][:, 1:], normalize=normalize)
+  mask = batch['loss_mask'][:, 1:].astype(bool)
+  if segment_ids is not None:  # The first token of a packed example has no context to score.
+    mask &= segment_ids[:, 1:] == segment_ids[:, :-1]
+  return sft_loss(logps, mask, normalize=normalize)
 
 
-def make_algorithm(config) -> Algorithm:
-  if config.data.name != 'sorting':
-    raise ValueError(f'config.data.name={config.data.name!r}; the SFT trainer knows "sorting".')
-  data = SortingTask(seq_len=config.train.seq_len, vocab_size=config.model.vocab_size,
-                     min_items=config.data.min_items, max_items=config.data.max_items,
-                     seed=config.data.seed)
+def make_algorithm(config, workdir: str) -> Algorithm:
   loss_fn = functools.partial(sft_loss_fn, normalize=config.loss.normalize,
                               chunk_size=config.train.logprob_chunk_size)
-  return Algorithm(loss_fn=loss_fn, data=data)
+  if config.data.name == 'sorting':
+    data = SortingTask(seq_len=config.train.seq_len, vocab_size=config.model.vocab_size,
+                       min_items=config.data.min_items, max_items=config.data.max_items,
+                       seed=config.data.seed)
+    return Algorithm(loss_fn=loss_fn, data=data)
+  tokenizer = make_tokenizer(config, workdir)
+  data = make_token_data(config, workdir, tokenizer, kinds=('sft', 'text'))
+  return Algorithm(loss_fn=loss_fn, data=data, tokenizer=tokenizer, data_stats=data.stats,
+                   make_evaluations=sample_evaluations(config, workdir, tokenizer))
+
+
+def sample_evaluations(config, workdir: str, tokenizer):
+  """config.eval.gold == 'playground': gold reward of sampled answers to held-out prompts."""
+  ev = config.eval
+  if ev.gold != 'playground':
+    if ev.gold:
+      raise ValueError(f'config.eval.gold={ev.gold!r}; known: "playground", "".')
+    return None
+  prompts = playground.sample_prompts(config.data.playground.seed, 'eval', ev.num_prompts)
+
+  def make(graphdef, mesh):
+    return {'samples': GoldRewardOfSamples(
+        prompts, tokenizer, graphdef, gold_fn=playground.gold_reward,
+        groups=[playground.task_of(p) for p in prompts], mesh=mesh,
+        rules=config.sharding_rules, batch_size=config.train.batch_size,
+        max_prompt_len=config.data.max_prompt_len, max_new_tokens=ev.max_new_tokens,
+        temperature=ev.temperature, seed=config.seed, workdir=workdir)}
+  return make

@@ -1,0 +1,41 @@
+"""Pretraining from scratch on the playground's generated corpus (or any JSONL/TFDS text).
+
+  python -m rlhf_jax.main --config=configs/pretrain.py:tiny --workdir=runs/pretrain
+
+The same loss as SFT with every token a target. The final model is exported to
+<workdir>/hf (with its tokenizer) for `configs/sft.py --config.model.hf_path=...`.
+"""
+
+import ml_collections
+
+from rlhf_jax.training.config import (base_config, data_config, model_config_dict,
+                                      sample_eval_config)
+
+PRESETS = {
+    'tiny': dict(model='playground', steps=800, batch_size=32, seq_len=48, lr=2e-3),
+    'small': dict(model='small', steps=5000, batch_size=64, seq_len=512, lr=1e-3),
+}
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f'Unknown preset {preset!r} for configs/pretrain.py; choose from '
+                     f'{sorted(PRESETS)}.')
+  p = PRESETS[preset]
+  c = base_config()
+  c.algorithm = 'sft'
+  c.model = model_config_dict(p['model'])
+  c.train.steps = p['steps']
+  c.train.batch_size = p['batch_size']
+  c.train.seq_len = p['seq_len']
+  c.train.eval_every = max(p['steps'] // 4, 1)
+  c.train.checkpoint_every = max(p['steps'] // 4, 1)
+  c.train.export_hf = True
+  c.optim.lr = p['lr']
+  c.optim.warmup_steps = max(p['steps'] // 20, 1)
+  c.loss = ml_collections.ConfigDict({'normalize': 'token'})
+  c.data = data_config({'text': 'playground:text'})
+  c.data.packing = True
+  c.data.playground.train_size = 50000
+  c.eval = sample_eval_config(gold='')
+  return c
