@@ -6,6 +6,7 @@ Any config key can be overridden: `--config.optim.lr=1e-4 --config.mesh.fsdp=2`.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rlhf_jax import parallel
 from rlhf_jax.training import loop, rm, sft
 
 ALGORITHMS = {'sft': sft.make_algorithm, 'rm': rm.make_algorithm}
@@ -24,6 +25,7 @@ def main(argv):
   if config.algorithm not in ALGORITHMS:
     raise app.UsageError(f'config.algorithm={config.algorithm!r}; known: {sorted(ALGORITHMS)}.')
   logging.info('Config:\n%s', config)
+  parallel.maybe_initialize_distributed(config.distributed)  # Before the data touch JAX.
   loop.train(config, _WORKDIR.value, ALGORITHMS[config.algorithm](config, _WORKDIR.value))
 
 

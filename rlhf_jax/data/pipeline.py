@@ -8,24 +8,39 @@ from rlhf_jax.data.datasets import BatchShape, TokenData
 from rlhf_jax.data.mixture import Mixture, decay_start_step
 from rlhf_jax.data.sources import encode_source, read_source
 from rlhf_jax.data.tokenizer import load_tokenizer
+from rlhf_jax.models import read_hf_config
 
 
 def make_tokenizer(config, workdir: str):
-  """config.data.tokenizer: a directory, 'playground', or '' for config.model.hf_path's."""
-  spec = config.data.tokenizer or config.model.hf_path
+  """config.data.tokenizer: a directory, 'playground', or '' for config.model.hf_path's.
+
+  Its ids must fit the model's embedding: config.model.vocab_size, or the checkpoint's
+  vocab_size when the model is loaded from config.model.hf_path.
+  """
+  model = config.model
+  spec = config.data.tokenizer or model.hf_path
   if not spec:
     raise ValueError('config.data.tokenizer is empty and there is no config.model.hf_path to '
                      'take a tokenizer from.')
   tokenizer = load_tokenizer(spec, cache_dir=os.path.join(workdir, 'data'),
                              seed=config.data.playground.seed)
-  if not config.model.hf_path and len(tokenizer) > config.model.vocab_size:
-    raise ValueError(f'The tokenizer has {len(tokenizer)} tokens but config.model.vocab_size='
-                     f'{config.model.vocab_size}.')
+  if model.hf_path:
+    vocab_size = read_hf_config(model.hf_path, head=model.head).vocab_size
+    where = f'the checkpoint config.model.hf_path={model.hf_path!r} has vocab_size={vocab_size}'
+  else:
+    vocab_size = model.vocab_size
+    where = f'config.model.vocab_size={vocab_size}'
+  if len(tokenizer) > vocab_size:
+    raise ValueError(f'The tokenizer has {len(tokenizer)} tokens but {where}.')
   return tokenizer
 
 
-def make_token_data(config, workdir: str, tokenizer, *, kinds: tuple[str, ...]) -> TokenData:
-  """The mixture of config.data.sources, tokenized; each source's kind must be in `kinds`."""
+def make_token_data(config, workdir: str, tokenizer, *, kinds: tuple[str, ...],
+                    gold=None) -> TokenData:
+  """The mixture of config.data.sources, tokenized; each source's kind must be in `kinds`.
+
+  gold: the gold reward that labels playground preference pairs (default: the program).
+  """
   data, train = config.data, config.train
   if set(data.weights) != set(data.sources):
     raise ValueError(f'config.data.weights names {sorted(data.weights)}; config.data.sources '
@@ -35,7 +50,7 @@ def make_token_data(config, workdir: str, tokenizer, *, kinds: tuple[str, ...]) 
   for name, spec in data.sources.items():
     kind, source_records = read_source(spec, kinds, data=data,
                                        cache_dir=os.path.join(workdir, 'data'),
-                                       key=f'config.data.sources.{name}')
+                                       key=f'config.data.sources.{name}', gold=gold)
     encoded = encode_source(source_records, kind, tokenizer, data=data, seq_len=train.seq_len)
     for split in splits:
       splits[split][name] = encoded.examples[split]

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import numpy as np
 from absl import logging
@@ -42,9 +43,11 @@ def parse_spec(spec: str, key: str) -> tuple[str, str]:
   return scheme, location
 
 
-def read_source(spec: str, kinds: tuple[str, ...], *, data, cache_dir: str,
-                key: str) -> tuple[str, dict[str, Records]]:
+def read_source(spec: str, kinds: tuple[str, ...], *, data, cache_dir: str, key: str,
+                gold=None) -> tuple[str, dict[str, Records]]:
   """(kind, records of both splits) of one source. `data` is the config's `data` entry.
+
+  gold: `gold(prompts, responses) -> rewards` that labels playground preference pairs.
 
   The kind is the playground's name for it, or read off the fields of a file's first example:
   "chosen" → preference, "text" → text, otherwise sft. It must be one of `kinds`.
@@ -60,8 +63,8 @@ def read_source(spec: str, kinds: tuple[str, ...], *, data, cache_dir: str,
   if kind not in kinds:
     raise ValueError(f'{key}={spec!r} holds {kind!r} examples; this trainer reads {kinds}.')
   if scheme == 'playground':
-    return kind, {split: read_jsonl(playground_file(kind, split, data.playground, cache_dir),
-                                    kind) for split in SPLITS}
+    return kind, {split: read_jsonl(playground_file(kind, split, data.playground, cache_dir,
+                                                    gold=gold), kind) for split in SPLITS}
   if scheme == 'tfds':
     return kind, {split: tfds_source.tfds_records(
         location, data.tfds_splits[split], data_dir=data.tfds_data_dir, kind=kind,
@@ -106,7 +109,7 @@ def _hold_out(records: Records, fraction: float, *, seed: int, key: str) -> dict
           'eval': split(lambda i: i in eval_rows)}
 
 
-def playground_file(kind: str, split: str, p, cache_dir: str) -> str:
+def playground_file(kind: str, split: str, p, cache_dir: str, *, gold=None) -> str:
   """Writes the playground's `kind` examples of `split` once; returns the path.
 
   p: the config's `data.playground` entry. Each process writes a file of its own and renames
@@ -115,11 +118,11 @@ def playground_file(kind: str, split: str, p, cache_dir: str) -> str:
   size = p.train_size if split == 'train' else p.eval_size
   name = f'playground-{kind}-{split}-n{size}-seed{p.seed}'
   if kind == 'preference':
-    name += f'-T{p.label_temperature}-len{p.length_bias}'
+    name += f'-T{p.label_temperature}-len{p.length_bias}-gold-{_slug(p.gold)}'
   path = os.path.join(cache_dir, name + '.jsonl')
   if not os.path.exists(path):
     os.makedirs(cache_dir, exist_ok=True)
-    rows = playground_rows(kind, split, size, seed=p.seed,
+    rows = playground_rows(kind, split, size, seed=p.seed, gold=gold,
                            labeler=Labeler(p.label_temperature, p.length_bias))
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w') as f:
@@ -128,27 +131,44 @@ def playground_file(kind: str, split: str, p, cache_dir: str) -> str:
   return path
 
 
-def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labeler) -> list:
-  """The JSON objects of a playground file; preference rows also keep their gold rewards."""
+def _slug(text: str) -> str:
+  return re.sub(r'[^A-Za-z0-9.]+', '_', text).strip('_')[-60:]
+
+
+def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labeler,
+                    gold=None) -> list:
+  """The JSON objects of a playground file; preference rows also keep their gold rewards.
+
+  gold(prompts, responses) -> rewards labels the pairs (default: the playground's program).
+  """
   if kind == 'text':
     rng = np.random.default_rng([seed, playground.SPLITS[split], 9])
     return [{'text': playground.pretraining_document(rng)} for _ in range(n)]
   prompts = playground.sample_prompts(seed, split, n)
   if kind == 'sft':
     return [{'prompt': p, 'response': playground.reference(p)} for p in prompts]
-  rows = []
-  for i, prompt in enumerate(prompts):
-    rng = np.random.default_rng([seed, playground.SPLITS[split], i, 3])
+  rngs = [np.random.default_rng([seed, playground.SPLITS[split], i, 3]) for i in range(n)]
+  pairs = []
+  for prompt, rng in zip(prompts, rngs):
     a, b = playground.corrupt(prompt, rng), playground.corrupt(prompt, rng)
     while a == b:  # A pair must differ; redraw the second answer.
       b = playground.corrupt(prompt, rng)
-    gold = [playground.gold_reward(prompt, a), playground.gold_reward(prompt, b)]
-    a_wins, p_a = labeler.label(gold[0], gold[1], num_words(a), num_words(b), rng)
-    (chosen, g_c), (rejected, g_r) = ((a, gold[0]), (b, gold[1]))[::1 if a_wins else -1]
+    pairs.append((a, b))
+  gold = gold or program_gold
+  gold_a, gold_b = (gold(prompts, [pair[j] for pair in pairs]) for j in (0, 1))
+  rows = []
+  for prompt, (a, b), g_a, g_b, rng in zip(prompts, pairs, gold_a, gold_b, rngs):
+    a_wins, p_a = labeler.label(g_a, g_b, num_words(a), num_words(b), rng)
+    (chosen, g_c), (rejected, g_r) = ((a, g_a), (b, g_b))[::1 if a_wins else -1]
     rows.append({'prompt': prompt, 'chosen': chosen, 'rejected': rejected,
-                 'gold_chosen': g_c, 'gold_rejected': g_r,
+                 'gold_chosen': float(g_c), 'gold_rejected': float(g_r),
                  'p_chosen': float(p_a if a_wins else 1 - p_a)})
   return rows
+
+
+def program_gold(prompts, responses) -> np.ndarray:
+  """The playground's programmatic gold reward of each (prompt, response)."""
+  return np.array([playground.gold_reward(p, r) for p, r in zip(prompts, responses)])
 
 
 @dataclasses.dataclass

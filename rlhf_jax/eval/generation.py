@@ -2,7 +2,7 @@
 
 The prompts go through the chat template, left-padded to `max_prompt_len`; the policy samples
 up to `max_new_tokens` with the KV-cache sampler; the decoded answers are scored by a gold
-reward `gold_fn(prompt, response) -> float`. Reported: the mean gold reward, per group (e.g.
+reward `gold_fn(prompts, responses) -> rewards`. Reported: the mean gold reward, per group (e.g.
 per playground task), mean response length and the share of answers that ended with EOS; the
 samples themselves go to `<workdir>/samples/step_<N>.jsonl`.
 """
@@ -65,7 +65,7 @@ class GoldRewardOfSamples:
                                batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
     responses = [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
                  for t, m in zip(tokens, mask)]
-    gold = np.array([self.gold_fn(p, r) for p, r in zip(self.prompts, responses)])
+    gold = np.asarray(self.gold_fn(self.prompts, responses), np.float64)
     lengths = mask.sum(-1)
     ended = (tokens == self.tokenizer.eos_token_id).any(-1)
     metrics = {'gold_reward': gold.mean(), 'response_tokens': lengths.mean(),

@@ -139,6 +139,8 @@ def maybe_initialize_distributed(config) -> None:
   `coordinator_address`, `num_processes`, `process_id`, `cpu_collectives` ('gloo' for CPU
   processes). 'auto' initialises on TPU pods and on clusters that JAX detects (SLURM, ...).
   """
+  if jax.distributed.is_initialized():
+    return
   enabled = config.get('enabled', 'auto')
   explicit = config.get('coordinator_address') is not None
   if enabled is False or (enabled == 'auto' and not explicit and not _cluster_detected()):

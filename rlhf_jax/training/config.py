@@ -106,7 +106,9 @@ def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
       'tfds_splits': {'train': 'train', 'eval': 'test'},
       'tfds_data_dir': config_dict.placeholder(str),
       'playground': {'seed': 0, 'train_size': 20000, 'eval_size': 512,
-                     'label_temperature': 0.1, 'length_bias': 0.0},
+                     'label_temperature': 0.1, 'length_bias': 0.0,
+                     # 'program' | 'teacher:random' | 'teacher:<HF reward model dir>'
+                     'gold': 'program', 'teacher_preset': 'playground-teacher'},
   })
 
 

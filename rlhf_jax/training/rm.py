@@ -9,9 +9,9 @@ import functools
 
 import numpy as np
 
-from rlhf_jax.data import playground
 from rlhf_jax.data.labelers import Labeler
 from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
+from rlhf_jax.eval.gold import make_gold, uses_playground_gold
 from rlhf_jax.eval.pairs import PairEvaluation
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.training.algorithm import Algorithm
@@ -37,23 +37,23 @@ def make_algorithm(config, workdir: str) -> Algorithm:
     raise ValueError(f'A reward model needs config.model.head="scalar", got '
                      f'{config.model.head!r}.')
   tokenizer = make_tokenizer(config, workdir)
-  data = make_token_data(config, workdir, tokenizer, kinds=('preference',))
+  gold = make_gold(config, tokenizer) if uses_playground_gold(config) else None
+  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold)
   loss_fn = functools.partial(rm_loss_fn, center_coef=config.loss.center_coef)
   return Algorithm(loss_fn=loss_fn, data=data, tokenizer=tokenizer, data_stats=data.stats,
-                   make_evaluations=pair_evaluations(config, workdir, data))
+                   make_evaluations=pair_evaluations(config, workdir, data, gold))
 
 
-def pair_evaluations(config, workdir: str, data):
-  """Accuracy and calibration on every held-out pair; gold agreement and the labelers'
-  ceiling where the pairs come from the playground."""
+def pair_evaluations(config, workdir: str, data, gold_fn):
+  """Accuracy and calibration on every held-out pair; with a gold reward (the playground's),
+  agreement with it and the labelers' ceiling."""
   examples = data.examples('eval')
   gold = texts = labeler = None
-  if config.eval.gold == 'playground':
+  if gold_fn is not None:
     records = data.records('eval')
     prompts = [r.prompt[-1].content for r in records]
     texts = ([r.chosen for r in records], [r.rejected for r in records])
-    gold = tuple(np.array([playground.gold_reward(p, t) for p, t in zip(prompts, side)])
-                 for side in texts)
+    gold = tuple(np.asarray(gold_fn(prompts, side), np.float64) for side in texts)
     p = config.data.playground
     labeler = Labeler(p.label_temperature, p.length_bias)
 

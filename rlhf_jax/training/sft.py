@@ -11,6 +11,7 @@ from rlhf_jax.data import playground
 from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
 from rlhf_jax.data.synthetic import SortingTask
 from rlhf_jax.eval.generation import GoldRewardOfSamples
+from rlhf_jax.eval.gold import make_gold, uses_playground_gold
 from rlhf_jax.losses import sft_loss, token_logprobs
 from rlhf_jax.training.algorithm import Algorithm
 
@@ -46,15 +47,14 @@ def make_algorithm(config, workdir: str) -> Algorithm:
 def sample_evaluations(config, workdir: str, tokenizer):
   """config.eval.gold == 'playground': gold reward of sampled answers to held-out prompts."""
   ev = config.eval
-  if ev.gold != 'playground':
-    if ev.gold:
-      raise ValueError(f'config.eval.gold={ev.gold!r}; known: "playground", "".')
+  if not uses_playground_gold(config):
     return None
+  gold = make_gold(config, tokenizer)
   prompts = playground.sample_prompts(config.data.playground.seed, 'eval', ev.num_prompts)
 
   def make(graphdef, mesh):
     return {'samples': GoldRewardOfSamples(
-        prompts, tokenizer, graphdef, gold_fn=playground.gold_reward,
+        prompts, tokenizer, graphdef, gold_fn=gold,
         groups=[playground.task_of(p) for p in prompts], mesh=mesh,
         rules=config.sharding_rules, batch_size=config.train.batch_size,
         max_prompt_len=config.data.max_prompt_len, max_new_tokens=ev.max_new_tokens,
