@@ -1,7 +1,12 @@
 """Train-step throughput and MFU of the generic step, on whatever device JAX sees.
 
-  python benchmarks/train_step.py                       # ~20M model, seq 512, this CPU
+  python benchmarks/train_step.py                       # SFT step, ~20M model, seq 512, this CPU
+  python benchmarks/train_step.py --algorithm=rm        # reward-model step: [B, 2, T] pairs
   python benchmarks/train_step.py --preset=gpt2 --batch_size=16 --dtype=bfloat16   # a GPU
+
+The SFT step is next-token cross-entropy through the chunked log-probs; the RM step is the
+Bradley-Terry loss on chosen and rejected sequences in one [2B, T] forward (tokens counted over
+both), with the scalar head.
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token are PaLM's 6·N + 12·L·T·H·Dh
 (`ModelConfig.flops_per_token`, no credit for rematerialisation). Peak is measured here, in the
@@ -10,6 +15,7 @@ The last line printed is one JSON object for scripts.
 """
 
 import argparse
+import functools
 import json
 import time
 
@@ -22,7 +28,7 @@ from rlhf_jax import parallel
 from rlhf_jax.data.synthetic import SortingTask
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.presets import get_preset
-from rlhf_jax.training import sft
+from rlhf_jax.training import rm, sft
 from rlhf_jax.training.config import base_config
 from rlhf_jax.training.optimizer import make_optimizer
 from rlhf_jax.training.state import init_train_state, train_state_shardings
@@ -50,6 +56,7 @@ def peak_matmul_flops(n: int, dtype, repeats: int = 5) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--algorithm', choices=('sft', 'rm'), default='sft')
   parser.add_argument('--preset', default='small', help='Model preset (rlhf_jax.models.presets).')
   parser.add_argument('--seq_len', type=int, default=512)
   parser.add_argument('--batch_size', type=int, default=8)
@@ -60,7 +67,8 @@ def main():
   parser.add_argument('--matmul_size', type=int, default=4096)
   args = parser.parse_args()
 
-  model_config = get_preset(args.preset).replace(dtype=args.dtype, remat=args.remat)
+  head = 'scalar' if args.algorithm == 'rm' else 'lm'
+  model_config = get_preset(args.preset).replace(dtype=args.dtype, remat=args.remat, head=head)
   config = base_config()
   mesh = parallel.make_mesh({'data': -1})
   rules = config.sharding_rules
@@ -74,10 +82,15 @@ def main():
                      max_items=(args.seq_len - 3) // 2, seed=0)
   host_batch = data.batch('train', 0, range(args.batch_size))
   host_batch['loss_mask'] = host_batch['attention_mask'] = np.ones_like(host_batch['tokens'])
+  if args.algorithm == 'rm':  # Pairs: this batch as chosen, the next one as rejected.
+    rejected = data.batch('train', 1, range(args.batch_size))['tokens']
+    host_batch = {k: np.stack([v, rejected if k == 'tokens' else v], axis=1)
+                  for k, v in host_batch.items()}
+    loss_fn = functools.partial(rm.rm_loss_fn, center_coef=0.0)
+  else:
+    loss_fn = functools.partial(sft.sft_loss_fn, normalize='token', chunk_size=args.chunk_size)
   batch = parallel.shard_batch(host_batch, mesh, rules)
   batch_shardings = {k: v.sharding for k, v in batch.items()}
-  loss_fn = lambda model, batch, rng: sft.sft_loss_fn(model, batch, rng, normalize='token',
-                                                      chunk_size=args.chunk_size)
   train_step = make_train_step(loss_fn, optimizer, graphdef, state_shardings=state_shardings,
                                batch_shardings=batch_shardings, schedule=schedule)
 
@@ -91,7 +104,7 @@ def main():
     times.append(time.perf_counter() - start)
   step_time = float(np.median(times))
 
-  tokens_per_s = args.batch_size * args.seq_len / step_time
+  tokens_per_s = host_batch['tokens'].size / step_time
   model_flops = model_config.flops_per_token(args.seq_len) * tokens_per_s
   peak = peak_matmul_flops(args.matmul_size, jnp.dtype(args.dtype))
   result = {
@@ -101,14 +114,16 @@ def main():
       'mfu': model_flops / peak,
       'step_time_s': step_time,
       'params_m': model_config.num_params() / 1e6,
+      'algorithm': args.algorithm,
       'preset': args.preset,
       'seq_len': args.seq_len,
       'batch_size': args.batch_size,
       'dtype': args.dtype,
       'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
   }
-  print(f'{args.preset} ({result["params_m"]:.1f}M params), batch {args.batch_size} x '
-        f'{args.seq_len} tokens, {args.dtype}, {result["device"]}')
+  pairs = ' pairs' if args.algorithm == 'rm' else ''
+  print(f'{args.algorithm} step, {args.preset} ({result["params_m"]:.1f}M params), batch '
+        f'{args.batch_size}{pairs} x {args.seq_len} tokens, {args.dtype}, {result["device"]}')
   print(f'  step time    {step_time * 1e3:10.1f} ms (median of {args.steps})')
   print(f'  throughput   {tokens_per_s:10.0f} tokens/s')
   print(f'  model        {model_flops / 1e12:10.4f} TFLOP/s')
