@@ -29,16 +29,23 @@ class PairEvaluation:
                pad_id: int, mesh, rules, batch_size: int, workdir: str | None,
                gold: tuple[np.ndarray, np.ndarray] | None = None,
                texts: tuple[Sequence[str], Sequence[str]] | None = None,
-               labeler: Labeler | None = None):
+               labeler: Labeler | None = None, groups: Sequence[str] | None = None):
     """examples: (chosen piece, rejected piece) per pair, encoded like the training data.
 
     score_pairs(model, batch) -> (r_chosen, r_rejected); gold: gold rewards of the chosen and
-    rejected answers; texts: their strings (for the labelers' length bias).
+    rejected answers; texts: their strings (for the labelers' length bias); groups: a label
+    per pair (e.g. the playground task) for per-group accuracy and ceiling.
     """
     halves = [pad_rows([[ex[j]] for ex in examples], seq_len, pad_id=pad_id) for j in (0, 1)]
     self.arrays = {k: np.stack([halves[0][k], halves[1][k]], axis=1)
                    for k in ('tokens', 'attention_mask')}
-    self.gold, self.texts, self.labeler = gold, texts, labeler
+    self.gold = gold
+    self.groups = None if groups is None else np.asarray(groups)
+    self.labeler_logits = None  # The labelers' margins, where they are known and noisy.
+    if labeler is not None and labeler.temperature > 0:
+      lengths = [np.array([num_words(t) for t in side]) for side in texts]
+      self.labeler_logits = labeler.preference_logit(*gold, *lengths)
+      self.temperature = labeler.temperature
     self.mesh, self.rules, self.batch_size, self.workdir = mesh, rules, batch_size, workdir
     self._score = jax.jit(lambda params, batch: score_pairs(nnx.merge(graphdef, params), batch))
 
@@ -51,11 +58,15 @@ class PairEvaluation:
       gold_gap = self.gold[0] - self.gold[1]
       gold_labels = np.where(gold_gap == 0, np.nan, (gold_gap > 0).astype(float))
     metrics = preference_metrics(r_chosen, r_rejected, gold_labels=gold_labels)
-    if self.labeler is not None and self.labeler.temperature > 0:
-      lengths = [np.array([num_words(t) for t in side]) for side in self.texts]
-      logits = self.labeler.preference_logit(*self.gold, *lengths)
-      metrics['labeler_ceiling'] = bradley_terry_ceiling(logits,
-                                                         temperature=self.labeler.temperature)
+    everything = np.ones(len(r_chosen), bool)
+    groups = [] if self.groups is None else sorted(set(self.groups))
+    for suffix, rows in [('', everything)] + [(f'/{g}', self.groups == g) for g in groups]:
+      if suffix:
+        metrics[f'accuracy{suffix}'] = preference_metrics(r_chosen[rows],
+                                                          r_rejected[rows])['accuracy']
+      if self.labeler_logits is not None:
+        metrics[f'labeler_ceiling{suffix}'] = bradley_terry_ceiling(
+            self.labeler_logits[rows], temperature=self.temperature)
     if self.workdir is not None and jax.process_index() == 0:
       os.makedirs(os.path.join(self.workdir, 'plots'), exist_ok=True)
       gaps = np.concatenate([r_chosen - r_rejected, r_rejected - r_chosen])

@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 
+from rlhf_jax.data import playground
 from rlhf_jax.data.labelers import Labeler
 from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
 from rlhf_jax.eval.gold import make_gold, uses_playground_gold
@@ -48,10 +49,11 @@ def pair_evaluations(config, workdir: str, data, gold_fn):
   """Accuracy and calibration on every held-out pair; with a gold reward (the playground's),
   agreement with it and the labelers' ceiling."""
   examples = data.examples('eval')
-  gold = texts = labeler = None
+  gold = texts = labeler = groups = None
   if gold_fn is not None:
     records = data.records('eval')
     prompts = [r.prompt[-1].content for r in records]
+    groups = [playground.task_of(p) for p in prompts]
     texts = ([r.chosen for r in records], [r.rejected for r in records])
     gold = tuple(np.asarray(gold_fn(prompts, side), np.float64) for side in texts)
     p = config.data.playground
@@ -62,5 +64,5 @@ def pair_evaluations(config, workdir: str, data, gold_fn):
         examples, score_pairs=pair_rewards, graphdef=graphdef, seq_len=config.train.seq_len,
         pad_id=data.shape.pad_id, mesh=mesh, rules=config.sharding_rules,
         batch_size=config.train.batch_size, workdir=workdir, gold=gold, texts=texts,
-        labeler=labeler)}
+        labeler=labeler, groups=groups)}
   return make
