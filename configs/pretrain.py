@@ -8,8 +8,7 @@ The same loss as SFT with every token a target. The final model is exported to
 
 import ml_collections
 
-from rlhf_jax.training.config import (base_config, data_config, model_config_dict,
-                                      sample_eval_config)
+from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=800, batch_size=32, seq_len=48, lr=2e-3),
@@ -18,21 +17,9 @@ PRESETS = {
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f'Unknown preset {preset!r} for configs/pretrain.py; choose from '
-                     f'{sorted(PRESETS)}.')
-  p = PRESETS[preset]
-  c = base_config()
+  c = preset_config(PRESETS, preset, 'configs/pretrain.py')
   c.algorithm = 'sft'
-  c.model = model_config_dict(p['model'])
-  c.train.steps = p['steps']
-  c.train.batch_size = p['batch_size']
-  c.train.seq_len = p['seq_len']
-  c.train.eval_every = max(p['steps'] // 4, 1)
-  c.train.checkpoint_every = max(p['steps'] // 4, 1)
   c.train.export_hf = True
-  c.optim.lr = p['lr']
-  c.optim.warmup_steps = max(p['steps'] // 20, 1)
   c.loss = ml_collections.ConfigDict({'normalize': 'token'})
   c.data = data_config({'text': 'playground:text'})
   c.data.packing = True

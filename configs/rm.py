@@ -13,7 +13,7 @@ and calibration (ECE, reliability diagram under <workdir>/plots).
 
 import ml_collections
 
-from rlhf_jax.training.config import base_config, data_config, model_config_dict
+from rlhf_jax.training.config import data_config, preset_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=400, batch_size=32, seq_len=48, lr=1e-3),
@@ -23,22 +23,10 @@ PRESETS = {
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f'Unknown preset {preset!r} for configs/rm.py; choose from '
-                     f'{sorted(PRESETS)}.')
-  p = PRESETS[preset]
-  c = base_config()
+  c = preset_config(PRESETS, preset, 'configs/rm.py', head='scalar')
   c.algorithm = 'rm'
-  c.model = model_config_dict(p['model'], head='scalar')
-  c.train.steps = p['steps']
-  c.train.batch_size = p['batch_size']
-  c.train.seq_len = p['seq_len']
-  c.train.eval_every = max(p['steps'] // 4, 1)
   c.train.eval_at_start = True
-  c.train.checkpoint_every = max(p['steps'] // 4, 1)
   c.train.export_hf = True
-  c.optim.lr = p['lr']
-  c.optim.warmup_steps = max(p['steps'] // 20, 1)
   c.loss = ml_collections.ConfigDict({'center_coef': 0.0})  # Eisenstein 2023: try 0.01.
   c.data = data_config({'pairs': 'playground:preference'})
   c.eval = ml_collections.ConfigDict({'gold': 'playground'})  # '' for data with no gold.

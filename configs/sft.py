@@ -15,8 +15,7 @@ response loss and, on playground prompts, the gold reward of sampled answers
 
 import ml_collections
 
-from rlhf_jax.training.config import (base_config, data_config, model_config_dict,
-                                      sample_eval_config)
+from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=600, batch_size=32, seq_len=48, lr=2e-3),
@@ -29,20 +28,8 @@ PRESETS = {
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-  if preset not in PRESETS:
-    raise ValueError(f'Unknown preset {preset!r} for configs/sft.py; choose from '
-                     f'{sorted(PRESETS)}.')
-  p = PRESETS[preset]
-  c = base_config()
+  c = preset_config(PRESETS, preset, 'configs/sft.py')
   c.algorithm = 'sft'
-  c.model = model_config_dict(p['model'])
-  c.train.steps = p['steps']
-  c.train.batch_size = p['batch_size']
-  c.train.seq_len = p['seq_len']
-  c.train.eval_every = max(p['steps'] // 4, 1)
-  c.train.checkpoint_every = max(p['steps'] // 4, 1)
-  c.optim.lr = p['lr']
-  c.optim.warmup_steps = max(p['steps'] // 20, 1)
   c.loss = ml_collections.ConfigDict({'normalize': 'token'})  # 'token' | 'sequence'
   if preset == 'sorting':
     c.data = ml_collections.ConfigDict({'name': 'sorting', 'min_items': 2, 'max_items': 12,

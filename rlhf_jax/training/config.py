@@ -84,6 +84,28 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def preset_config(presets: dict[str, dict], preset: str, config_file: str, *,
+                  head: str = 'lm') -> ml_collections.ConfigDict:
+  """base_config() sized by a named preset: model, steps, batch_size, seq_len, lr.
+
+  Evaluations and checkpoints come every quarter of the run, warmup takes its first 5 %.
+  """
+  if preset not in presets:
+    raise ValueError(f'Unknown preset {preset!r} for {config_file}; choose from '
+                     f'{sorted(presets)}.')
+  p = presets[preset]
+  c = base_config()
+  c.model = model_config_dict(p['model'], head=head)
+  c.train.steps = p['steps']
+  c.train.batch_size = p['batch_size']
+  c.train.seq_len = p['seq_len']
+  c.train.eval_every = max(p['steps'] // 4, 1)
+  c.train.checkpoint_every = max(p['steps'] // 4, 1)
+  c.optim.lr = p['lr']
+  c.optim.warmup_steps = max(p['steps'] // 20, 1)
+  return c
+
+
 def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
   """The `data` entry of tokenized training: sources, mixture, tokenizer, batching, playground.
 
