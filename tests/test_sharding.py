@@ -115,9 +115,11 @@ def test_sharded_training_equals_single_device(model):
   assert_trees_close(initial, ref_initial, atol=0)  # Same seed, same values on any mesh.
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   np.testing.assert_allclose(grad_norms, ref_grad_norms, rtol=1e-5)
-  assert_trees_close(state.params, ref_state.params, atol=1e-5)
-  # The weights did move, by 100x the tolerance (largest differences seen: 6e-6, from Adam
-  # steps of near-zero gradients; losses and grad norms agree to ~1e-7).
+  # Adam's step g/(√v + ε) turns float-order differences of near-zero gradients into
+  # differences of a few % of one step (lr = 1e-3): the largest seen is 1.8e-5, on one of 2048
+  # weights whose gradient changed sign. A sharding error moves whole tensors by ~lr.
+  assert_trees_close(state.params, ref_state.params, atol=5e-5)
+  # The weights did move, by 20x the tolerance (losses and grad norms agree to ~1e-7).
   moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), state.params,
                        initial)
   assert max(jax.tree.leaves(moved)) > 1e-3
@@ -167,4 +169,4 @@ def test_gradient_accumulation_equals_the_full_batch():
   _, ref_losses, ref_grad_norms, ref_state = train('llama', 'data2_fsdp2_tensor2')
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   np.testing.assert_allclose(grad_norms, ref_grad_norms, rtol=1e-5)
-  assert_trees_close(state.params, ref_state.params, atol=1e-5)
+  assert_trees_close(state.params, ref_state.params, atol=5e-5)  # Adam: see above.
