@@ -18,8 +18,7 @@ import time
 
 from absl import app, flags, logging
 
-from rlhf_jax.main import ALGORITHMS
-from rlhf_jax.training import loop
+from rlhf_jax.training import trainers
 from rlhf_jax.training.metrics import read_metrics
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -46,7 +45,7 @@ def run_stage(name: str, file_name: str, parent: str | None, workdir: str) -> fl
   config.train.progress_bar = _PROGRESS.value
   stage_dir = os.path.join(workdir, name)
   start = time.perf_counter()
-  loop.train(config, stage_dir, ALGORITHMS[config.algorithm](config, stage_dir))
+  trainers.run(config, stage_dir)
   return time.perf_counter() - start
 
 

@@ -6,10 +6,7 @@ Any config key can be overridden: `--config.optim.lr=1e-4 --config.mesh.fsdp=2`.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import parallel
-from rlhf_jax.training import loop, rm, sft
-
-ALGORITHMS = {'sft': sft.make_algorithm, 'rm': rm.make_algorithm}
+from rlhf_jax.training import trainers
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:preset].',
                                           lock_config=True)
@@ -21,12 +18,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the bar says enough.
-  config = _CONFIG.value
-  if config.algorithm not in ALGORITHMS:
-    raise app.UsageError(f'config.algorithm={config.algorithm!r}; known: {sorted(ALGORITHMS)}.')
-  logging.info('Config:\n%s', config)
-  parallel.maybe_initialize_distributed(config.distributed)  # Before the data touch JAX.
-  loop.train(config, _WORKDIR.value, ALGORITHMS[config.algorithm](config, _WORKDIR.value))
+  logging.info('Config:\n%s', _CONFIG.value)
+  trainers.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
