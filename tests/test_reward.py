@@ -25,7 +25,7 @@ def test_bt_loss_is_log_2_at_equal_rewards():
 
 def test_bt_loss_with_margin_and_centering_hand_computed():
   chosen, rejected = jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0])
-  loss, metrics = bradley_terry_loss(chosen, rejected, margin_B=jnp.array([0.5, 2.0]),
+  loss, metrics = bradley_terry_loss(chosen, rejected, margin=jnp.array([0.5, 2.0]),
                                      center_coef=0.1)
   # Gaps 1 and −1, minus margins: 0.5 and −3; sums 3 and 1.
   expected = (neg_log_sigmoid(0.5) + neg_log_sigmoid(-3.0)) / 2 + 0.1 * (9 + 1) / 2
@@ -36,17 +36,17 @@ def test_bt_loss_with_margin_and_centering_hand_computed():
   assert metrics['reward_rejected'] == 1.0
   assert metrics['reward_mean'] == 1.0
   # A scalar margin is the same as that margin repeated.
-  scalar, _ = bradley_terry_loss(chosen, rejected, margin_B=0.5)
+  scalar, _ = bradley_terry_loss(chosen, rejected, margin=0.5)
   expected = (neg_log_sigmoid(0.5) + neg_log_sigmoid(-1.5)) / 2
   assert scalar == pytest.approx(expected, rel=1e-6)
-  repeated, _ = bradley_terry_loss(chosen, rejected, margin_B=jnp.array([0.5, 0.5]))
+  repeated, _ = bradley_terry_loss(chosen, rejected, margin=jnp.array([0.5, 0.5]))
   assert repeated == pytest.approx(float(scalar), rel=1e-6)
 
 
 def test_bt_loss_gradient_matches_hand_derivation():
   chosen, rejected = jnp.array([0.7, -0.2, 1.5]), jnp.array([0.1, 0.4, -2.0])
   margin, coef, batch = jnp.array([0.0, 0.3, 1.0]), 0.05, 3
-  loss_fn = lambda c, r: bradley_terry_loss(c, r, margin_B=margin, center_coef=coef)[0]
+  loss_fn = lambda c, r: bradley_terry_loss(c, r, margin=margin, center_coef=coef)[0]
   grad_chosen, grad_rejected = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(chosen, rejected)
   c, r, m = map(np.asarray, (chosen, rejected, margin))
   pull = 1 / (1 + np.exp(c - r - m)) / batch  # σ(−(Δ − m)) / B
@@ -71,8 +71,8 @@ def test_bt_accuracy_counts_ties_as_half():
 def test_bt_loss_rejects_bad_shapes():
   with pytest.raises(ValueError, match='rewards_rejected_B'):
     bradley_terry_loss(jnp.zeros(3), jnp.zeros(4))
-  with pytest.raises(ValueError, match='margin_B'):
-    bradley_terry_loss(jnp.zeros(3), jnp.zeros(3), margin_B=jnp.zeros(2))
+  with pytest.raises(ValueError, match="margin"):
+    bradley_terry_loss(jnp.zeros(3), jnp.zeros(3), margin=jnp.zeros(2))
 
 
 def test_ece_and_bins_hand_computed():

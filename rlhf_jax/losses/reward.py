@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 
-def bradley_terry_loss(rewards_chosen_B, rewards_rejected_B, *, margin_B=None,
+def bradley_terry_loss(rewards_chosen_B, rewards_rejected_B, *, margin=None,
                        center_coef: float = 0.0):
   """Pairwise Bradley-Terry loss with an optional margin and reward centering.
 
@@ -26,9 +26,9 @@ def bradley_terry_loss(rewards_chosen_B, rewards_rejected_B, *, margin_B=None,
   chosen = rewards_chosen_B.astype(jnp.float32)
   rejected = rewards_rejected_B.astype(jnp.float32)
   gap_B = chosen - rejected
-  margin = 0.0 if margin_B is None else jnp.asarray(margin_B, jnp.float32)
+  margin = 0.0 if margin is None else jnp.asarray(margin, jnp.float32)
   if jnp.ndim(margin) not in (0, 1) or jnp.size(margin) not in (1, gap_B.size):
-    raise ValueError(f'margin_B has shape {jnp.shape(margin)}; expected a scalar or '
+    raise ValueError(f'margin has shape {jnp.shape(margin)}; expected a scalar or '
                      f'[{gap_B.size}].')
   loss = (-jnp.mean(jax.nn.log_sigmoid(gap_B - margin))
           + center_coef * jnp.mean(jnp.square(chosen + rejected)))
