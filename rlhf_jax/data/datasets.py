@@ -39,6 +39,7 @@ class TokenData:
     """
     self.shape, self.mixture, self.stats = shape, mixture, dict(stats or {})
     self._records = records
+    self._attached: dict[str, dict[str, np.ndarray]] = {}
     self.paired = len(next(iter(splits['train'].values()))[0]) == 2
     if self.paired and shape.packing:
       raise ValueError('config.data.packing applies to SFT and text, not to preference pairs.')
@@ -55,6 +56,19 @@ class TokenData:
     """Every example of `split`, source after source."""
     return [ex for examples in self._examples[split] for ex in examples]
 
+  def attach(self, name: str, per_split: Mapping[str, np.ndarray]) -> None:
+    """Adds `name` to every batch: per_split[split][i] belongs to examples(split)[i].
+
+    For values computed once per example, e.g. DPO's precomputed reference log-probs.
+    """
+    if self.shape.packing:
+      raise ValueError('Per-example values need one example per row; turn off packing.')
+    for split, values in per_split.items():
+      if len(values) != len(self.examples(split)):
+        raise ValueError(f'{name}: {len(values)} values for {len(self.examples(split))} '
+                         f'{split} examples.')
+    self._attached[name] = dict(per_split)
+
   def records(self, split: str) -> list:
     """The record of each of `examples(split)`."""
     return [r for name in self.mixture.names for r in self._records[split][name]]
@@ -66,9 +80,15 @@ class TokenData:
     longest = max(sum(max(len(p[0]) for p in ex) for ex in row) for row in rows_pieces)
     length = bucket_length(longest, self.shape.buckets)
     local = [rows_pieces[r] for r in rows]
+    attached = {}
+    if self._attached:  # One example per row: its index in examples(split).
+      offsets = np.cumsum([0] + [len(examples) for examples in self._examples[split][:-1]])
+      ids = np.array([offsets[units[r][0]] + units[r][1][0] for r in rows])
+      attached = {name: values[split][ids] for name, values in self._attached.items()}
     if not self.paired:
       return pad_rows([[ex[0] for ex in row] for row in local], length,
-                      pad_id=self.shape.pad_id, packed=self.shape.packing)
+                      pad_id=self.shape.pad_id, packed=self.shape.packing) | attached
     chosen, rejected = ([[row[0][j]] for row in local] for j in (0, 1))
     halves = [pad_rows(part, length, pad_id=self.shape.pad_id) for part in (chosen, rejected)]
-    return {key: np.stack([halves[0][key], halves[1][key]], axis=1) for key in halves[0]}
+    return {key: np.stack([halves[0][key], halves[1][key]], axis=1)
+            for key in halves[0]} | attached

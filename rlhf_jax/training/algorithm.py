@@ -13,6 +13,8 @@ from rlhf_jax.training.step import LossFn
 # evaluation(params, step) -> metrics; made once the model's graphdef and the mesh exist.
 Evaluation = Callable[[nnx.State, int], Mapping[str, float]]
 MakeEvaluations = Callable[[nnx.GraphDef, Mesh], Mapping[str, Evaluation]]
+# (parameters, their shardings) of models the loss reads but does not train, on the mesh.
+MakeFrozen = Callable[[Mesh], tuple[object, object]]
 
 
 class DataSource(Protocol):
@@ -28,4 +30,6 @@ class Algorithm:
   # Evaluations beyond the loss on eval batches (e.g. gold reward of samples, calibration).
   make_evaluations: MakeEvaluations | None = None
   tokenizer: object | None = None  # Saved next to the exported model.
+  make_frozen: MakeFrozen | None = None  # Passed to loss_fn as `frozen` (e.g. a reference).
+  prepare: Callable[[Mesh], None] | None = None  # Work on the mesh before the first batch.
   data_stats: Mapping[str, int] = dataclasses.field(default_factory=dict)  # Skips, truncations.

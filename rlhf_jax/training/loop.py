@@ -84,15 +84,20 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
     logging.warning('Resumed %s from step %d.', workdir, start)
   writer = MetricWriter(workdir, start_step=start, tensorboard=tc.tensorboard)
 
+  if algorithm.prepare is not None:
+    algorithm.prepare(mesh)  # E.g. reference log-probs, attached to the data before batching.
+  frozen, frozen_shardings = (algorithm.make_frozen(mesh) if algorithm.make_frozen is not None
+                              else (None, None))
   rows = local_rows(tc.batch_size)
   example = algorithm.data.batch('train', 0, rows)
   batch_shardings = {k: parallel.batch_sharding(mesh, rules, v.ndim) for k, v in example.items()}
   train_step = make_train_step(algorithm.loss_fn, optimizer, graphdef,
                                state_shardings=state_shardings,
-                               batch_shardings=batch_shardings, schedule=schedule,
+                               batch_shardings=batch_shardings,
+                               frozen_shardings=frozen_shardings, schedule=schedule,
                                grad_accum_steps=config.optim.grad_accum_steps)
   evaluate_loss = make_eval_step(algorithm.loss_fn, graphdef, state_shardings.params,
-                                 batch_shardings)
+                                 batch_shardings, frozen_shardings)
   evaluations = (algorithm.make_evaluations(graphdef, mesh)
                  if algorithm.make_evaluations else {})
 
@@ -101,7 +106,8 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
 
   def evaluate(step, params):
     """Loss over the eval batches and every evaluation of the algorithm, as 'eval/...'."""
-    losses = [evaluate_loss(params, get_batch('eval', i)) for i in range(tc.eval_batches)]
+    losses = [evaluate_loss(params, get_batch('eval', i), frozen)
+              for i in range(tc.eval_batches)]
     results = {f'eval/{k}': v for k, v in
                jax.tree.map(lambda *x: np.mean(x), *jax.device_get(losses)).items()}
     for name, evaluation in evaluations.items():
@@ -127,7 +133,7 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
       pending = None
 
   for step in range(start, tc.steps):
-    state, metrics = train_step(state, get_batch('train', step))
+    state, metrics = train_step(state, get_batch('train', step), frozen)
     flush()
     done = step + 1
     if done % tc.log_every == 0 or done == tc.steps:
@@ -178,8 +184,10 @@ class Throughput:
     return rate
 
 
-def make_eval_step(loss_fn: LossFn, graphdef, params_shardings, batch_shardings) -> Callable:
-  def evaluate(params, batch):
-    loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, jax.random.key(0))
+def make_eval_step(loss_fn: LossFn, graphdef, params_shardings, batch_shardings,
+                   frozen_shardings=None) -> Callable:
+  def evaluate(params, batch, frozen=None):
+    loss, metrics = loss_fn(nnx.merge(graphdef, params), batch, jax.random.key(0), frozen)
     return {**metrics, 'loss': loss}
-  return jax.jit(evaluate, in_shardings=(params_shardings, batch_shardings))
+  jitted = jax.jit(evaluate, in_shardings=(params_shardings, batch_shardings, frozen_shardings))
+  return lambda params, batch, frozen=None: jitted(params, batch, frozen)

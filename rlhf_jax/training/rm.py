@@ -28,8 +28,8 @@ def pair_rewards(model, batch):
   return rewards[:, 0], rewards[:, 1]
 
 
-def rm_loss_fn(model, batch, rng, *, center_coef: float):
-  del rng  # Deterministic loss.
+def rm_loss_fn(model, batch, rng=None, frozen=None, *, center_coef: float):
+  del rng, frozen  # Deterministic, and no other model.
   return bradley_terry_loss(*pair_rewards(model, batch), center_coef=center_coef)
 
 

@@ -1,6 +1,8 @@
-"""Sequence-level outputs of a model: the scalar head read at each sequence's last real token."""
+"""Sequence-level outputs of a model: a reward at the last real token, a response's log-prob."""
 
 import jax.numpy as jnp
+
+from rlhf_jax.losses import masked_sum, token_logprobs
 
 
 def last_token_index(attention_mask_BxT):
@@ -20,3 +22,17 @@ def sequence_rewards(model, tokens_BxT, attention_mask_BxT, *, segment_ids_BxT=N
   last_B = last_token_index(attention_mask_BxT)
   hidden_BxD = jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
   return model.apply_head(hidden_BxD[:, None])[:, 0]
+
+
+def sequence_logps(model, tokens_BxT, attention_mask_BxT, loss_mask_BxT, *, chunk_size: int):
+  """(Σ_t log π(y_t | y_<t) over the tokens marked by loss_mask [B], their count [B]).
+
+  log π(sequence) of the response tokens, as DPO and PPO's KL read it; the first token is never
+  a target. Log-probs are computed in sequence chunks (`token_logprobs`), never as float32
+  [B, T, V] logits. Left or right padding alike (positions come from the attention mask).
+  """
+  hidden_BxTxD, _ = model.hidden_states(tokens_BxT, attention_mask=attention_mask_BxT)
+  logps_BxT = token_logprobs(hidden_BxTxD[:, :-1], model.unembedding(), tokens_BxT[:, 1:],
+                             chunk_size=chunk_size)
+  mask_BxT = loss_mask_BxT[:, 1:].astype(bool)
+  return masked_sum(logps_BxT, mask_BxT, axis=-1), mask_BxT.sum(-1)

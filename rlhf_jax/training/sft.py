@@ -16,9 +16,9 @@ from rlhf_jax.losses import sft_loss, token_logprobs
 from rlhf_jax.training.algorithm import Algorithm
 
 
-def sft_loss_fn(model, batch, rng, *, normalize: str, chunk_size: int):
+def sft_loss_fn(model, batch, rng=None, frozen=None, *, normalize: str, chunk_size: int):
   """Runs the model on batch['tokens'] and scores token t+1 from position t."""
-  del rng  # Deterministic loss.
+  del rng, frozen  # Deterministic, and no other model.
   tokens, segment_ids = batch['tokens'], batch.get('segment_ids')
   hidden, _ = model.hidden_states(tokens, attention_mask=batch['attention_mask'],
                                   positions=batch.get('positions'), segment_ids=segment_ids)

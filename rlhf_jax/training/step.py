@@ -1,8 +1,10 @@
 """The one train step that every algorithm uses.
 
-An algorithm is a `loss_fn(model, batch, rng) -> (loss, metrics)`: it runs the model on its
-batch and hands the arrays to a pure loss from `rlhf_jax.losses`. Everything else (gradient
-accumulation, the optimizer, shardings, donation) lives here once.
+An algorithm is a `loss_fn(model, batch, rng, frozen) -> (loss, metrics)`: it runs the model on
+its batch and hands the arrays to a pure loss from `rlhf_jax.losses`. `frozen` holds the
+parameters of models the loss reads but does not train (DPO's reference), placed on the same
+mesh, or None. Everything else (gradient accumulation, the optimizer, shardings, donation)
+lives here once.
 """
 
 from collections.abc import Callable
@@ -14,13 +16,14 @@ from flax import nnx
 
 from rlhf_jax.training.state import TrainState
 
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[nnx.Module, dict, jax.Array, object], tuple[jax.Array, dict]]
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     graphdef: nnx.GraphDef, *, state_shardings: TrainState, batch_shardings,
-                    schedule: optax.Schedule | None = None, grad_accum_steps: int = 1):
-  """Jitted `step(state, batch) -> (state, metrics)` with explicit shardings.
+                    frozen_shardings=None, schedule: optax.Schedule | None = None,
+                    grad_accum_steps: int = 1):
+  """Jitted `step(state, batch, frozen=None) -> (state, metrics)` with explicit shardings.
 
   With `grad_accum_steps` = A > 1 the global batch is split into A micro-batches that run one
   after another in a `lax.scan`; gradients and metrics are averaged over them (the mean of
@@ -28,22 +31,22 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   Each device's rows stay on it: row r of micro-batch a is global row r·A + a.
   """
 
-  def loss_and_grad(params, batch, rng):
+  def loss_and_grad(params, batch, rng, frozen):
     def compute(params):
-      return loss_fn(nnx.merge(graphdef, params), batch, rng)
+      return loss_fn(nnx.merge(graphdef, params), batch, rng, frozen)
     (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(params)
     return grads, {**metrics, 'loss': loss}
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, frozen=None):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     if grad_accum_steps == 1:
-      grads, metrics = loss_and_grad(state.params, batch, step_rng)
+      grads, metrics = loss_and_grad(state.params, batch, step_rng, frozen)
     else:
       micro_batches = jax.tree.map(_split_micro_batches, batch)
       rngs = jax.random.split(step_rng, grad_accum_steps)
 
       def accumulate(grads_sum, xs):
-        grads, metrics = loss_and_grad(state.params, *xs)
+        grads, metrics = loss_and_grad(state.params, *xs, frozen)
         return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -68,5 +71,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     return x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
                      *x.shape[1:]).swapaxes(0, 1)
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+  return lambda state, batch, frozen=None: jitted(state, batch, frozen)
