@@ -319,3 +319,37 @@ def test_midtraining_switches_to_sft_only_at_the_decay_stage(tokenizer_dir, tmp_
     if packing:  # Some row holds more than one example.
       assert batch['segment_ids'].max() > 1
   assert text_rows == expected_text_rows
+
+
+def test_dpo_precomputed_reference_gives_the_on_the_fly_trace(sft_run, env, tmp_path):
+  """DPO from the SFT export: the reference's log-probs computed once before training (and the
+  reference dropped) give the loss trace of a frozen reference evaluated in every step."""
+  common = [*RUN, *SAMPLES, f'--config.model.hf_path={sft_run / "hf"}',
+            '--config.data.tokenizer=', '--config.optim.warmup_steps=1', '--config.optim.lr=1e-3']
+  workdirs = {mode: tmp_path / mode for mode in ('on_the_fly', 'precomputed', 'simpo')}
+  finish_all([
+      start(env, workdirs['on_the_fly'], 'dpo.py:tiny', *common),
+      start(env, workdirs['precomputed'], 'dpo.py:tiny', *common,
+            '--config.loss.precompute_ref=True')])
+  finish(start(env, workdirs['simpo'], 'dpo.py:tiny', *common, '--config.loss.loss_type=simpo',
+               '--config.loss.beta=2.0'))
+  metrics = {mode: read_metrics(path / 'metrics.jsonl') for mode, path in workdirs.items()}
+  on_the_fly, precomputed = (train_records(metrics[m]) for m in ('on_the_fly', 'precomputed'))
+  assert [m['step'] for m in on_the_fly] == [1, 2, 3, 4]
+  # Step 1: the policy is the reference, every log-ratio is 0 and the loss is log 2.
+  assert on_the_fly[0]['loss'] == pytest.approx(math.log(2), abs=1e-6)
+  for key in ('loss', 'rewards/margins', 'grad_norm'):
+    np.testing.assert_allclose([m[key] for m in precomputed], [m[key] for m in on_the_fly],
+                               rtol=1e-4, atol=1e-6)
+  assert on_the_fly[-1]['rewards/margins'] > 0  # The policy moved toward the chosen answers.
+
+  stored = np.load(workdirs['precomputed'] / 'reference_logps.npz')
+  assert stored['train'].shape == (200, 2) and stored['eval'].shape == (32, 2)
+  assert (stored['train'] < 0).all()  # Log-probs of whole responses.
+  assert not (workdirs['on_the_fly'] / 'reference_logps.npz').exists()
+
+  start_eval = [m for m in metrics['on_the_fly'] if 'eval/loss' in m][0]
+  assert start_eval['eval/samples/win_rate'] == 0.5  # The reference against itself.
+  assert start_eval['eval/samples/kl'] == pytest.approx(0.0, abs=1e-5)
+  simpo = train_records(metrics['simpo'])
+  assert len(simpo) == STEPS and all(math.isfinite(m['loss']) for m in simpo)

@@ -60,6 +60,12 @@ def pad_rows(rows: Sequence[Sequence[Piece]], length: int, *, pad_id: int,
   return batch
 
 
+def pad_pairs(pairs: Sequence[tuple[Piece, Piece]], length: int, *, pad_id: int) -> dict:
+  """(chosen, rejected) pieces into [N, 2, length] arrays: each pair side by side in a row."""
+  halves = [pad_rows([[pair[j]] for pair in pairs], length, pad_id=pad_id) for j in (0, 1)]
+  return {key: np.stack([halves[0][key], halves[1][key]], axis=1) for key in halves[0]}
+
+
 def pack(lengths: Sequence[int], order: Sequence[int], seq_len: int) -> list[list[int]]:
   """Examples (in `order`) into rows of at most seq_len tokens, next-fit.
 

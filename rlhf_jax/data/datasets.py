@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.batching import Piece, bucket_length, pad_rows
+from rlhf_jax.data.batching import Piece, bucket_length, pad_pairs, pad_rows
 from rlhf_jax.data.mixture import Mixture, Stream, global_batch_units
 
 Example = tuple[Piece, ...]  # (piece,) or (chosen, rejected).
@@ -88,7 +88,4 @@ class TokenData:
     if not self.paired:
       return pad_rows([[ex[0] for ex in row] for row in local], length,
                       pad_id=self.shape.pad_id, packed=self.shape.packing) | attached
-    chosen, rejected = ([[row[0][j]] for row in local] for j in (0, 1))
-    halves = [pad_rows(part, length, pad_id=self.shape.pad_id) for part in (chosen, rejected)]
-    return {key: np.stack([halves[0][key], halves[1][key]], axis=1)
-            for key in halves[0]} | attached
+    return pad_pairs([row[0] for row in local], length, pad_id=self.shape.pad_id) | attached

@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from rlhf_jax.data.encoding import encode_prompt
 from rlhf_jax.data.records import Message
 from rlhf_jax.eval.batched import map_batches
 from rlhf_jax.sampling import make_sampler
+from rlhf_jax.training.scoring import sequence_logps
 
 
 def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int):
@@ -36,47 +38,82 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int):
 
 
 class GoldRewardOfSamples:
-  """Callable `(params, step) -> metrics`: samples answers and scores them with the gold."""
+  """Callable `(params, step) -> metrics`: samples answers and scores them with the gold.
+
+  With `reference` (a function returning the parameters of a reference policy of the same
+  architecture, e.g. the SFT model), it also reports
+    win_rate = mean_x [1(g(x, y) > g(x, y_ref)) + ½·1(g(x, y) = g(x, y_ref))],
+        y ~ π(·|x), y_ref ~ π_ref(·|x), drawn with the same keys;
+    kl       = mean_x [log π(y|x) − log π_ref(y|x)], y ~ π: a Monte-Carlo estimate of
+        KL(π‖π_ref) per prompt, exact in expectation when sampling at temperature 1.
+  """
 
   def __init__(self, prompts: Sequence[str], tokenizer, graphdef, *, gold_fn: Callable,
                groups: Sequence[str] | None, mesh, rules, batch_size: int, max_prompt_len: int,
-               max_new_tokens: int, temperature: float, seed: int, workdir: str | None):
+               max_new_tokens: int, temperature: float, seed: int, workdir: str | None,
+               reference: Callable[[], object] | None = None, chunk_size: int = 256):
     self.prompts, self.tokenizer, self.gold_fn = list(prompts), tokenizer, gold_fn
     self.groups = list(groups) if groups is not None else None
     self.mesh, self.rules, self.batch_size, self.seed = mesh, rules, batch_size, seed
-    self.workdir = workdir
+    self.workdir, self.reference = workdir, reference
     ids = [encode_prompt(tokenizer, (Message('user', p),)) for p in self.prompts]
     self.tokens, self.mask = left_pad(ids, max_prompt_len, tokenizer.pad_token_id)
-    self.sampler = make_sampler(graphdef, max_new_tokens=max_new_tokens,
-                                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                temperature=temperature)
-    self._generate_jit = jax.jit(self._generate)
+    sampler = make_sampler(graphdef, max_new_tokens=max_new_tokens,
+                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                           temperature=temperature)
 
-  def _generate(self, params, batch):
-    rng = jax.random.fold_in(jax.random.key(self.seed), batch['row'][0])
-    out = self.sampler(params, batch['tokens'], batch['mask'], rng)
-    return out.tokens_BxN, out.mask_BxN
+    def generate(params, batch):
+      rng = jax.random.fold_in(jax.random.key(self.seed), batch['row'][0])
+      out = sampler(params, batch['tokens'], batch['mask'], rng)
+      return out.tokens_BxN, out.mask_BxN
+
+    def logps(params, batch):
+      return sequence_logps(nnx.merge(graphdef, params), batch['tokens'],
+                            batch['attention_mask'], batch['loss_mask'],
+                            chunk_size=chunk_size)[0]
+
+    self._generate, self._logps = jax.jit(generate), jax.jit(logps)
+    self._reference_gold = None  # Gold of the reference's samples: fixed, computed once.
+
+  def _map(self, fn, params, arrays):
+    return map_batches(functools.partial(fn, params), arrays, batch_size=self.batch_size,
+                       mesh=self.mesh, rules=self.rules)
+
+  def _sample(self, params):
+    """(responses, gold [N], generated tokens [N, M], their mask [N, M])."""
+    rows = np.arange(len(self.prompts), dtype=np.int32)
+    tokens, mask = self._map(self._generate, params,
+                             {'tokens': self.tokens, 'mask': self.mask, 'row': rows})
+    responses = [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
+                 for t, m in zip(tokens, mask)]
+    return responses, np.asarray(self.gold_fn(self.prompts, responses), np.float64), tokens, mask
 
   def __call__(self, params, step: int) -> dict[str, float]:
     """Same prompts and keys at every evaluation, so only the policy's change shows."""
-    generate = functools.partial(self._generate_jit, params)
-    rows = np.arange(len(self.prompts), dtype=np.int32)
-    tokens, mask = map_batches(generate, {'tokens': self.tokens, 'mask': self.mask, 'row': rows},
-                               batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
-    responses = [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-                 for t, m in zip(tokens, mask)]
-    gold = np.asarray(self.gold_fn(self.prompts, responses), np.float64)
-    lengths = mask.sum(-1)
-    ended = (tokens == self.tokenizer.eos_token_id).any(-1)
-    metrics = {'gold_reward': gold.mean(), 'response_tokens': lengths.mean(),
-               'ended_with_eos': ended.mean()}
+    responses, gold, tokens, mask = self._sample(params)
+    metrics = {'gold_reward': gold.mean(), 'response_tokens': mask.sum(-1).mean(),
+               'ended_with_eos': (tokens == self.tokenizer.eos_token_id).any(-1).mean()}
     if self.groups is not None:
       by_group = collections.defaultdict(list)
       for group, g in zip(self.groups, gold):
         by_group[group].append(g)
       metrics |= {f'gold_reward/{k}': float(np.mean(v)) for k, v in sorted(by_group.items())}
+    if self.reference is not None:
+      metrics |= self._against_reference(params, gold, tokens, mask)
     self._write_samples(step, responses, gold)
     return metrics
+
+  def _against_reference(self, params, gold, tokens, mask) -> dict[str, float]:
+    reference = self.reference()
+    if self._reference_gold is None:
+      self._reference_gold = self._sample(reference)[1]
+    sequences = {'tokens': np.concatenate([self.tokens, tokens], axis=1),
+                 'attention_mask': np.concatenate([self.mask, mask], axis=1),
+                 'loss_mask': np.concatenate([np.zeros_like(self.mask), mask], axis=1)}
+    log_ratio = self._map(self._logps, params, sequences) - self._map(self._logps, reference,
+                                                                       sequences)
+    wins = (gold > self._reference_gold) + 0.5 * (gold == self._reference_gold)
+    return {'win_rate': wins.mean(), 'kl': log_ratio.mean()}
 
   def _write_samples(self, step, responses, gold):
     if self.workdir is None or jax.process_index() != 0:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.data.batching import pad_rows
+from rlhf_jax.data.batching import pad_pairs
 from rlhf_jax.data.labelers import Labeler, num_words
 from rlhf_jax.eval.batched import map_batches
 from rlhf_jax.eval.calibration import (bradley_terry_ceiling, preference_metrics,
@@ -36,9 +36,7 @@ class PairEvaluation:
     rejected answers; texts: their strings (for the labelers' length bias); groups: a label
     per pair (e.g. the playground task) for per-group accuracy and ceiling.
     """
-    halves = [pad_rows([[ex[j]] for ex in examples], seq_len, pad_id=pad_id) for j in (0, 1)]
-    self.arrays = {k: np.stack([halves[0][k], halves[1][k]], axis=1)
-                   for k in ('tokens', 'attention_mask')}
+    self.arrays = pad_pairs(examples, seq_len, pad_id=pad_id)
     self.gold = gold
     self.groups = None if groups is None else np.asarray(groups)
     self.labeler_logits = None  # The labelers' margins, where they are known and noisy.

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 
 _SMOOTHED = ('sigmoid', 'robust', 'length_normalized', 'rdpo', 'simpo')
 LOSS_TYPES = _SMOOTHED + ('ipo', 'hinge', 'orpo')
-_VARIANT_ARGS = {'rdpo': ('alpha',), 'simpo': ('gamma',)}
+VARIANT_ARGS = {'rdpo': ('alpha',), 'simpo': ('gamma',)}
 _NEEDS_LENGTHS = ('ipo', 'length_normalized', 'rdpo', 'simpo', 'orpo')
-_REFERENCE_FREE = ('simpo', 'orpo')
+REFERENCE_FREE = ('simpo', 'orpo')
 _PER_TOKEN = ('ipo', 'length_normalized', 'simpo', 'orpo')
 
 
@@ -61,7 +61,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
   _check_options(loss_type, label_smoothing, variant_args)
   named = {'policy_chosen_logps': policy_chosen_logps,
            'policy_rejected_logps': policy_rejected_logps}
-  if loss_type not in _REFERENCE_FREE:
+  if loss_type not in REFERENCE_FREE:
     named.update(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
   if loss_type in _NEEDS_LENGTHS:
     named.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
@@ -70,7 +70,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
   # Each response's log-ratio as the loss uses it: π − ρ, per token for _PER_TOKEN, and the
   # bare (per-token) policy log-prob for the reference-free types.
   chosen_B, rejected_B = x['policy_chosen_logps'], x['policy_rejected_logps']
-  if loss_type not in _REFERENCE_FREE:
+  if loss_type not in REFERENCE_FREE:
     chosen_B = chosen_B - x['ref_chosen_logps']
     rejected_B = rejected_B - x['ref_rejected_logps']
   if loss_type in _PER_TOKEN:
@@ -133,7 +133,7 @@ def _check_options(loss_type, label_smoothing, variant_args):
   elif label_smoothing:
     raise ValueError(f'label_smoothing={label_smoothing} has no meaning for '
                      f'loss_type={loss_type!r}; it applies to {", ".join(_SMOOTHED)}.')
-  expected = set(_VARIANT_ARGS.get(loss_type, ()))
+  expected = set(VARIANT_ARGS.get(loss_type, ()))
   if set(variant_args) != expected:
     unknown, missing = sorted(set(variant_args) - expected), sorted(expected - set(variant_args))
     raise ValueError(f'loss_type={loss_type!r} takes variant_args {sorted(expected)}; '

@@ -44,8 +44,11 @@ def make_algorithm(config, workdir: str) -> Algorithm:
                    make_evaluations=sample_evaluations(config, workdir, tokenizer))
 
 
-def sample_evaluations(config, workdir: str, tokenizer):
-  """config.eval.gold == 'playground': gold reward of sampled answers to held-out prompts."""
+def sample_evaluations(config, workdir: str, tokenizer, make_reference=None):
+  """config.eval.gold == 'playground': gold reward of sampled answers to held-out prompts.
+
+  make_reference(mesh) -> reference params adds win rate and KL against that policy.
+  """
   ev = config.eval
   if not uses_playground_gold(config):
     return None
@@ -53,10 +56,12 @@ def sample_evaluations(config, workdir: str, tokenizer):
   prompts = playground.sample_prompts(config.data.playground.seed, 'eval', ev.num_prompts)
 
   def make(graphdef, mesh):
+    reference = None if make_reference is None else functools.partial(make_reference, mesh)
     return {'samples': GoldRewardOfSamples(
         prompts, tokenizer, graphdef, gold_fn=gold,
         groups=[playground.task_of(p) for p in prompts], mesh=mesh,
         rules=config.sharding_rules, batch_size=config.train.batch_size,
         max_prompt_len=config.data.max_prompt_len, max_new_tokens=ev.max_new_tokens,
-        temperature=ev.temperature, seed=config.seed, workdir=workdir)}
+        temperature=ev.temperature, seed=config.seed, workdir=workdir, reference=reference,
+        chunk_size=config.train.logprob_chunk_size)}
   return make

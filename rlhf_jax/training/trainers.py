@@ -1,9 +1,9 @@
 """The trainers by name (`config.algorithm`), and one call that runs a config in a workdir."""
 
 from rlhf_jax import parallel
-from rlhf_jax.training import loop, rm, sft
+from rlhf_jax.training import dpo, loop, rm, sft
 
-ALGORITHMS = {'sft': sft.make_algorithm, 'rm': rm.make_algorithm}
+ALGORITHMS = {'sft': sft.make_algorithm, 'rm': rm.make_algorithm, 'dpo': dpo.make_algorithm}
 
 
 def run(config, workdir: str) -> None:
