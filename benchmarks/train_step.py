@@ -2,11 +2,14 @@
 
   python benchmarks/train_step.py                       # SFT step, ~20M model, seq 512, this CPU
   python benchmarks/train_step.py --algorithm=rm        # reward-model step: [B, 2, T] pairs
+  python benchmarks/train_step.py --algorithm=dpo       # DPO step with the reference on the mesh
   python benchmarks/train_step.py --preset=gpt2 --batch_size=16 --dtype=bfloat16   # a GPU
 
 The SFT step is next-token cross-entropy through the chunked log-probs; the RM step is the
 Bradley-Terry loss on chosen and rejected sequences in one [2B, T] forward (tokens counted over
-both), with the scalar head.
+both), with the scalar head; the DPO step is the same pairs through the policy (forward and
+backward) and a frozen reference (forward only: 2·N + 4·L·T·H·Dh more FLOPs per token, so the
+model FLOPs are 4/3 of a training step's).
 
 MFU = achieved model FLOP/s / peak FLOP/s. Model FLOPs per token are PaLM's 6·N + 12·L·T·H·Dh
 (`ModelConfig.flops_per_token`, no credit for rematerialisation). Peak is measured here, in the
@@ -28,7 +31,7 @@ from rlhf_jax import parallel
 from rlhf_jax.data.synthetic import SortingTask
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.presets import get_preset
-from rlhf_jax.training import rm, sft
+from rlhf_jax.training import dpo, rm, sft
 from rlhf_jax.training.config import base_config
 from rlhf_jax.training.optimizer import make_optimizer
 from rlhf_jax.training.state import init_train_state, train_state_shardings
@@ -56,7 +59,7 @@ def peak_matmul_flops(n: int, dtype, repeats: int = 5) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--algorithm', choices=('sft', 'rm'), default='sft')
+  parser.add_argument('--algorithm', choices=('sft', 'rm', 'dpo'), default='sft')
   parser.add_argument('--preset', default='small', help='Model preset (rlhf_jax.models.presets).')
   parser.add_argument('--seq_len', type=int, default=512)
   parser.add_argument('--batch_size', type=int, default=8)
@@ -82,30 +85,39 @@ def main():
                      max_items=(args.seq_len - 3) // 2, seed=0)
   host_batch = data.batch('train', 0, range(args.batch_size))
   host_batch['loss_mask'] = host_batch['attention_mask'] = np.ones_like(host_batch['tokens'])
-  if args.algorithm == 'rm':  # Pairs: this batch as chosen, the next one as rejected.
+  frozen = frozen_shardings = None
+  flops_per_token = model_config.flops_per_token(args.seq_len)
+  if args.algorithm in ('rm', 'dpo'):  # Pairs: this batch as chosen, the next as rejected.
     rejected = data.batch('train', 1, range(args.batch_size))['tokens']
     host_batch = {k: np.stack([v, rejected if k == 'tokens' else v], axis=1)
                   for k, v in host_batch.items()}
+  if args.algorithm == 'rm':
     loss_fn = functools.partial(rm.rm_loss_fn, center_coef=0.0)
+  elif args.algorithm == 'dpo':
+    loss_fn = functools.partial(dpo.dpo_loss_fn, chunk_size=args.chunk_size,
+                                loss_options=dict(beta=0.1, loss_type='sigmoid'))
+    frozen, frozen_shardings = jax.tree.map(jnp.copy, state.params), param_shardings
+    flops_per_token *= 4 / 3  # The reference's forward pass: a third of a training step.
   else:
     loss_fn = functools.partial(sft.sft_loss_fn, normalize='token', chunk_size=args.chunk_size)
   batch = parallel.shard_batch(host_batch, mesh, rules)
   batch_shardings = {k: v.sharding for k, v in batch.items()}
   train_step = make_train_step(loss_fn, optimizer, graphdef, state_shardings=state_shardings,
-                               batch_shardings=batch_shardings, schedule=schedule)
+                               batch_shardings=batch_shardings,
+                               frozen_shardings=frozen_shardings, schedule=schedule)
 
-  state, _ = train_step(state, batch)  # Compile.
+  state, _ = train_step(state, batch, frozen)  # Compile.
   jax.block_until_ready(state)
   times = []
   for _ in range(args.steps):
     start = time.perf_counter()
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, batch, frozen)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_time = float(np.median(times))
 
   tokens_per_s = host_batch['tokens'].size / step_time
-  model_flops = model_config.flops_per_token(args.seq_len) * tokens_per_s
+  model_flops = flops_per_token * tokens_per_s
   peak = peak_matmul_flops(args.matmul_size, jnp.dtype(args.dtype))
   result = {
       'tokens_per_s': tokens_per_s,
@@ -121,7 +133,7 @@ def main():
       'dtype': args.dtype,
       'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
   }
-  pairs = ' pairs' if args.algorithm == 'rm' else ''
+  pairs = ' pairs' if args.algorithm in ('rm', 'dpo') else ''
   print(f'{args.algorithm} step, {args.preset} ({result["params_m"]:.1f}M params), batch '
         f'{args.batch_size}{pairs} x {args.seq_len} tokens, {args.dtype}, {result["device"]}')
   print(f'  step time    {step_time * 1e3:10.1f} ms (median of {args.steps})')
