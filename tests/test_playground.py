@@ -91,3 +91,22 @@ def test_playground_tokenizer_is_deterministic_and_chat_formatted(tmp_path):
                                                cache_dir=tmp_path).encode(text)
   with pytest.raises(FileNotFoundError, match='config.data.tokenizer'):
     load_tokenizer(str(tmp_path / 'nope'), cache_dir=tmp_path)
+
+
+def test_policy_pairs_keep_differing_answers_and_label_them_by_gold():
+  from rlhf_jax.data.sources import playground_rows  # pylint: disable=g-import-not-at-top
+  prompts = pg.sample_prompts(0, 'train', 8)
+
+  def answer_pairs(prompts, split):  # A policy right on even rows, twice the same on odd ones.
+    assert split == 'train'
+    best = [pg.reference(p) for p in prompts]
+    other = [b if i % 2 else pg.corrupt(p, np.random.default_rng(i)) + ' x'
+             for i, (p, b) in enumerate(zip(prompts, best))]
+    return best, other
+
+  rows = playground_rows('preference', 'train', 8, seed=0, labeler=Labeler(temperature=0.0),
+                         answer_pairs=answer_pairs)
+  assert [r['prompt'] for r in rows] == prompts[0::2]  # Identical answers are left out.
+  for row in rows:  # A noiseless labeler prefers the reference answer, whose gold is 1.
+    assert row['chosen'] == pg.reference(row['prompt']) and row['gold_chosen'] == 1.0
+    assert row['gold_rejected'] == pg.gold_reward(row['prompt'], row['rejected']) < 1.0

@@ -36,10 +36,11 @@ def make_tokenizer(config, workdir: str):
 
 
 def make_token_data(config, workdir: str, tokenizer, *, kinds: tuple[str, ...],
-                    gold=None) -> TokenData:
+                    gold=None, answer_pairs=None) -> TokenData:
   """The mixture of config.data.sources, tokenized; each source's kind must be in `kinds`.
 
-  gold: the gold reward that labels playground preference pairs (default: the program).
+  gold: the gold reward that labels playground preference pairs (default: the program);
+  answer_pairs: a policy's two answers per prompt for them (default: corruptions).
   """
   data, train = config.data, config.train
   if set(data.weights) != set(data.sources):
@@ -50,7 +51,8 @@ def make_token_data(config, workdir: str, tokenizer, *, kinds: tuple[str, ...],
   for name, spec in data.sources.items():
     kind, source_records = read_source(spec, kinds, data=data,
                                        cache_dir=os.path.join(workdir, 'data'),
-                                       key=f'config.data.sources.{name}', gold=gold)
+                                       key=f'config.data.sources.{name}', gold=gold,
+                                       answer_pairs=answer_pairs)
     encoded = encode_source(source_records, kind, tokenizer, data=data, seq_len=train.seq_len)
     for split in splits:
       splits[split][name] = encoded.examples[split]

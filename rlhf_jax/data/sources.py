@@ -44,10 +44,11 @@ def parse_spec(spec: str, key: str) -> tuple[str, str]:
 
 
 def read_source(spec: str, kinds: tuple[str, ...], *, data, cache_dir: str, key: str,
-                gold=None) -> tuple[str, dict[str, Records]]:
+                gold=None, answer_pairs=None) -> tuple[str, dict[str, Records]]:
   """(kind, records of both splits) of one source. `data` is the config's `data` entry.
 
-  gold: `gold(prompts, responses) -> rewards` that labels playground preference pairs.
+  gold: `gold(prompts, responses) -> rewards` that labels playground preference pairs;
+  answer_pairs: `(prompts, split) -> (answers, other answers)`, where they come from a policy.
 
   The kind is the playground's name for it, or read off the fields of a file's first example:
   "chosen" → preference, "text" → text, otherwise sft. It must be one of `kinds`.
@@ -64,7 +65,8 @@ def read_source(spec: str, kinds: tuple[str, ...], *, data, cache_dir: str, key:
     raise ValueError(f'{key}={spec!r} holds {kind!r} examples; this trainer reads {kinds}.')
   if scheme == 'playground':
     return kind, {split: read_jsonl(playground_file(kind, split, data.playground, cache_dir,
-                                                    gold=gold), kind) for split in SPLITS}
+                                                    gold=gold, answer_pairs=answer_pairs), kind)
+                  for split in SPLITS}
   if scheme == 'tfds':
     return kind, {split: tfds_source.tfds_records(
         location, data.tfds_splits[split], data_dir=data.tfds_data_dir, kind=kind,
@@ -109,7 +111,8 @@ def _hold_out(records: Records, fraction: float, *, seed: int, key: str) -> dict
           'eval': split(lambda i: i in eval_rows)}
 
 
-def playground_file(kind: str, split: str, p, cache_dir: str, *, gold=None) -> str:
+def playground_file(kind: str, split: str, p, cache_dir: str, *, gold=None,
+                    answer_pairs=None) -> str:
   """Writes the playground's `kind` examples of `split` once; returns the path.
 
   p: the config's `data.playground` entry. Each process writes a file of its own and renames
@@ -118,11 +121,12 @@ def playground_file(kind: str, split: str, p, cache_dir: str, *, gold=None) -> s
   size = p.train_size if split == 'train' else p.eval_size
   name = f'playground-{kind}-{split}-n{size}-seed{p.seed}'
   if kind == 'preference':
-    name += f'-T{p.label_temperature}-len{p.length_bias}-gold-{_slug(p.gold)}'
+    name += (f'-T{p.label_temperature}-len{p.length_bias}-gold-{_slug(p.gold)}'
+             f'-pairs-{_slug(p.pairs)}')
   path = os.path.join(cache_dir, name + '.jsonl')
   if not os.path.exists(path):
     os.makedirs(cache_dir, exist_ok=True)
-    rows = playground_rows(kind, split, size, seed=p.seed, gold=gold,
+    rows = playground_rows(kind, split, size, seed=p.seed, gold=gold, answer_pairs=answer_pairs,
                            labeler=Labeler(p.label_temperature, p.length_bias))
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w') as f:
@@ -136,10 +140,13 @@ def _slug(text: str) -> str:
 
 
 def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labeler,
-                    gold=None) -> list:
+                    gold=None, answer_pairs=None) -> list:
   """The JSON objects of a playground file; preference rows also keep their gold rewards.
 
-  gold(prompts, responses) -> rewards labels the pairs (default: the playground's program).
+  Preference pairs are two corruptions of the best answer, or with `answer_pairs(prompts,
+  split)` two answers of a policy; pairs whose answers are the same are redrawn
+  (corruptions) or left out (a policy's). gold(prompts, responses) -> rewards labels them
+  (default: the playground's program).
   """
   if kind == 'text':
     rng = np.random.default_rng([seed, playground.SPLITS[split], 9])
@@ -148,12 +155,12 @@ def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labele
   if kind == 'sft':
     return [{'prompt': p, 'response': playground.reference(p)} for p in prompts]
   rngs = [np.random.default_rng([seed, playground.SPLITS[split], i, 3]) for i in range(n)]
-  pairs = []
-  for prompt, rng in zip(prompts, rngs):
-    a, b = playground.corrupt(prompt, rng), playground.corrupt(prompt, rng)
-    while a == b:  # A pair must differ; redraw the second answer.
-      b = playground.corrupt(prompt, rng)
-    pairs.append((a, b))
+  if answer_pairs is None:
+    pairs = [_corruption_pair(prompt, rng) for prompt, rng in zip(prompts, rngs)]
+  else:
+    pairs = list(zip(*answer_pairs(prompts, split)))
+    kept = [i for i, (a, b) in enumerate(pairs) if a != b]
+    prompts, pairs, rngs = ([xs[i] for i in kept] for xs in (prompts, pairs, rngs))
   gold = gold or program_gold
   gold_a, gold_b = (gold(prompts, [pair[j] for pair in pairs]) for j in (0, 1))
   rows = []
@@ -164,6 +171,13 @@ def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labele
                  'gold_chosen': float(g_c), 'gold_rejected': float(g_r),
                  'p_chosen': float(p_a if a_wins else 1 - p_a)})
   return rows
+
+
+def _corruption_pair(prompt: str, rng: np.random.Generator) -> tuple[str, str]:
+  a, b = playground.corrupt(prompt, rng), playground.corrupt(prompt, rng)
+  while a == b:  # A pair must differ; redraw the second answer.
+    b = playground.corrupt(prompt, rng)
+  return a, b
 
 
 def program_gold(prompts, responses) -> np.ndarray:

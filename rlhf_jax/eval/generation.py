@@ -17,24 +17,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rlhf_jax.data.encoding import encode_prompt
-from rlhf_jax.data.records import Message
-from rlhf_jax.eval.batched import map_batches
-from rlhf_jax.sampling import make_sampler
+from rlhf_jax.parallel import map_batches
+from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.training.scoring import sequence_logps
-
-
-def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int):
-  """(tokens [N, length], mask [N, length]) with each sequence at the right end."""
-  tokens = np.full((len(sequences), length), pad_id, np.int32)
-  mask = np.zeros((len(sequences), length), np.int32)
-  for i, ids in enumerate(sequences):
-    if len(ids) > length:
-      raise ValueError(f'A prompt of {len(ids)} tokens exceeds config.data.max_prompt_len='
-                       f'{length}.')
-    tokens[i, length - len(ids):] = ids
-    mask[i, length - len(ids):] = 1
-  return tokens, mask
 
 
 class GoldRewardOfSamples:
@@ -56,64 +41,46 @@ class GoldRewardOfSamples:
     self.groups = list(groups) if groups is not None else None
     self.mesh, self.rules, self.batch_size, self.seed = mesh, rules, batch_size, seed
     self.workdir, self.reference = workdir, reference
-    ids = [encode_prompt(tokenizer, (Message('user', p),)) for p in self.prompts]
-    self.tokens, self.mask = left_pad(ids, max_prompt_len, tokenizer.pad_token_id)
-    sampler = make_sampler(graphdef, max_new_tokens=max_new_tokens,
-                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                           temperature=temperature)
-
-    def generate(params, batch):
-      rng = jax.random.fold_in(jax.random.key(self.seed), batch['row'][0])
-      out = sampler(params, batch['tokens'], batch['mask'], rng)
-      return out.tokens_BxN, out.mask_BxN
+    self.sampler = TextSampler(tokenizer, graphdef, mesh=mesh, rules=rules,
+                               batch_size=batch_size, max_prompt_len=max_prompt_len,
+                               max_new_tokens=max_new_tokens, temperature=temperature)
 
     def logps(params, batch):
       return sequence_logps(nnx.merge(graphdef, params), batch['tokens'],
                             batch['attention_mask'], batch['loss_mask'],
                             chunk_size=chunk_size)[0]
 
-    self._generate, self._logps = jax.jit(generate), jax.jit(logps)
+    self._logps = jax.jit(logps)
     self._reference_gold = None  # Gold of the reference's samples: fixed, computed once.
 
-  def _map(self, fn, params, arrays):
-    return map_batches(functools.partial(fn, params), arrays, batch_size=self.batch_size,
-                       mesh=self.mesh, rules=self.rules)
-
   def _sample(self, params):
-    """(responses, gold [N], generated tokens [N, M], their mask [N, M])."""
-    rows = np.arange(len(self.prompts), dtype=np.int32)
-    tokens, mask = self._map(self._generate, params,
-                             {'tokens': self.tokens, 'mask': self.mask, 'row': rows})
-    responses = [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-                 for t, m in zip(tokens, mask)]
-    return responses, np.asarray(self.gold_fn(self.prompts, responses), np.float64), tokens, mask
+    """(samples, their gold rewards [N])."""
+    samples = self.sampler(params, self.prompts, seed=self.seed)
+    return samples, np.asarray(self.gold_fn(self.prompts, samples.responses), np.float64)
 
   def __call__(self, params, step: int) -> dict[str, float]:
     """Same prompts and keys at every evaluation, so only the policy's change shows."""
-    responses, gold, tokens, mask = self._sample(params)
-    metrics = {'gold_reward': gold.mean(), 'response_tokens': mask.sum(-1).mean(),
-               'ended_with_eos': (tokens == self.tokenizer.eos_token_id).any(-1).mean()}
+    samples, gold = self._sample(params)
+    metrics = {'gold_reward': gold.mean(), 'response_tokens': samples.mask.sum(-1).mean(),
+               'ended_with_eos': (samples.tokens == self.tokenizer.eos_token_id).any(-1).mean()}
     if self.groups is not None:
       by_group = collections.defaultdict(list)
       for group, g in zip(self.groups, gold):
         by_group[group].append(g)
       metrics |= {f'gold_reward/{k}': float(np.mean(v)) for k, v in sorted(by_group.items())}
     if self.reference is not None:
-      metrics |= self._against_reference(params, gold, tokens, mask)
-    self._write_samples(step, responses, gold)
+      metrics |= self._against_reference(params, samples, gold)
+    self._write_samples(step, samples.responses, gold)
     return metrics
 
-  def _against_reference(self, params, gold, tokens, mask) -> dict[str, float]:
+  def _against_reference(self, params, samples, gold) -> dict[str, float]:
     reference = self.reference()
     if self._reference_gold is None:
       self._reference_gold = self._sample(reference)[1]
-    sequences = {'tokens': np.concatenate([self.tokens, tokens], axis=1),
-                 'attention_mask': np.concatenate([self.mask, mask], axis=1),
-                 'loss_mask': np.concatenate([np.zeros_like(self.mask), mask], axis=1)}
-    log_ratio = self._map(self._logps, params, sequences) - self._map(self._logps, reference,
-                                                                       sequences)
+    score = lambda p: map_batches(functools.partial(self._logps, p), samples.sequences(),
+                                  batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
     wins = (gold > self._reference_gold) + 0.5 * (gold == self._reference_gold)
-    return {'win_rate': wins.mean(), 'kl': log_ratio.mean()}
+    return {'win_rate': wins.mean(), 'kl': (score(params) - score(reference)).mean()}
 
   def _write_samples(self, step, responses, gold):
     if self.workdir is None or jax.process_index() != 0:

@@ -23,7 +23,7 @@ from rlhf_jax import parallel
 from rlhf_jax.data.batching import pad_rows
 from rlhf_jax.data.encoding import encode_sft
 from rlhf_jax.data.records import Message, Origin, SFTRecord
-from rlhf_jax.eval.batched import map_batches
+from rlhf_jax.parallel import map_batches
 from rlhf_jax.models import ModelConfig, Transformer, load_hf, read_hf_config
 from rlhf_jax.training.scoring import sequence_rewards
 

@@ -130,7 +130,11 @@ def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
       'playground': {'seed': 0, 'train_size': 20000, 'eval_size': 512,
                      'label_temperature': 0.1, 'length_bias': 0.0,
                      # 'program' | 'teacher:random' | 'teacher:<HF reward model dir>'
-                     'gold': 'program', 'teacher_preset': 'playground-teacher'},
+                     'gold': 'program', 'teacher_preset': 'playground-teacher',
+                     # Preference pairs: 'corruptions' of the best answer, two samples of
+                     # 'policy' (the run's initial model, config.model.hf_path) or of the
+                     # policy in an HF directory.
+                     'pairs': 'corruptions'},
   })
 
 

@@ -20,12 +20,13 @@ from flax import nnx
 
 from rlhf_jax.data.batching import pad_pairs
 from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
-from rlhf_jax.eval.batched import map_batches
+from rlhf_jax.parallel import map_batches
 from rlhf_jax.eval.gold import make_gold, uses_playground_gold
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.losses.dpo import LOSS_TYPES, REFERENCE_FREE, VARIANT_ARGS
 from rlhf_jax.training import loop
 from rlhf_jax.training.algorithm import Algorithm
+from rlhf_jax.training.pairs import make_answer_pairs
 from rlhf_jax.training.scoring import sequence_logps
 from rlhf_jax.training.sft import sample_evaluations
 
@@ -71,7 +72,8 @@ def make_algorithm(config, workdir: str) -> Algorithm:
                      f'{config.model.head!r}.')
   tokenizer = make_tokenizer(config, workdir)
   gold = make_gold(config, tokenizer) if uses_playground_gold(config) else None
-  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold)
+  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold,
+                         answer_pairs=make_answer_pairs(config, tokenizer))
   chunk_size = config.train.logprob_chunk_size
   loss_fn = functools.partial(dpo_loss_fn, loss_options=loss_options(config.loss),
                               chunk_size=chunk_size)

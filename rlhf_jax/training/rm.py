@@ -16,6 +16,7 @@ from rlhf_jax.eval.gold import make_gold, uses_playground_gold
 from rlhf_jax.eval.pairs import PairEvaluation
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.training.algorithm import Algorithm
+from rlhf_jax.training.pairs import make_answer_pairs
 from rlhf_jax.training.scoring import sequence_rewards
 
 
@@ -39,7 +40,8 @@ def make_algorithm(config, workdir: str) -> Algorithm:
                      f'{config.model.head!r}.')
   tokenizer = make_tokenizer(config, workdir)
   gold = make_gold(config, tokenizer) if uses_playground_gold(config) else None
-  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold)
+  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold,
+                         answer_pairs=make_answer_pairs(config, tokenizer))
   loss_fn = functools.partial(rm_loss_fn, center_coef=config.loss.center_coef)
   return Algorithm(loss_fn=loss_fn, data=data, tokenizer=tokenizer, data_stats=data.stats,
                    make_evaluations=pair_evaluations(config, workdir, data, gold))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rlhf_jax import parallel
+from rlhf_jax.parallel.sharding import shard_batch
 
 
 def map_batches(fn: Callable, arrays: Mapping[str, np.ndarray], *, batch_size: int, mesh,
@@ -26,6 +26,6 @@ def map_batches(fn: Callable, arrays: Mapping[str, np.ndarray], *, batch_size: i
   for start in range(0, n, batch_size):
     rows = np.minimum(np.arange(start, start + batch_size), n - 1)
     local = rows[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-    batch = parallel.shard_batch({k: v[local] for k, v in arrays.items()}, mesh, rules)
+    batch = shard_batch({k: v[local] for k, v in arrays.items()}, mesh, rules)
     outputs.append(multihost_utils.process_allgather(fn(batch), tiled=True))
   return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outputs)
