@@ -11,7 +11,10 @@ loss_type: sigmoid (DPO; label_smoothing = cDPO), robust, ipo, hinge, simpo, len
 rdpo, orpo (rlhf_jax/losses/dpo.py). `--config.loss.precompute_ref=True` computes the
 reference log-probs once, before training, instead of keeping the reference on the mesh. The
 eval reports the gold reward of sampled answers, the gold win rate against the reference's
-answers and the KL to the reference, at step 0 and after.
+answers and the KL to the reference, at step 0 and after. Playground pairs are two samples of
+the SFT model per prompt (pairs with the same answer twice are left out), labelled by the
+simulated labelers; `--config.data.playground.pairs=corruptions` uses graded corruptions of
+the best answer instead.
 """
 
 import ml_collections
@@ -40,5 +43,8 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       'gamma': 0.5,  # simpo: target reward margin γ (Meng 2024).
   })
   c.data = data_config({'pairs': 'playground:preference'})
+  # As in the DPO paper: pairs are two samples of the SFT model, labelled by the labelers.
+  c.data.playground.pairs = 'policy'
+  c.data.playground.train_size = 12000
   c.eval = sample_eval_config()
   return c

@@ -344,7 +344,10 @@ def test_dpo_precomputed_reference_gives_the_on_the_fly_trace(sft_run, env, tmp_
   assert on_the_fly[-1]['rewards/margins'] > 0  # The policy moved toward the chosen answers.
 
   stored = np.load(workdirs['precomputed'] / 'reference_logps.npz')
-  assert stored['train'].shape == (200, 2) and stored['eval'].shape == (32, 2)
+  for split in ('train', 'eval'):  # One pair per line of the playground's file of the split.
+    pairs_file, = (workdirs['precomputed'] / 'data').glob(f'*preference-{split}*.jsonl')
+    assert stored[split].shape == (len(read_jsonl(pairs_file)), 2)
+  assert len(stored['train']) > 100  # Two samples of the SFT model mostly differ.
   assert (stored['train'] < 0).all()  # Log-probs of whole responses.
   assert not (workdirs['on_the_fly'] / 'reference_logps.npz').exists()
 

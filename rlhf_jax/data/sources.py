@@ -145,7 +145,7 @@ def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labele
 
   Preference pairs are two corruptions of the best answer, or with `answer_pairs(prompts,
   split)` two answers of a policy; pairs whose answers are the same are redrawn
-  (corruptions) or left out (a policy's). gold(prompts, responses) -> rewards labels them
+  (corruptions) or left out (a policy's, as are pairs with an empty answer). gold(prompts, responses) -> rewards labels them
   (default: the playground's program).
   """
   if kind == 'text':
@@ -159,7 +159,7 @@ def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labele
     pairs = [_corruption_pair(prompt, rng) for prompt, rng in zip(prompts, rngs)]
   else:
     pairs = list(zip(*answer_pairs(prompts, split)))
-    kept = [i for i, (a, b) in enumerate(pairs) if a != b]
+    kept = [i for i, (a, b) in enumerate(pairs) if a != b and a.strip() and b.strip()]
     prompts, pairs, rngs = ([xs[i] for i in kept] for xs in (prompts, pairs, rngs))
   gold = gold or program_gold
   gold_a, gold_b = (gold(prompts, [pair[j] for pair in pairs]) for j in (0, 1))
