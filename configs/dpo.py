@@ -22,9 +22,10 @@ import ml_collections
 from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
-    'tiny': dict(model='playground', steps=300, batch_size=32, seq_len=48, lr=1e-4),
-    'small': dict(model='small', steps=2000, batch_size=64, seq_len=512, lr=5e-6),
-    'llama-1b': dict(model='llama-1b', steps=2000, batch_size=128, seq_len=2048, lr=5e-7),
+    'tiny': dict(model='playground', steps=300, batch_size=32, seq_len=48, lr=3e-5, beta=0.3),
+    'small': dict(model='small', steps=2000, batch_size=64, seq_len=512, lr=5e-6, beta=0.1),
+    'llama-1b': dict(model='llama-1b', steps=2000, batch_size=128, seq_len=2048, lr=5e-7,
+                     beta=0.1),
 }
 
 
@@ -36,7 +37,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.0
   c.loss = ml_collections.ConfigDict({
       'loss_type': 'sigmoid',
-      'beta': 0.1,
+      'beta': PRESETS[preset]['beta'],
       'label_smoothing': 0.0,
       'precompute_ref': False,
       'alpha': 0.0,  # rdpo: length regulariser α (Park 2024).
@@ -46,5 +47,5 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   # As in the DPO paper: pairs are two samples of the SFT model, labelled by the labelers.
   c.data.playground.pairs = 'policy'
   c.data.playground.train_size = 12000
-  c.eval = sample_eval_config()
+  c.eval = sample_eval_config(num_prompts=512)
   return c
