@@ -19,14 +19,12 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.data.batching import pad_pairs
-from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
 from rlhf_jax.parallel import map_batches
-from rlhf_jax.eval.gold import make_gold, uses_playground_gold
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.losses.dpo import LOSS_TYPES, REFERENCE_FREE, VARIANT_ARGS
 from rlhf_jax.training import loop
 from rlhf_jax.training.algorithm import Algorithm
-from rlhf_jax.training.pairs import make_answer_pairs
+from rlhf_jax.training.pairs import preference_data
 from rlhf_jax.training.scoring import sequence_logps
 from rlhf_jax.training.sft import sample_evaluations
 
@@ -70,10 +68,7 @@ def make_algorithm(config, workdir: str) -> Algorithm:
   if config.model.head != 'lm':
     raise ValueError(f'DPO trains a policy: config.model.head must be "lm", got '
                      f'{config.model.head!r}.')
-  tokenizer = make_tokenizer(config, workdir)
-  gold = make_gold(config, tokenizer) if uses_playground_gold(config) else None
-  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold,
-                         answer_pairs=make_answer_pairs(config, tokenizer))
+  tokenizer, gold, data = preference_data(config, workdir)
   chunk_size = config.train.logprob_chunk_size
   loss_fn = functools.partial(dpo_loss_fn, loss_options=loss_options(config.loss),
                               chunk_size=chunk_size)
@@ -82,7 +77,7 @@ def make_algorithm(config, workdir: str) -> Algorithm:
   precompute = needs_reference and config.loss.precompute_ref
   return Algorithm(
       loss_fn=loss_fn, data=data, tokenizer=tokenizer, data_stats=data.stats,
-      make_evaluations=sample_evaluations(config, workdir, tokenizer,
+      make_evaluations=sample_evaluations(config, workdir, tokenizer, gold=gold,
                                           make_reference=lambda mesh: reference(mesh)[0]),
       make_frozen=reference if needs_reference and not precompute else None,
       prepare=(functools.partial(attach_reference_logps, config, workdir, data)

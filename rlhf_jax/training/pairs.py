@@ -1,4 +1,4 @@
-"""Preference pairs from a policy's own answers, as InstructGPT and DPO collect them.
+"""Preference data of the pair trainers (RM, DPO), and pairs from a policy's own answers.
 
 `config.data.playground.pairs` = 'policy' samples two answers per prompt from the run's initial
 model (`config.model.hf_path`, read as a causal LM even when the run trains a reward model);
@@ -10,8 +10,19 @@ import ml_collections
 
 from rlhf_jax import parallel
 from rlhf_jax.data import playground
+from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
+from rlhf_jax.eval.gold import make_gold, uses_playground_gold
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.training import loop
+
+
+def preference_data(config, workdir: str):
+  """(tokenizer, gold reward or None, the pairs' TokenData) of a reward-model or DPO run."""
+  tokenizer = make_tokenizer(config, workdir)
+  gold = make_gold(config, tokenizer) if uses_playground_gold(config) else None
+  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold,
+                         answer_pairs=make_answer_pairs(config, tokenizer))
+  return tokenizer, gold, data
 
 
 def make_answer_pairs(config, tokenizer):

@@ -11,12 +11,10 @@ import numpy as np
 
 from rlhf_jax.data import playground
 from rlhf_jax.data.labelers import Labeler
-from rlhf_jax.data.pipeline import make_token_data, make_tokenizer
-from rlhf_jax.eval.gold import make_gold, uses_playground_gold
 from rlhf_jax.eval.pairs import PairEvaluation
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.training.algorithm import Algorithm
-from rlhf_jax.training.pairs import make_answer_pairs
+from rlhf_jax.training.pairs import preference_data
 from rlhf_jax.training.scoring import sequence_rewards
 
 
@@ -38,10 +36,7 @@ def make_algorithm(config, workdir: str) -> Algorithm:
   if config.model.head != 'scalar':
     raise ValueError(f'A reward model needs config.model.head="scalar", got '
                      f'{config.model.head!r}.')
-  tokenizer = make_tokenizer(config, workdir)
-  gold = make_gold(config, tokenizer) if uses_playground_gold(config) else None
-  data = make_token_data(config, workdir, tokenizer, kinds=('preference',), gold=gold,
-                         answer_pairs=make_answer_pairs(config, tokenizer))
+  tokenizer, gold, data = preference_data(config, workdir)
   loss_fn = functools.partial(rm_loss_fn, center_coef=config.loss.center_coef)
   return Algorithm(loss_fn=loss_fn, data=data, tokenizer=tokenizer, data_stats=data.stats,
                    make_evaluations=pair_evaluations(config, workdir, data, gold))

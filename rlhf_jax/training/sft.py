@@ -44,15 +44,16 @@ def make_algorithm(config, workdir: str) -> Algorithm:
                    make_evaluations=sample_evaluations(config, workdir, tokenizer))
 
 
-def sample_evaluations(config, workdir: str, tokenizer, make_reference=None):
+def sample_evaluations(config, workdir: str, tokenizer, make_reference=None, gold=None):
   """config.eval.gold == 'playground': gold reward of sampled answers to held-out prompts.
 
-  make_reference(mesh) -> reference params adds win rate and KL against that policy.
+  make_reference(mesh) -> reference params adds win rate and KL against that policy; gold is
+  the run's gold reward where it already has one.
   """
   ev = config.eval
   if not uses_playground_gold(config):
     return None
-  gold = make_gold(config, tokenizer)
+  gold = gold or make_gold(config, tokenizer)
   prompts = playground.sample_prompts(config.data.playground.seed, 'eval', ev.num_prompts)
 
   def make(graphdef, mesh):
