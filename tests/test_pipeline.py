@@ -356,3 +356,26 @@ def test_dpo_precomputed_reference_gives_the_on_the_fly_trace(sft_run, env, tmp_
   assert start_eval['eval/samples/kl'] == pytest.approx(0.0, abs=1e-5)
   simpo = train_records(metrics['simpo'])
   assert len(simpo) == STEPS and all(math.isfinite(m['loss']) for m in simpo)
+
+
+def test_best_of_n_of_the_sft_policy_under_a_reward_model(sft_run, env, tmp_path):
+  """configs/bon.py: n answers of the SFT export, chosen by a (random) reward model."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.models import ModelConfig, Transformer, save_hf  # pylint: disable=g-import-not-at-top
+  reward_model = Transformer(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2,
+                                         n_kv_heads=1, d_ff=64, head='scalar'),
+                             rngs=nnx.Rngs(1))
+  save_hf(reward_model, tmp_path / 'rm')
+  workdir = tmp_path / 'bon'
+  finish(start(env, workdir, 'bon.py:tiny', f'--config.model.hf_path={sft_run / "hf"}',
+               f'--config.bon.reward_model={tmp_path / "rm"}', '--config.bon.n_max=4',
+               '--config.bon.num_prompts=8', '--config.eval.max_new_tokens=8',
+               '--config.data.tokenizer=', '--config.train.batch_size=8'))
+  records = read_jsonl(workdir / 'best_of_n.jsonl')
+  assert [r['n'] for r in records] == [1, 2, 4]
+  assert [r['kl'] for r in records] == pytest.approx([0.0, math.log(2) - 0.5,
+                                                      math.log(4) - 0.75])
+  proxy = [r['proxy_reward'] for r in records]
+  assert proxy[0] < proxy[1] <= proxy[2]  # The best of a growing set, by the proxy.
+  assert all(0.0 <= r['gold_reward'] <= 1.0 for r in records)
+  assert (workdir / 'best_of_n.png').read_bytes()[:4] == b'\x89PNG'

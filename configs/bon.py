@@ -1,0 +1,25 @@
+"""Best-of-n: a policy's n answers per prompt, the best under a reward model, judged by gold.
+
+  python -m rlhf_jax.main --config=configs/bon.py:tiny --workdir=runs/bon \
+      --config.model.hf_path=runs/sft150/hf --config.bon.reward_model=runs/rm/hf
+
+Writes <workdir>/best_of_n.jsonl (per n = 1, 2, 4, …, n_max: KL_bon = log n − (n−1)/n, the proxy
+and gold rewards of the chosen answers) and best_of_n.png.
+"""
+
+import ml_collections
+
+from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
+
+PRESETS = {
+    'tiny': dict(model='playground', steps=0, batch_size=32, seq_len=48, lr=0.0),
+}
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  c = preset_config(PRESETS, preset, 'configs/bon.py')
+  c.algorithm = 'bon'
+  c.data = data_config({})
+  c.eval = sample_eval_config()
+  c.bon = ml_collections.ConfigDict({'reward_model': '', 'n_max': 16, 'num_prompts': 256})
+  return c

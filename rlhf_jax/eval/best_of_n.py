@@ -1,0 +1,103 @@
+"""Best-of-n (rejection sampling): n answers per prompt, the proxy reward model keeps the best.
+
+The policy after best-of-n differs from the sampled one by (Stiennon et al. 2020, Appendix G;
+Gao et al. 2022, who measure overoptimization against d = √KL):
+
+    KL_bon(n) = log n − (n − 1) / n
+
+`run(config, workdir)` samples n_max answers per held-out prompt once; best-of-n for every
+n = 1, 2, 4, … ≤ n_max chooses among the first n of them, so the curves over n share their
+samples. It writes `<workdir>/best_of_n.jsonl`: per n, KL_bon, the proxy and gold rewards of the
+chosen answers, and `<workdir>/best_of_n.png`.
+"""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from rlhf_jax import parallel
+from rlhf_jax.data import playground
+from rlhf_jax.data.pipeline import make_tokenizer
+from rlhf_jax.eval.gold import make_gold
+from rlhf_jax.eval.teacher import TeacherReward
+from rlhf_jax.sampling.text import TextSampler
+from rlhf_jax.training import loop
+
+
+def kl_best_of_n(n: int) -> float:
+  """KL(π_bon ‖ π) = log n − (n − 1)/n."""
+  return math.log(n) - (n - 1) / n
+
+
+def best_of_n(proxy_NxK, n: int) -> np.ndarray:
+  """Index [N] of the answer with the highest proxy reward among each row's first n."""
+  if not 1 <= n <= proxy_NxK.shape[1]:
+    raise ValueError(f'n={n} must lie in [1, {proxy_NxK.shape[1]}] (the answers sampled).')
+  return np.argmax(proxy_NxK[:, :n], axis=1)
+
+
+def curve(proxy_NxK, gold_NxK, ns) -> list[dict]:
+  """Per n: KL_bon, d = √KL_bon and the mean proxy and gold reward of the chosen answers."""
+  rows = np.arange(len(proxy_NxK))
+  records = []
+  for n in ns:
+    chosen = best_of_n(proxy_NxK, n)
+    kl = kl_best_of_n(n)
+    records.append({'n': n, 'kl': kl, 'd': math.sqrt(kl),
+                    'proxy_reward': float(proxy_NxK[rows, chosen].mean()),
+                    'gold_reward': float(gold_NxK[rows, chosen].mean())})
+  return records
+
+
+def run(config, workdir: str) -> list[dict]:
+  """Best-of-n of the policy config.model.hf_path under the reward model config.bon.reward_model."""
+  bon = config.bon
+  if not config.model.hf_path or not bon.reward_model:
+    raise ValueError('Best-of-n needs a policy (config.model.hf_path) and a reward model '
+                     '(config.bon.reward_model), both Hugging Face directories.')
+  ns = [2**i for i in range(int(math.log2(bon.n_max)) + 1)]
+  tokenizer = make_tokenizer(config, workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  graphdef, params, _ = loop.build_model(config, mesh)
+  options = dict(mesh=mesh, rules=config.sharding_rules, batch_size=config.train.batch_size,
+                 max_prompt_len=config.data.max_prompt_len)
+  sampler = TextSampler(tokenizer, graphdef, max_new_tokens=config.eval.max_new_tokens,
+                        temperature=config.eval.temperature, **options)
+  proxy = TeacherReward.from_hf(bon.reward_model, tokenizer, seq_len=config.train.seq_len,
+                                **options)
+  gold = make_gold(config, tokenizer)
+  prompts = playground.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)
+  answers = [sampler(params, prompts, seed=config.seed + k).responses for k in range(ns[-1])]
+  proxy_NxK, gold_NxK = (np.stack([score(prompts, a) for a in answers], axis=1)
+                         for score in (proxy, gold))
+  records = curve(proxy_NxK, gold_NxK, ns)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'best_of_n.jsonl'), 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records)
+    plot(records, os.path.join(workdir, 'best_of_n.png'))
+  return records
+
+
+def plot(records, path: str) -> None:
+  """Gold and proxy reward of the chosen answers against d = √KL_bon."""
+  figure = Figure(figsize=(5, 3.5), dpi=100)
+  FigureCanvasAgg(figure)
+  gold_axes = figure.add_subplot()
+  proxy_axes = gold_axes.twinx()  # The reward model's scale is its own.
+  d = [r['d'] for r in records]
+  gold_axes.plot(d, [r['gold_reward'] for r in records], 'o-', color='C0')
+  proxy_axes.plot(d, [r['proxy_reward'] for r in records], 's--', color='C1')
+  for r in records:
+    gold_axes.annotate(f"n={r['n']}", (r['d'], r['gold_reward']), fontsize=7,
+                       textcoords='offset points', xytext=(2, -10))
+  gold_axes.set_xlabel('d = √KL(best-of-n ‖ policy)')
+  gold_axes.set_ylabel('gold reward (circles)', color='C0')
+  proxy_axes.set_ylabel('proxy reward (squares)', color='C1')
+  figure.tight_layout()
+  figure.savefig(path)
