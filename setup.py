@@ -16,6 +16,7 @@ setuptools.setup(
         'transformers>=5.0',
         'safetensors>=0.6',
         'tokenizers>=0.22',
+        'jinja2>=3.1',  # transformers' chat templates (transformers does not require it).
         'ml-collections>=1.1.0',
         'absl-py>=2.1',
         'tensorflow-datasets>=4.9.10',
