@@ -14,7 +14,6 @@ The last line printed is one JSON object for scripts.
 import argparse
 import json
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -25,16 +24,7 @@ from flax import nnx
 from rlhf_jax.models import Transformer, save_hf
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.sampling import make_sampler
-
-
-def best_time(fn, repeats: int) -> float:
-  fn()  # Compile / warm up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+from train_step import time_fn  # Same folder: the benchmarks' one timer.
 
 
 def main():
@@ -54,8 +44,8 @@ def main():
   mask = np.ones_like(prompts)
   # eos_id -1: no token ends a row, so both generate exactly new_tokens tokens.
   sampler = make_sampler(graphdef, max_new_tokens=args.new_tokens, eos_id=-1, pad_id=0)
-  ours = best_time(lambda: jax.block_until_ready(
-      sampler(params, prompts, mask, jax.random.key(0)).tokens_BxN), args.repeats)
+  ours = time_fn(lambda: sampler(params, prompts, mask, jax.random.key(0)).tokens_BxN,
+                 repeats=args.repeats)
 
   with tempfile.TemporaryDirectory() as directory:
     save_hf(model, directory)
@@ -68,7 +58,7 @@ def main():
                         do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                         pad_token_id=0)
-  theirs = best_time(hf_generate, args.repeats)
+  theirs = time_fn(hf_generate, repeats=args.repeats)
 
   generated = args.batch_size * args.new_tokens
   result = {'ours_tokens_per_s': generated / ours, 'transformers_tokens_per_s': generated / theirs,
