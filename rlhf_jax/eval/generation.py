@@ -25,6 +25,8 @@ from rlhf_jax.training.scoring import sequence_logps
 class GoldRewardOfSamples:
   """Callable `(params, step) -> metrics`: samples answers and scores them with the gold.
 
+  With `proxy_fn` (a reward model's `proxy(prompts, responses)`), it also reports the mean
+  'proxy_reward' of the same answers, the reward that RL optimises next to the gold.
   With `reference` (a function returning the parameters of a reference policy of the same
   architecture, e.g. the SFT model), it also reports
     win_rate = mean_x [1(g(x, y) > g(x, y_ref)) + ½·1(g(x, y) = g(x, y_ref))],
@@ -36,8 +38,10 @@ class GoldRewardOfSamples:
   def __init__(self, prompts: Sequence[str], tokenizer, graphdef, *, gold_fn: Callable,
                groups: Sequence[str] | None, mesh, rules, batch_size: int, max_prompt_len: int,
                max_new_tokens: int, temperature: float, seed: int, workdir: str | None,
-               reference: Callable[[], object] | None = None, chunk_size: int = 256):
+               reference: Callable[[], object] | None = None, chunk_size: int = 256,
+               proxy_fn: Callable | None = None):
     self.prompts, self.tokenizer, self.gold_fn = list(prompts), tokenizer, gold_fn
+    self.proxy_fn = proxy_fn
     self.groups = list(groups) if groups is not None else None
     self.mesh, self.rules, self.batch_size, self.seed = mesh, rules, batch_size, seed
     self.workdir, self.reference = workdir, reference
@@ -63,6 +67,8 @@ class GoldRewardOfSamples:
     samples, gold = self._sample(params)
     metrics = {'gold_reward': gold.mean(), 'response_tokens': samples.mask.sum(-1).mean(),
                'ended_with_eos': (samples.tokens == self.tokenizer.eos_token_id).any(-1).mean()}
+    if self.proxy_fn is not None:
+      metrics['proxy_reward'] = float(np.mean(self.proxy_fn(self.prompts, samples.responses)))
     if self.groups is not None:
       by_group = collections.defaultdict(list)
       for group, g in zip(self.groups, gold):

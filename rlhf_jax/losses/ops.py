@@ -15,8 +15,12 @@ def masked_mean(x, mask, axis=None):
   return masked_sum(x, mask, axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1)
 
 
-def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: int = 256):
+def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: int = 256,
+                   temperature: float = 1.0):
   """log π(target_t | context) [B, T] in float32, without holding [B, T, V] logits.
+
+  With `temperature` T the distribution is softmax(logits / T), the one a sampler at T draws
+  from (PPO scores its samples under the policy they came from).
 
   The sequence is cut into chunks of `chunk_size` positions; each chunk's logits are made,
   reduced to log-softmax at the targets and dropped, and recomputed in the backward pass
@@ -35,6 +39,8 @@ def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: in
   def chunk_logprobs(h_BxCxD, y_BxC):
     logits = jnp.dot(h_BxCxD, unembedding_DxV.astype(h_BxCxD.dtype),
                      preferred_element_type=jnp.float32)
+    if temperature != 1.0:
+      logits = logits / temperature
     target_logits = jnp.take_along_axis(logits, y_BxC[..., None], axis=-1)[..., 0]
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 

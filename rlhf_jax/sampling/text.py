@@ -30,6 +30,13 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int):
   return tokens, mask
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_len: int):
+  """(tokens [N, max_prompt_len], mask): each prompt one user message through the chat
+  template, left-padded."""
+  ids = [encode_prompt(tokenizer, (Message('user', p),)) for p in prompts]
+  return left_pad(ids, max_prompt_len, tokenizer.pad_token_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSamples:
   responses: list[str]
@@ -63,12 +70,8 @@ class TextSampler:
 
     self._generate = jax.jit(generate)
 
-  def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    ids = [encode_prompt(self.tokenizer, (Message('user', p),)) for p in prompts]
-    return left_pad(ids, self.max_prompt_len, self.tokenizer.pad_token_id)
-
   def __call__(self, params, prompts: Sequence[str], *, seed: int) -> TextSamples:
-    prompt_tokens, prompt_mask = self.encode(prompts)
+    prompt_tokens, prompt_mask = encode_prompts(self.tokenizer, prompts, self.max_prompt_len)
     n = len(prompts)
     tokens, mask = map_batches(
         lambda batch: self._generate(params, batch),

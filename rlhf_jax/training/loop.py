@@ -34,18 +34,23 @@ def build_model(config, mesh):
   except the numerics: dtype, param_dtype, remat and head).
   """
   model = config.model
-  rules = config.sharding_rules
   if model.hf_path:
-    cfg = read_hf_config(model.hf_path, head=model.head)
-    abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    shardings = parallel.state_shardings(abstract_state, mesh, rules)
-    loaded = load_hf(model.hf_path, model.param_dtype, head=model.head, shardings=shardings,
-                     compute_dtype=model.dtype, remat=model.remat)
-    graphdef, params = nnx.split(loaded)
-    return graphdef, params, shardings
+    return load_model(model.hf_path, model, mesh, config.sharding_rules, head=model.head)
   model_config = to_model_config(model)
   make = lambda: Transformer(model_config, rngs=nnx.Rngs(config.seed))
-  return parallel.create_sharded(make, mesh, rules)
+  return parallel.create_sharded(make, mesh, config.sharding_rules)
+
+
+def load_model(path: str, numerics, mesh, rules, *, head: str):
+  """(graphdef, params, param_shardings) of the HF checkpoint at `path` with a `head` head,
+  stored, computed and rematerialised as `numerics` (a config.model) says."""
+  cfg = read_hf_config(path, head=head)
+  abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  shardings = parallel.state_shardings(abstract_state, mesh, rules)
+  loaded = load_hf(path, numerics.param_dtype, head=head, shardings=shardings,
+                   compute_dtype=numerics.dtype, remat=numerics.remat)
+  graphdef, params = nnx.split(loaded)
+  return graphdef, params, shardings
 
 
 def local_rows(global_batch: int) -> range:

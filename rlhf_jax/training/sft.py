@@ -44,11 +44,13 @@ def make_algorithm(config, workdir: str) -> Algorithm:
                    make_evaluations=sample_evaluations(config, workdir, tokenizer))
 
 
-def sample_evaluations(config, workdir: str, tokenizer, make_reference=None, gold=None):
+def sample_evaluations(config, workdir: str, tokenizer, make_reference=None, gold=None,
+                       proxy=None):
   """config.eval.gold == 'playground': gold reward of sampled answers to held-out prompts.
 
   make_reference(mesh) -> reference params adds win rate and KL against that policy; gold is
-  the run's gold reward where it already has one.
+  the run's gold reward where it already has one; proxy(prompts, responses), a reward model,
+  adds their proxy reward.
   """
   ev = config.eval
   if not uses_playground_gold(config):
@@ -64,5 +66,5 @@ def sample_evaluations(config, workdir: str, tokenizer, make_reference=None, gol
         rules=config.sharding_rules, batch_size=config.train.batch_size,
         max_prompt_len=config.data.max_prompt_len, max_new_tokens=ev.max_new_tokens,
         temperature=ev.temperature, seed=config.seed, workdir=workdir, reference=reference,
-        chunk_size=config.train.logprob_chunk_size)}
+        chunk_size=config.train.logprob_chunk_size, proxy_fn=proxy)}
   return make
