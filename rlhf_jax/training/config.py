@@ -142,3 +142,57 @@ def sample_eval_config(**overrides) -> ml_collections.ConfigDict:
   """The `eval` entry: gold reward of sampled answers to held-out playground prompts."""
   return ml_collections.ConfigDict({'gold': 'playground', 'num_prompts': 256,
                                     'max_new_tokens': 24, 'temperature': 1.0, **overrides})
+
+
+def rl_config(**overrides) -> ml_collections.ConfigDict:
+  """The `rl` entry of online RL (rlhf_jax.training.rl): PPO's defaults, Huang et al. 2024."""
+  return ml_collections.ConfigDict({
+      'reward_model': '',  # HF directory of a reward model (an RM run's <workdir>/hf).
+      'prompts': 'playground',  # 'playground', or a text file with one prompt per line.
+      'num_prompts': 8192,  # The playground prompts that rollouts draw from.
+      'estimator': 'gae',  # 'gae' (PPO) | 'grpo' | 'rloo'
+      'critic': 'model',  # 'model' (from value_model or the RM) | 'head' | 'none'
+      'value_model': '',  # HF reward-model directory for the critic; '' = reward_model.
+      'rollout_batch_size': 64,  # Responses per iteration (prompts × group_size).
+      'group_size': 1,  # Samples per prompt (≥ 2 for grpo and rloo).
+      'num_minibatches': 4,
+      'ppo_epochs': 4,
+      'max_new_tokens': 24,
+      'temperature': 1.0,
+      'kl_coef': 0.05,  # β; in the reward (PPO, RLOO) or the loss (kl_in_loss, GRPO).
+      'kl_estimator': 'k1',  # Of the KL in the reward: k1 | k2 | k3.
+      'kl_in_loss': False,
+      'adaptive_kl': False,  # Ziegler et al. 2019's controller for β.
+      'kl_target': 6.0,
+      'kl_horizon': 10000,
+      'gamma': 1.0,
+      'lam': 0.95,
+      'clip_eps': 0.2,
+      'value_clip_eps': 0.2,
+      'vf_coef': 0.1,
+      'whiten_rewards': False,
+      'whiten_advantages': True,
+      'normalize_scores': True,  # Scores of the initial policy's responses: mean 0, std 1.
+      'missing_eos_penalty': 1.0,  # Subtracted from the score of a response without EOS.
+      **overrides,
+  })
+
+
+def rl_run_config(presets: dict[str, dict], preset: str, config_file: str,
+                  **rl_overrides) -> ml_collections.ConfigDict:
+  """A whole online-RL config (PPO, GRPO, RLOO): a preset whose `steps` are iterations and
+  whose `batch_size` is the rollout's number of responses; responses fill seq_len after the
+  prompt."""
+  c = preset_config(presets, preset, config_file)
+  c.algorithm = 'rl'
+  c.train.eval_at_start = True
+  c.train.export_hf = True
+  c.train.log_every = 1
+  c.optim.weight_decay = 0.0
+  c.optim.schedule = 'constant'
+  c.data = data_config({})
+  c.data.tokenizer = ''  # The policy's (config.model.hf_path).
+  c.rl = rl_config(rollout_batch_size=presets[preset]['batch_size'], **rl_overrides)
+  c.rl.max_new_tokens = c.train.seq_len - c.data.max_prompt_len
+  c.eval = sample_eval_config(num_prompts=256, max_new_tokens=c.rl.max_new_tokens)
+  return c

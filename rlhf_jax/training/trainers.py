@@ -2,11 +2,11 @@
 
 from rlhf_jax import parallel
 from rlhf_jax.eval import best_of_n
-from rlhf_jax.training import dpo, loop, rm, sft
+from rlhf_jax.training import dpo, loop, rl, rm, sft
 
 ALGORITHMS = {'sft': sft.make_algorithm, 'rm': rm.make_algorithm, 'dpo': dpo.make_algorithm}
-# Runs that train nothing: run(config, workdir).
-PROCEDURES = {'bon': best_of_n.run}
+# Runs with a loop of their own (or none): run(config, workdir).
+PROCEDURES = {'bon': best_of_n.run, 'rl': rl.train}
 
 
 def run(config, workdir: str) -> None:

@@ -1,0 +1,32 @@
+"""GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024): online RL without a critic.
+
+  python -m rlhf_jax.main --config=configs/grpo.py:tiny --workdir=runs/grpo \
+      --config.model.hf_path=runs/sft/hf --config.rl.reward_model=runs/rm/hf
+  python -m rlhf_jax.main --config=configs/grpo.py:rloo-tiny --workdir=runs/rloo ...
+
+G samples per prompt; a sample's advantage is its reward against the group's: (R − mean) / std
+for GRPO, R minus the mean of the other G − 1 for RLOO. Both reuse PPO's rollout and clipped
+loss. GRPO keeps the KL out of the reward and adds β · KL_k3(π ‖ π_ref) to the loss; RLOO
+subtracts β · Σ_t KL_t from the reward, as PPO does.
+"""
+
+import ml_collections
+
+from rlhf_jax.training.config import rl_run_config
+
+PRESETS = {
+    'tiny': dict(model='playground', steps=100, batch_size=64, seq_len=56, lr=1e-5),
+    'rloo-tiny': dict(model='playground', steps=100, batch_size=64, seq_len=56, lr=1e-5),
+    'small': dict(model='small', steps=500, batch_size=64, seq_len=512, lr=3e-6),
+}
+ESTIMATORS = {'tiny': 'grpo', 'rloo-tiny': 'rloo', 'small': 'grpo'}
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  estimator = ESTIMATORS.get(preset)
+  if estimator == 'rloo':
+    rl = dict(kl_coef=0.05, kl_in_loss=False)
+  else:
+    rl = dict(kl_coef=0.04, kl_in_loss=True, whiten_advantages=False)
+  return rl_run_config(PRESETS, preset, 'configs/grpo.py', estimator=estimator,
+                       critic='none', group_size=8, num_minibatches=2, **rl)

@@ -1,0 +1,28 @@
+"""PPO with GAE against a reward model, from an SFT policy (InstructGPT's step 3).
+
+  python -m rlhf_jax.main --config=configs/ppo.py:tiny --workdir=runs/ppo \
+      --config.model.hf_path=runs/sft/hf --config.rl.reward_model=runs/rm/hf
+
+Options (config.rl, rlhf_jax/training/config.py:rl_config): the critic is a copy of the reward
+model (`critic='model'`) or a value head on the policy (`'head'`); β = kl_coef, fixed or adaptive
+(`adaptive_kl`, `kl_target`); `kl_coef=0` for the overoptimization regime. Each iteration logs
+objective/{scores,kl,entropy,rlhf_reward,gold}, policy/{approxkl,clipfrac}, loss/{policy,value}
+and rollout / scoring / update times; evaluations add gold and proxy reward, win rate and KL to
+the SFT policy on held-out prompts.
+"""
+
+import ml_collections
+
+from rlhf_jax.training.config import rl_run_config
+
+PRESETS = {
+    # steps: iterations (a rollout, then ppo_epochs × num_minibatches updates); batch_size:
+    # responses per rollout.
+    'tiny': dict(model='playground', steps=100, batch_size=64, seq_len=56, lr=1e-5),
+    'small': dict(model='small', steps=500, batch_size=64, seq_len=512, lr=3e-6),
+    'llama-1b': dict(model='llama-1b', steps=500, batch_size=128, seq_len=1024, lr=1e-6),
+}
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  return rl_run_config(PRESETS, preset, 'configs/ppo.py')
