@@ -33,14 +33,20 @@ class ValueHead(nnx.Module):
 
 
 class ActorCritic(nnx.Module):
-  """The policy with an optional critic (`ValueHead`, a scalar-head `Transformer`, or None)."""
+  """The policy with an optional critic (`ValueHead`, a scalar-head `Transformer`, or None).
 
-  def __init__(self, policy: Transformer, critic: ValueHead | Transformer | None):
+  A critic model's outputs are read as V = (output − value_shift) / value_scale: a critic
+  initialised from the reward model then starts on the scale of the normalised scores.
+  """
+
+  def __init__(self, policy: Transformer, critic: ValueHead | Transformer | None, *,
+               value_shift: float = 0.0, value_scale: float = 1.0):
     if policy.cfg.head != 'lm':
       raise ValueError(f'The policy needs an LM head; it has head={policy.cfg.head!r}.')
     if isinstance(critic, Transformer) and critic.cfg.head != 'scalar':
       raise ValueError(f'A critic model needs a scalar head; it has head={critic.cfg.head!r}.')
     self.policy, self.critic = policy, critic
+    self.value_shift, self.value_scale = float(value_shift), float(value_scale)
 
   def response_logprobs_and_values(self, tokens_BxL, attention_mask_BxL, *, prompt_len: int,
                                    temperature: float, chunk_size: int):
@@ -55,4 +61,5 @@ class ActorCritic(nnx.Module):
     if isinstance(self.critic, ValueHead):
       return logps_BxN, self.critic(before_BxNxD)
     values_BxL = self.critic(tokens_BxL, attention_mask=attention_mask_BxL)
-    return logps_BxN, values_BxL[:, prompt_len - 1:-1]
+    values_BxN = (values_BxL[:, prompt_len - 1:-1] - self.value_shift) / self.value_scale
+    return logps_BxN, values_BxN

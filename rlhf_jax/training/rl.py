@@ -37,7 +37,7 @@ from rlhf_jax.sampling.text import encode_prompts
 from rlhf_jax.training import loop
 from rlhf_jax.training.actor_critic import CRITICS, ActorCritic, ValueHead
 from rlhf_jax.training.checkpoint import Checkpointer
-from rlhf_jax.training.metrics import MetricWriter, progress_bar
+from rlhf_jax.training.metrics import MetricWriter, progress_bar, write_config
 from rlhf_jax.training.optimizer import make_optimizer
 from rlhf_jax.training.rollout import ESTIMATORS, merge_and_score, reward_model_scores
 from rlhf_jax.training.sft import sample_evaluations
@@ -130,29 +130,75 @@ class Models:
 
   trained: ActorCritic (policy + critic); reference: ActorCritic(initial policy, no critic);
   reward: the frozen reward model. graphdefs and params are dicts with those keys.
+  With config.rl.normalize_scores, the scores are normalised by the reward model's mean and std
+  over the initial policy's responses (`score_statistics`), and so is a critic initialised from
+  the reward model, so that its first values are on the scale of the returns.
   """
 
-  def __init__(self, config, mesh):
+  def __init__(self, config, mesh, tokenizer, pool: list[str]):
     rl, rules = config.rl, config.sharding_rules
     policy_graphdef, policy_params, policy_shardings = loop.build_model(config, mesh)
     self.policy_graphdef = policy_graphdef
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=policy_shardings)
     self.reference_policy = copy(policy_params)  # The trained copy's buffers are donated.
-    critic = None
+    reward = loop.load_model(rl.reward_model, config.model, mesh, rules, head='scalar')
+    self.graphdefs, self.params = {'reward': reward[0]}, {'reward': reward[1]}
+    self.score_shift, self.score_scale = 0.0, 1.0
+    if rl.normalize_scores:
+      self.score_shift, self.score_scale = score_statistics(
+          config, tokenizer, mesh, pool, policy_graphdef, self.reference_policy, *reward[:2])
+    critic, value_shift, value_scale = None, 0.0, 1.0
     if rl.critic == 'model':
       critic_graphdef, critic_params, _ = loop.load_model(
           rl.value_model or rl.reward_model, config.model, mesh, rules, head='scalar')
       critic = nnx.merge(critic_graphdef, critic_params)
+      value_shift, value_scale = self.score_shift, self.score_scale
     elif rl.critic == 'head':
       critic = ValueHead(nnx.merge(policy_graphdef, policy_params).cfg.d_model)
-    trained = ActorCritic(nnx.merge(policy_graphdef, policy_params), critic)
+    trained = ActorCritic(nnx.merge(policy_graphdef, policy_params), critic,
+                          value_shift=value_shift, value_scale=value_scale)
     reference = ActorCritic(nnx.merge(policy_graphdef, self.reference_policy), None)
-    reward = loop.load_model(rl.reward_model, config.model, mesh, rules, head='scalar')
-    self.graphdefs, self.params = {'reward': reward[0]}, {'reward': reward[1]}
     for name, module in (('trained', trained), ('reference', reference)):
       self.graphdefs[name], params = nnx.split(module)
       self.params[name] = jax.device_put(params, parallel.state_shardings(params, mesh, rules))
     self.trained_shardings = parallel.state_shardings(self.params['trained'], mesh, rules)
+
+
+def encode_rows(config, tokenizer, mesh, prompts: list[str]) -> dict:
+  """This process's rows of the global prompt batch, left-padded and sharded over the batch."""
+  local = [prompts[i] for i in loop.local_rows(len(prompts))]
+  tokens, mask = encode_prompts(tokenizer, local, config.data.max_prompt_len)
+  return parallel.shard_batch({'prompt_tokens': tokens, 'prompt_mask': mask}, mesh,
+                              config.sharding_rules)
+
+
+def make_rollout_sampler(config, policy_graphdef, tokenizer):
+  """`sample(params, prompt batch, rng) -> batch + response_tokens, response_mask`."""
+  rl = config.rl
+  sampler = make_sampler(policy_graphdef, max_new_tokens=rl.max_new_tokens,
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                         temperature=rl.temperature)
+
+  def sample(params, batch, rng):
+    out = sampler(params, batch['prompt_tokens'], batch['prompt_mask'], rng)
+    return {**batch, 'response_tokens': out.tokens_BxN, 'response_mask': out.mask_BxN}
+  return sample
+
+
+def score_statistics(config, tokenizer, mesh, pool, policy_graphdef, policy_params,
+                     reward_graphdef, reward_params) -> tuple[float, float]:
+  """Mean and std of the reward model's scores of the policy's responses to one rollout's
+  worth of prompts, the same at every (re)start (fixed prompts and key). Huang et al. 2024
+  normalise the reward model so that these are 0 and 1."""
+  rng = np.random.default_rng([config.seed, 7])
+  prompts = [pool[i] for i in rng.choice(len(pool), config.rl.rollout_batch_size)]
+  sample = make_rollout_sampler(config, policy_graphdef, tokenizer)
+  samples = sample(policy_params, encode_rows(config, tokenizer, mesh, prompts),
+                   jax.random.key(config.seed + 1))
+  scores = jax.jit(functools.partial(reward_model_scores, reward_graphdef))(reward_params,
+                                                                            samples)
+  scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True), np.float64)
+  return float(scores.mean()), float(max(scores.std(), 1e-6))
 
 
 def train(config, workdir: str) -> None:
@@ -160,12 +206,10 @@ def train(config, workdir: str) -> None:
   parallel.maybe_initialize_distributed(config.distributed)
   rl, tc, rules = config.rl, config.train, config.sharding_rules
   mesh = parallel.make_mesh(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  write_config(config, workdir)
   tokenizer = make_tokenizer(config, workdir)
-  models = Models(config, mesh)
+  pool = training_prompts(config)
+  models = Models(config, mesh, tokenizer, pool)
   updates_per_iteration = rl.ppo_epochs * rl.num_minibatches
   optimizer, schedule = make_optimizer(config.optim, tc.steps * updates_per_iteration)
   state_shardings = train_state_shardings(models.trained_shardings, optimizer,
@@ -184,10 +228,7 @@ def train(config, workdir: str) -> None:
     logging.warning('Resumed %s from iteration %d.', workdir, start)
   writer = MetricWriter(workdir, start_step=start, tensorboard=tc.tensorboard)
 
-  pool = training_prompts(config)
   rollout = Rollout(config, models, tokenizer, mesh)
-  if rl.normalize_scores:
-    rollout.normalize_scores(models.reference_policy, frozen['reward'], pool)
   train_step = make_train_step(
       functools.partial(rl_loss_fn, temperature=rl.temperature,
                         chunk_size=tc.logprob_chunk_size, clip_eps=rl.clip_eps,
@@ -270,39 +311,30 @@ class Rollout:
   """Sampling and scoring of one rollout on the mesh, and the selection of its minibatches."""
 
   def __init__(self, config, models: Models, tokenizer, mesh):
-    rl, rules = config.rl, config.sharding_rules
-    self.config, self.tokenizer, self.mesh, self.rules = config, tokenizer, mesh, rules
-    self.rows = loop.local_rows(rl.rollout_batch_size)
-    self._sample = make_sampler(models.policy_graphdef, max_new_tokens=rl.max_new_tokens,
-                                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                                temperature=rl.temperature)
+    rl = config.rl
+    self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+    self._sample = jax.jit(make_rollout_sampler(config, models.policy_graphdef, tokenizer))
     options = dict(temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
                    kl_estimator=rl.kl_estimator, eos_id=tokenizer.eos_token_id,
                    missing_eos_penalty=rl.missing_eos_penalty, estimator=rl.estimator,
                    group_size=rl.group_size, gamma=rl.gamma, lam=rl.lam,
                    whiten_rewards=rl.whiten_rewards, whiten_advantages=rl.whiten_advantages)
     self._score = jax.jit(functools.partial(merge_and_score, models.graphdefs, options=options))
-    self._raw_scores = jax.jit(functools.partial(reward_model_scores,
-                                                 models.graphdefs['reward']))
+    self.controls = {'score_shift': jnp.float32(models.score_shift),
+                     'score_scale': jnp.float32(models.score_scale)}
     # Every array of the update batch is [B, ...]: one sharding, a prefix of the batch's tree.
-    self.update_sharding = parallel.batch_sharding(mesh, rules, 2)
+    self.update_sharding = parallel.batch_sharding(mesh, config.sharding_rules, 2)
     self.select = jax.jit(lambda update, rows: jax.tree.map(lambda x: x[rows], update),
                           out_shardings=self.update_sharding)
-    self.score_shift, self.score_scale = 0.0, 1.0
 
   def sample(self, policy_params, prompts, rng):
     """Prompts and the policy's responses, [B, P] and [B, N], sharded over the batch."""
-    local = [prompts[i] for i in self.rows]
-    tokens, mask = encode_prompts(self.tokenizer, local, self.config.data.max_prompt_len)
-    batch = parallel.shard_batch({'prompt_tokens': tokens, 'prompt_mask': mask}, self.mesh,
-                                 self.rules)
-    out = self._sample(policy_params, batch['prompt_tokens'], batch['prompt_mask'], rng)
-    return {**batch, 'response_tokens': out.tokens_BxN, 'response_mask': out.mask_BxN}
+    return self._sample(policy_params, encode_rows(self.config, self.tokenizer, self.mesh,
+                                                   prompts), rng)
 
   def score(self, trained_params, frozen, samples, *, kl_coef: float):
     """(update batch, metrics) of sampled responses; see `score_rollout`."""
-    controls = {'kl_coef': jnp.float32(kl_coef), 'score_shift': jnp.float32(self.score_shift),
-                'score_scale': jnp.float32(self.score_scale)}
+    controls = {**self.controls, 'kl_coef': jnp.float32(kl_coef)}
     return self._score({**frozen, 'trained': trained_params}, samples, controls)
 
   def decode(self, samples) -> list[str]:
@@ -311,15 +343,3 @@ class Rollout:
                     for k in ('response_tokens', 'response_mask'))
     return [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
             for t, m in zip(tokens, mask)]
-
-  def normalize_scores(self, policy_params, reward_params, pool: list[str]) -> None:
-    """Sets the score normalisation to the reward model's mean and std over one rollout of
-    `policy_params` (the initial policy), so that its scores are 0 ± 1 there (Huang et al.
-    2024). Prompts and keys are fixed: a resumed run finds the same values."""
-    rng = np.random.default_rng([self.config.seed, 7])
-    prompts = [pool[i] for i in rng.choice(len(pool), self.config.rl.rollout_batch_size)]
-    samples = self.sample(policy_params, prompts, jax.random.key(self.config.seed + 1))
-    raw = multihost_utils.process_allgather(self._raw_scores(reward_params, samples),
-                                            tiled=True)
-    raw = np.asarray(raw, np.float64)
-    self.score_shift, self.score_scale = float(raw.mean()), float(max(raw.std(), 1e-6))
