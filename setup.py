@@ -23,6 +23,7 @@ setuptools.setup(
         'array-record>=0.8',
         'tensorboardX>=2.6',
         'tqdm>=4.66',
+        'fsspec>=2024.1',  # Metrics and config.json in remote workdirs (gs://...).
         'matplotlib>=3.9',
         'numpy>=2.0',
     ],
@@ -30,5 +31,7 @@ setuptools.setup(
         # torch only builds reference models for parity tests; 2.13.0 is the CPU build that
         # pip takes from local disk on our machines (a bare 'torch' pulls a CUDA build).
         'test': ['pytest>=8', 'torch==2.13.0'],
+        # Workdirs on Google Cloud Storage (gs://...; metrics and config.json go through fsspec).
+        'gcs': ['gcsfs'],
     },
 )

@@ -3,12 +3,15 @@
 import os
 import struct
 
+import fsspec
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pytest
 from tensorboardX.proto import event_pb2
 
-from rlhf_jax.training.metrics import MetricWriter, progress_bar, read_metrics
+from rlhf_jax.training.metrics import MetricWriter, progress_bar, read_metrics, write_config
 
 
 def read_events(logdir) -> list[list[event_pb2.Event]]:
@@ -93,3 +96,59 @@ def test_progress_bar_counts_steps_from_the_resumed_one():
   assert not bar.disable and (bar.n, bar.total, bar.unit) == (4, 10, 'step')
   bar.close()
   assert progress_bar(10, 4, enabled=False).disable
+
+
+@pytest.fixture
+def remote_workdir(tmp_path):
+  """A workdir URL on fsspec's in-memory filesystem (standing in for gs://), removed after."""
+  url = f'memory://{tmp_path.name}/run'
+  yield url
+  fs = fsspec.filesystem('memory')
+  if fs.exists(url):
+    fs.rm(url, recursive=True)
+
+
+def test_remote_writer_uploads_every_record_and_resumes_like_a_local_one(remote_workdir,
+                                                                         tmp_path):
+  path = f'{remote_workdir}/metrics.jsonl'
+  writer = MetricWriter(remote_workdir)  # TensorBoard asked for, skipped with a warning.
+  writer.write(1, {'loss': jnp.float32(0.5)})
+  assert read_metrics(path) == [{'step': 1, 'loss': 0.5}]  # Readable before close().
+  writer.write(2, {'loss': 0.25})
+  assert read_metrics(path) == [{'step': 1, 'loss': 0.5}, {'step': 2, 'loss': 0.25}]
+  writer.close()
+
+  write_steps(remote_workdir, range(3, 7), start_step=2)
+  write_steps(remote_workdir, (5, 6), start_step=4, scale=2.0)  # Resumed from step 4.
+  records = read_metrics(path)
+  assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert records[3] == {'step': 4, 'loss': 0.25, 'tokens': 4}
+  assert records[5] == {'step': 6, 'loss': np.float32(2 / 6).item(), 'tokens': 6}
+  assert fsspec.filesystem('memory').ls(remote_workdir, detail=False) == [
+      f'/{tmp_path.name}/run/metrics.jsonl']  # No TensorBoard events, no temporary files.
+
+
+def test_remote_and_local_files_are_byte_for_byte_equal(remote_workdir, tmp_path):
+  for workdir in (remote_workdir, tmp_path):
+    write_steps(workdir, range(1, 5))
+    write_steps(workdir, [4], start_step=3, scale=3.0)
+  with fsspec.open(f'{remote_workdir}/metrics.jsonl') as remote, \
+      open(tmp_path / 'metrics.jsonl', 'rb') as local:
+    assert remote.read() == local.read()
+
+
+def test_a_resumed_remote_writer_drops_later_records_before_writing_any(remote_workdir):
+  write_steps(remote_workdir, range(1, 5))
+  MetricWriter(remote_workdir, start_step=2, tensorboard=False).close()
+  assert [r['step'] for r in read_metrics(f'{remote_workdir}/metrics.jsonl')] == [1, 2]
+
+
+@pytest.mark.parametrize('remote', [False, True])
+def test_write_config_writes_sorted_json(remote, remote_workdir, tmp_path):
+  workdir = remote_workdir if remote else str(tmp_path / 'new' / 'run')
+  config = ml_collections.ConfigDict({'seed': 3, 'optim': {'lr': 1e-3, 'name': 'adamw'}})
+  write_config(config, workdir)
+  with fsspec.open(f'{workdir}/config.json', 'r') as f:
+    text = f.read()
+  assert text == ('{\n  "optim": {\n    "lr": 0.001,\n    "name": "adamw"\n  },\n'
+                  '  "seed": 3\n}')

@@ -20,7 +20,7 @@ from rlhf_jax.models import Transformer, load_hf, read_hf_config, save_hf
 from rlhf_jax.training.algorithm import Algorithm
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.config import to_model_config
-from rlhf_jax.training.metrics import MetricWriter, progress_bar
+from rlhf_jax.training.metrics import MetricWriter, progress_bar, write_config
 from rlhf_jax.training.optimizer import make_optimizer
 from rlhf_jax.training.state import (abstract_like, init_train_state,
                                      train_state_shardings)
@@ -68,10 +68,7 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
   mesh = parallel.make_mesh(config.mesh)
   rules = config.sharding_rules
   tc = config.train
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  write_config(config, workdir)
 
   graphdef, params, param_shardings = build_model(config, mesh)
   optimizer, schedule = make_optimizer(config.optim, tc.steps)

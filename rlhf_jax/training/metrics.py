@@ -1,8 +1,14 @@
-"""Metrics to `workdir/metrics.jsonl` and TensorBoard, and a progress bar; process 0 writes.
+"""Metrics to `workdir/metrics.jsonl` and TensorBoard, the run's config.json, and a progress
+bar; process 0 writes.
 
 A resumed run first drops what its killed predecessor logged after the checkpoint it resumes
 from (JSONL lines are removed, TensorBoard events hidden), so the logs read as if the run had
 never stopped.
+
+The workdir may be a URL on shared storage (`gs://bucket/run`, through fsspec; gs:// needs
+`pip install gcsfs`, the `gcs` extra). Objects there cannot be appended to, so the writer keeps
+the records and uploads the whole file at each write (metrics files are small), and skips
+TensorBoard.
 """
 
 import json
@@ -10,15 +16,54 @@ import os
 import time
 from collections.abc import Mapping
 
+import fsspec
 import jax
 import numpy as np
 import tqdm
+from absl import logging
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (`gs://...`, `memory://...`) rather than a local path."""
+  return '://' in os.fspath(path)
+
+
+def _exists(path: str) -> bool:
+  fs, fs_path = fsspec.core.url_to_fs(path)
+  return fs.exists(fs_path)
+
+
+def _write_text(path: str, text: str) -> None:
+  """Replaces the file with `text`; the old one stays whole until replaced: a local file by a
+  rename, an object on shared storage by its upload, which lands in one piece."""
+  if is_remote(path):
+    with fsspec.open(path, 'w') as f:
+      f.write(text)
+    return
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes `config` (a ConfigDict) to `workdir/config.json`, local or remote; process 0 only."""
+  if jax.process_index() != 0:
+    return
+  if not is_remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
+  _write_text(os.path.join(workdir, 'config.json'),
+              config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-  """The records of a metrics.jsonl file, in order; a last line cut short is left out."""
-  with open(path) as f:
+  """The records of a metrics.jsonl file (local or a URL), in order; a last line cut short is
+  left out."""
+  with fsspec.open(path, 'r') as f:
     return [json.loads(line) for line in f if line.endswith('\n') and line.strip()]
+
+
+def _jsonl(records: list[dict]) -> str:
+  return ''.join(json.dumps(record, sort_keys=True) + '\n' for record in records)
 
 
 def _to_python(value):
@@ -27,31 +72,38 @@ def _to_python(value):
   return value.item() if value.ndim == 0 else value.tolist()
 
 
-def _drop_after(path: str, step: int) -> None:
-  """Rewrites the file without records after `step`; the old one stays whole until replaced."""
+def _drop_after(path: str, step: int) -> list[dict]:
+  """Rewrites the file without records after `step` and returns the records kept."""
   kept = [record for record in read_metrics(path) if record['step'] <= step]
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(json.dumps(record, sort_keys=True) + '\n' for record in kept)
-  os.replace(path + '.tmp', path)
+  _write_text(path, _jsonl(kept))
+  return kept
 
 
 class MetricWriter:
   """Appends {"step": s, **metrics} lines to metrics.jsonl and scalars to TensorBoard.
 
   Only process 0 writes. `start_step` is the step the run starts (or resumes) from: records
-  after it are dropped first.
+  after it are dropped first. In a remote workdir (a URL) each write uploads the whole file
+  and TensorBoard is skipped.
   """
 
   def __init__(self, workdir: str, *, start_step: int = 0, tensorboard: bool = True):
-    self._file = self._tensorboard = None
+    self._file = self._tensorboard = self._records = None
     if jax.process_index() != 0:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if os.path.exists(path):
-      _drop_after(path, start_step)
-    self._file = open(path, 'a')
-    if tensorboard:
+    remote = is_remote(workdir)
+    if not remote:
+      os.makedirs(workdir, exist_ok=True)
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    kept = _drop_after(self._path, start_step) if _exists(self._path) else []
+    if remote:
+      self._records = kept
+    else:
+      self._file = open(self._path, 'a')
+    if tensorboard and remote:
+      logging.log_first_n(logging.WARNING, 'No TensorBoard events in a remote workdir (%s); '
+                          'metrics.jsonl has every metric.', 1, workdir)
+    elif tensorboard:
       # Imported here: tensorboardX imports torch when it is installed (1.5 s).
       import tensorboardX  # pylint: disable=g-import-not-at-top
       # purge_step hides older events from this step on. The suffix gives each writer a file of
@@ -62,11 +114,16 @@ class MetricWriter:
 
   def write(self, step: int, metrics: Mapping[str, object]) -> None:
     """Writes one record; values are Python/NumPy/JAX scalars (arrays go to JSONL only)."""
-    if self._file is None:
+    if self._file is None and self._records is None:
       return
     values = {name: _to_python(value) for name, value in metrics.items()}
-    self._file.write(json.dumps({'step': int(step), **values}, sort_keys=True) + '\n')
-    self._file.flush()
+    record = {'step': int(step), **values}
+    if self._records is not None:
+      self._records.append(record)
+      _write_text(self._path, _jsonl(self._records))
+    else:
+      self._file.write(_jsonl([record]))
+      self._file.flush()
     if self._tensorboard is not None:
       for name, value in values.items():
         if isinstance(value, (int, float)):
