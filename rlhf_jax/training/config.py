@@ -81,6 +81,11 @@ def base_config() -> ml_collections.ConfigDict:
       'logprob_chunk_size': 256,  # Sequence chunk for log-probs without [B, T, V] logits.
       'export_hf': False,  # Write the final model (+ tokenizer) to <workdir>/hf.
   })
+
+  # What `python -m rlhf_jax.sweep` runs (trainers ignore it). grid and random follow the
+  # config's nesting: grid={'optim': {'lr': [1e-3, 3e-3]}} (product of the lists), random=
+  # {'rl': {'kl_coef': {'log_uniform': [0.01, 0.1]}}} (num_random draws per grid point).
+  c.sweep = ml_collections.ConfigDict({'grid': {}, 'random': {}, 'num_random': 0, 'seed': 0})
   return c
 
 
