@@ -54,28 +54,46 @@ def curve(proxy_NxK, gold_NxK, ns) -> list[dict]:
   return records
 
 
+def sample_candidates(config, tokenizer, mesh, prompts, k: int) -> list[list[str]]:
+  """k answers of the policy config.model.hf_path per prompt: answers[j][i] is prompt i's j-th,
+  drawn with seed config.seed + j at config.eval.temperature."""
+  graphdef, params, _ = loop.build_model(config, mesh)
+  sampler = TextSampler(tokenizer, graphdef, mesh=mesh, rules=config.sharding_rules,
+                        batch_size=config.train.batch_size,
+                        max_prompt_len=config.data.max_prompt_len,
+                        max_new_tokens=config.eval.max_new_tokens,
+                        temperature=config.eval.temperature)
+  return [sampler(params, prompts, seed=config.seed + j).responses for j in range(k)]
+
+
+def score_candidates(reward_fn, prompts, answers) -> np.ndarray:
+  """Rewards [N, K] of answers[j][i] (prompt i's j-th answer) under reward_fn(prompts, answers)."""
+  return np.stack([reward_fn(prompts, a) for a in answers], axis=1)
+
+
+def powers_of_two(n_max: int) -> list[int]:
+  """1, 2, 4, … ≤ n_max."""
+  return [2**i for i in range(int(math.log2(n_max)) + 1)]
+
+
 def run(config, workdir: str) -> list[dict]:
   """Best-of-n of the policy config.model.hf_path under the reward model config.bon.reward_model."""
   bon = config.bon
   if not config.model.hf_path or not bon.reward_model:
     raise ValueError('Best-of-n needs a policy (config.model.hf_path) and a reward model '
                      '(config.bon.reward_model), both Hugging Face directories.')
-  ns = [2**i for i in range(int(math.log2(bon.n_max)) + 1)]
+  ns = powers_of_two(bon.n_max)
   tokenizer = make_tokenizer(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
-  graphdef, params, _ = loop.build_model(config, mesh)
-  options = dict(mesh=mesh, rules=config.sharding_rules, batch_size=config.train.batch_size,
-                 max_prompt_len=config.data.max_prompt_len)
-  sampler = TextSampler(tokenizer, graphdef, max_new_tokens=config.eval.max_new_tokens,
-                        temperature=config.eval.temperature, **options)
   proxy = TeacherReward.from_hf(bon.reward_model, tokenizer, seq_len=config.train.seq_len,
-                                **options)
+                                max_prompt_len=config.data.max_prompt_len,
+                                batch_size=config.train.batch_size, mesh=mesh,
+                                rules=config.sharding_rules)
   gold = make_gold(config, tokenizer)
   prompts = playground.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)
-  answers = [sampler(params, prompts, seed=config.seed + k).responses for k in range(ns[-1])]
-  proxy_NxK, gold_NxK = (np.stack([score(prompts, a) for a in answers], axis=1)
-                         for score in (proxy, gold))
-  records = curve(proxy_NxK, gold_NxK, ns)
+  answers = sample_candidates(config, tokenizer, mesh, prompts, ns[-1])
+  records = curve(score_candidates(proxy, prompts, answers),
+                  score_candidates(gold, prompts, answers), ns)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'best_of_n.jsonl'), 'w') as f:

@@ -201,52 +201,82 @@ def score_statistics(config, tokenizer, mesh, pool, policy_graphdef, policy_para
   return float(scores.mean()), float(max(scores.std(), 1e-6))
 
 
-def train(config, workdir: str) -> None:
-  check_config(config)
-  parallel.maybe_initialize_distributed(config.distributed)
-  rl, tc, rules = config.rl, config.train, config.sharding_rules
-  mesh = parallel.make_mesh(config.mesh)
-  write_config(config, workdir)
-  tokenizer = make_tokenizer(config, workdir)
-  pool = training_prompts(config)
-  models = Models(config, mesh, tokenizer, pool)
-  updates_per_iteration = rl.ppo_epochs * rl.num_minibatches
-  optimizer, schedule = make_optimizer(config.optim, tc.steps * updates_per_iteration)
-  state_shardings = train_state_shardings(models.trained_shardings, optimizer,
-                                          models.params['trained'], mesh)
-  state = init_train_state(models.params.pop('trained'), optimizer, config.seed,
-                           state_shardings)
-  frozen = models.params  # reference and reward; the trained params live in `state`.
+class Learner:
+  """Everything one iteration needs, built on the mesh: the models, the train state, the
+  rollout and the train step. `iterate` runs one iteration (what `train` loops over, and what
+  benchmarks/ppo_step.py times)."""
 
+  def __init__(self, config, workdir: str):
+    check_config(config)
+    parallel.maybe_initialize_distributed(config.distributed)
+    rl, tc = config.rl, config.train
+    self.config = config
+    self.mesh = parallel.make_mesh(config.mesh)
+    self.tokenizer = make_tokenizer(config, workdir)
+    self.pool = training_prompts(config)
+    self.models = Models(config, self.mesh, self.tokenizer, self.pool)
+    self.optimizer, schedule = make_optimizer(
+        config.optim, tc.steps * rl.ppo_epochs * rl.num_minibatches)
+    self.state_shardings = train_state_shardings(
+        self.models.trained_shardings, self.optimizer, self.models.params['trained'], self.mesh)
+    self.state = init_train_state(self.models.params.pop('trained'), self.optimizer,
+                                  config.seed, self.state_shardings)
+    self.frozen = self.models.params  # reference and reward; the trained params: self.state.
+    self.rollout = Rollout(config, self.models, self.tokenizer, self.mesh)
+    self.train_step = make_train_step(
+        functools.partial(rl_loss_fn, temperature=rl.temperature,
+                          chunk_size=tc.logprob_chunk_size, clip_eps=rl.clip_eps,
+                          value_clip_eps=rl.value_clip_eps, vf_coef=rl.vf_coef,
+                          kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0),
+        self.optimizer, self.models.graphdefs['trained'], state_shardings=self.state_shardings,
+        batch_shardings=self.rollout.update_sharding, schedule=schedule,
+        grad_accum_steps=config.optim.grad_accum_steps)
+
+  def iterate(self, iteration: int, kl_coef: float) -> tuple[dict, dict]:
+    """Rollout, scoring and updates of `iteration`: (samples, metrics incl. 'time/*' in s)."""
+    config, rollout = self.config, self.rollout
+    prompts = rollout_prompts(self.pool, config, iteration)
+    rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
+    t0 = time.perf_counter()
+    samples = jax.block_until_ready(rollout.sample(self.state.params['policy'], prompts, rng))
+    t1 = time.perf_counter()
+    update, metrics = jax.block_until_ready(
+        rollout.score(self.state.params, self.frozen, samples, kl_coef=kl_coef))
+    t2 = time.perf_counter()
+    self.state, update_metrics = run_updates(self.state, update, self.train_step,
+                                             rollout.select, config, iteration)
+    update_metrics = jax.device_get(update_metrics)
+    t3 = time.perf_counter()
+    times = {'time/rollout': t1 - t0, 'time/scoring': t2 - t1, 'time/update': t3 - t2}
+    return samples, jax.device_get(metrics) | update_metrics | times
+
+
+def train(config, workdir: str) -> None:
+  learner = Learner(config, workdir)
+  write_config(config, workdir)
+  rl, tc = config.rl, config.train
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
                               save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                               async_save=tc.async_checkpoint)
   start, kl_coef = checkpointer.latest_step() or 0, rl.kl_coef
   if start:
-    state, data_state = checkpointer.restore(start, abstract_like(state))
+    learner.state, data_state = checkpointer.restore(start, abstract_like(learner.state))
     kl_coef = data_state['kl_coef']
     logging.warning('Resumed %s from iteration %d.', workdir, start)
   writer = MetricWriter(workdir, start_step=start, tensorboard=tc.tensorboard)
 
-  rollout = Rollout(config, models, tokenizer, mesh)
-  train_step = make_train_step(
-      functools.partial(rl_loss_fn, temperature=rl.temperature,
-                        chunk_size=tc.logprob_chunk_size, clip_eps=rl.clip_eps,
-                        value_clip_eps=rl.value_clip_eps, vf_coef=rl.vf_coef,
-                        kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0),
-      optimizer, models.graphdefs['trained'], state_shardings=state_shardings,
-      batch_shardings=rollout.update_sharding, schedule=schedule,
-      grad_accum_steps=config.optim.grad_accum_steps)
-  proxy = TeacherReward(nnx.merge(models.graphdefs['reward'], frozen['reward']), tokenizer,
-                        seq_len=tc.seq_len, max_prompt_len=config.data.max_prompt_len,
-                        batch_size=tc.batch_size, mesh=mesh, rules=rules)
+  tokenizer, models = learner.tokenizer, learner.models
+  proxy = TeacherReward(nnx.merge(models.graphdefs['reward'], learner.frozen['reward']),
+                        tokenizer, seq_len=tc.seq_len, max_prompt_len=config.data.max_prompt_len,
+                        batch_size=tc.batch_size, mesh=learner.mesh, rules=config.sharding_rules)
   gold = make_gold(config, tokenizer) if uses_playground_gold(config) else None
   make_evaluations = sample_evaluations(config, workdir, tokenizer, gold=gold, proxy=proxy,
                                         make_reference=lambda mesh: models.reference_policy)
-  evaluations = make_evaluations(models.policy_graphdef, mesh) if make_evaluations else {}
+  evaluations = (make_evaluations(models.policy_graphdef, learner.mesh) if make_evaluations
+                 else {})
 
   def evaluate(iteration):
-    policy = state.params['policy']
+    policy = learner.state.params['policy']
     for name, evaluation in evaluations.items():
       writer.write(iteration, {f'eval/{name}/{k}': v
                                for k, v in evaluation(policy, iteration).items()})
@@ -255,22 +285,11 @@ def train(config, workdir: str) -> None:
     evaluate(0)
   bar = progress_bar(tc.steps, start, enabled=tc.progress_bar)
   for iteration in range(start, tc.steps):
-    prompts = rollout_prompts(pool, config, iteration)
-    t0 = time.perf_counter()
-    rng = jax.random.fold_in(jax.random.key(config.seed), iteration)
-    samples = jax.block_until_ready(rollout.sample(state.params['policy'], prompts, rng))
-    t1 = time.perf_counter()
-    update, metrics = jax.block_until_ready(
-        rollout.score(state.params, frozen, samples, kl_coef=kl_coef))
-    t2 = time.perf_counter()
-    state, update_metrics = run_updates(state, update, train_step, rollout.select, config,
-                                        iteration)
-    update_metrics = jax.device_get(update_metrics)
-    t3 = time.perf_counter()
-    times = {'time/rollout': t1 - t0, 'time/scoring': t2 - t1, 'time/update': t3 - t2}
-    metrics = jax.device_get(metrics) | update_metrics | times | {'kl_coef': kl_coef}
+    samples, metrics = learner.iterate(iteration, kl_coef)
+    metrics['kl_coef'] = kl_coef
     if gold is not None:
-      metrics['objective/gold'] = float(np.mean(gold(prompts, rollout.decode(samples))))
+      prompts = rollout_prompts(learner.pool, config, iteration)
+      metrics['objective/gold'] = float(np.mean(gold(prompts, learner.rollout.decode(samples))))
     if rl.adaptive_kl:
       kl_coef = float(adaptive_kl_coef(kl_coef, metrics['objective/kl'], target=rl.kl_target,
                                        horizon=rl.kl_horizon, n_steps=rl.rollout_batch_size))
@@ -280,7 +299,7 @@ def train(config, workdir: str) -> None:
     if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
       evaluate(done)
     if done % tc.checkpoint_every == 0 or done == tc.steps:
-      checkpointer.save(done, state, {'step': done, 'kl_coef': kl_coef}, force=True)
+      checkpointer.save(done, learner.state, {'step': done, 'kl_coef': kl_coef}, force=True)
     bar.set_postfix(score=f'{metrics["objective/scores"]:.3f}',
                     kl=f'{metrics["objective/kl"]:.3f}')
     bar.update(1)
@@ -289,7 +308,7 @@ def train(config, workdir: str) -> None:
   checkpointer.close()
   writer.close()
   if tc.export_hf:
-    loop.export_hf(models.policy_graphdef, state.params['policy'],
+    loop.export_hf(models.policy_graphdef, learner.state.params['policy'],
                    os.path.join(workdir, 'hf'), tokenizer)
 
 
