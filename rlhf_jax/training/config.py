@@ -1,6 +1,8 @@
 """Defaults shared by every experiment config, and the bridge from config to ModelConfig."""
 
 import dataclasses
+import importlib.util
+import pathlib
 
 import ml_collections
 from ml_collections import config_dict
@@ -201,3 +203,19 @@ def rl_run_config(presets: dict[str, dict], preset: str, config_file: str,
   c.rl.max_new_tokens = c.train.seq_len - c.data.max_prompt_len
   c.eval = sample_eval_config(num_prompts=256, max_new_tokens=c.rl.max_new_tokens)
   return c
+
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs'
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+  """`configs/<file>.py:<preset>` of this repository, e.g. load_config('rm.py:tiny'), unlocked,
+  as `python -m rlhf_jax.main --config=configs/rm.py:tiny` would build it."""
+  file_name, _, preset = name.partition(':')
+  path = CONFIGS_DIR / file_name
+  if not path.exists():
+    raise FileNotFoundError(f'No config file {path}.')
+  spec = importlib.util.spec_from_file_location(f'configs.{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()

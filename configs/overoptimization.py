@@ -1,0 +1,58 @@
+"""Reward-model overoptimization (Gao, Schulman & Hilton 2022) on the playground.
+
+  python experiments/overoptimization.py --config=configs/overoptimization.py:tiny \
+      --workdir=runs/overoptimization
+
+A gold reward labels comparisons of the initial policy's samples; proxy reward models learn
+from them (a grid of proxy models × numbers of comparisons); best-of-n and PPO optimise each
+proxy while the gold reward, the proxy reward and the KL to the initial policy are measured.
+Stage configs are the `preset` of configs/{pretrain,sft,rm,ppo,bon}.py, shrunk or grown here.
+"""
+
+import ml_collections
+
+PRESETS = {
+    # This 2-core CPU, about 20 minutes: one proxy architecture (the policy's), three amounts of
+    # comparisons.
+    'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=150, rm_steps=300,
+                 comparisons=(500, 2000, 8000), models=('policy',), n_max=64, bon_prompts=256,
+                 rl_steps=40, rl_eval_every=5, rl_eval_prompts=256),
+    # Accelerators: proxies of three sizes from scratch and from the policy, more data.
+    'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
+                  comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
+                  n_max=256, bon_prompts=1024, rl_steps=500, rl_eval_every=25,
+                  rl_eval_prompts=1024),
+}
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f'Unknown preset {preset!r} for configs/overoptimization.py; choose from '
+                     f'{sorted(PRESETS)}.')
+  p = PRESETS[preset]
+  return ml_collections.ConfigDict({
+      'stage_preset': p['stage_preset'],
+      # 'program' | 'teacher:random' | 'teacher:<HF reward-model dir>' (rlhf_jax/eval/gold.py).
+      'gold': 'program',
+      # The initial policy: an HF directory, or '' to pretrain and fine-tune one here (an SFT
+      # stopped early, so that there is room to improve).
+      'policy': '',
+      'pretrain_steps': p['pretrain_steps'],
+      'sft_steps': p['sft_steps'],
+      'proxies': {
+          # 'policy': initialised from the policy's backbone; a model preset: from scratch.
+          'models': p['models'],
+          'comparisons': p['comparisons'],  # Gold-labelled pairs of the policy's samples.
+          'steps': p['rm_steps'],
+          'label_temperature': 0.1,  # Bradley-Terry labels on the gold reward; 0: argmax.
+      },
+      'bon': {'n_max': p['n_max'], 'num_prompts': p['bon_prompts']},
+      'rl': {
+          'steps': p['rl_steps'],
+          'eval_every': p['rl_eval_every'],
+          'eval_prompts': p['rl_eval_prompts'],
+          'kl_coef': 0.0,  # Gao et al.'s main runs have no KL penalty.
+          'lr': 3e-5,
+      },
+      'progress_bar': True,
+  })

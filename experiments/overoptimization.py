@@ -1,0 +1,224 @@
+"""Reward-model overoptimization (Gao, Schulman & Hilton 2022), end to end, in one command.
+
+  python experiments/overoptimization.py --config=configs/overoptimization.py:tiny \
+      --workdir=runs/overoptimization
+
+Stages, each a run in <workdir> that a rerun resumes or skips once finished:
+  policy/{pretrain,sft}/   the initial policy π_init (unless config.policy names one)
+  proxies/<model>-<N>/     a reward model on N gold-labelled comparisons of π_init's samples
+  bon/                     n_max answers of π_init per held-out prompt, sampled once
+  rl/<proxy>/              PPO against the proxy (no KL penalty by default), evaluated every
+                           few iterations on held-out prompts: gold and proxy reward, KL to π_init
+Then, in <workdir>:
+  measurements.jsonl  one record per measured point: proxy, method (bon | rl), kl, d = √kl,
+                      gold_reward, proxy_reward, the proxy's size and number of comparisons
+  fits.json           R_bon(d) = d(α − βd) and R_RL(d) = d(α − β log d) per proxy: α, β, R²,
+                      the peak (d*, gold gain at d*)
+  plots/{bon,rl,coefficients}.png   Gao et al.'s figure 1 and the coefficients against data
+notebooks/overoptimization.ipynb redraws the plots from a workdir.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import safetensors
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rlhf_jax import parallel
+from rlhf_jax.data import playground
+from rlhf_jax.data.pipeline import make_tokenizer
+from rlhf_jax.eval import best_of_n, overoptimization
+from rlhf_jax.eval.gold import make_gold
+from rlhf_jax.eval.teacher import TeacherReward
+from rlhf_jax.training import trainers
+from rlhf_jax.training.config import load_config, model_config_dict
+from rlhf_jax.training.metrics import read_metrics
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/overoptimization.py:preset')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where every stage and the results go.')
+
+
+def finished(workdir: str) -> bool:
+  """A stage is done once its model is exported (the last thing a run does)."""
+  return os.path.exists(os.path.join(workdir, 'hf', 'config.json'))
+
+
+def run_stage(config, workdir: str) -> str:
+  """Trains `config` in `workdir` unless it has finished; returns its exported model."""
+  if not finished(workdir):
+    start = time.perf_counter()
+    trainers.run(config, workdir)
+    logging.warning('%s: %.0f s', workdir, time.perf_counter() - start)
+  return os.path.join(workdir, 'hf')
+
+
+def stage_config(name: str, experiment, **overrides):
+  """configs/<name>.py at the experiment's stage preset, with its gold reward."""
+  c = load_config(f'{name}.py:{experiment.stage_preset}')
+  c.data.playground.gold = experiment.gold
+  c.train.progress_bar = experiment.progress_bar
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split('.')
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return c
+
+
+def initial_policy(experiment, workdir: str) -> str:
+  """π_init: config.policy, or pretraining then an SFT stopped early."""
+  if experiment.policy:
+    return experiment.policy
+  base = run_stage(stage_config('pretrain', experiment,
+                                **{'train.steps': experiment.pretrain_steps}),
+                   os.path.join(workdir, 'policy', 'pretrain'))
+  return run_stage(stage_config('sft', experiment, **{'train.steps': experiment.sft_steps,
+                                                      'model.hf_path': base}),
+                   os.path.join(workdir, 'policy', 'sft'))
+
+
+def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
+  """A reward model per (model, comparisons); each described by name, path, size, data."""
+  proxies = []
+  p = experiment.proxies
+  for model in p.models:
+    for comparisons in p.comparisons:
+      name = f'{model}-{comparisons}'
+      overrides = {'train.steps': p.steps, 'data.playground.pairs': policy,
+                   'data.playground.train_size': comparisons,
+                   'data.playground.label_temperature': p.label_temperature,
+                   'data.tokenizer': policy}
+      if model == 'policy':
+        overrides['model.hf_path'] = policy
+      config = stage_config('rm', experiment, **overrides)
+      if model != 'policy':
+        config.model = model_config_dict(model, head='scalar')
+      path = run_stage(config, os.path.join(workdir, 'proxies', name))
+      proxies.append({'proxy': name, 'path': path, 'proxy_params': count_params(path),
+                      'proxy_comparisons': comparisons, 'proxy_model': model})
+  return proxies
+
+
+def count_params(hf_dir: str) -> int:
+  with safetensors.safe_open(os.path.join(hf_dir, 'model.safetensors'), 'np') as f:
+    return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def best_of_n_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
+  """Per proxy and n = 1, 2, 4, … n_max: KL_bon and the chosen answers' gold and proxy reward.
+
+  The n_max answers per prompt are sampled once (<workdir>/bon/answers.json) and shared by all
+  proxies, so their curves differ only by the proxy's choices.
+  """
+  config = stage_config('bon', experiment, **{'model.hf_path': policy, 'data.tokenizer': policy})
+  tokenizer = make_tokenizer(config, os.path.join(workdir, 'bon'))
+  mesh = parallel.make_mesh(config.mesh)
+  prompts = playground.sample_prompts(config.data.playground.seed, 'eval',
+                                      experiment.bon.num_prompts)
+  path = os.path.join(workdir, 'bon', 'answers.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      answers = json.load(f)
+  else:
+    answers = best_of_n.sample_candidates(config, tokenizer, mesh, prompts,
+                                          experiment.bon.n_max)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path + '.tmp', 'w') as f:
+        json.dump(answers, f)
+      os.replace(path + '.tmp', path)
+  gold = best_of_n.score_candidates(make_gold(config, tokenizer), prompts, answers)
+  records = []
+  for proxy in proxies:
+    reward = TeacherReward.from_hf(proxy['path'], tokenizer, seq_len=config.train.seq_len,
+                                   max_prompt_len=config.data.max_prompt_len,
+                                   batch_size=config.train.batch_size, mesh=mesh,
+                                   rules=config.sharding_rules)
+    scores = best_of_n.score_candidates(reward, prompts, answers)
+    for point in best_of_n.curve(scores, gold, best_of_n.powers_of_two(experiment.bon.n_max)):
+      records.append({**describe(proxy), 'method': 'bon', **point})
+  return records
+
+
+def rl_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
+  """Per proxy, PPO against it; a record per evaluation: Monte-Carlo KL to π_init on held-out
+  prompts, the gold and the proxy reward of the sampled answers."""
+  records = []
+  r = experiment.rl
+  for proxy in proxies:
+    config = stage_config('ppo', experiment, **{
+        'model.hf_path': policy, 'rl.reward_model': proxy['path'], 'rl.kl_coef': r.kl_coef,
+        'optim.lr': r.lr, 'train.steps': r.steps, 'train.eval_every': r.eval_every,
+        'train.checkpoint_every': r.eval_every, 'eval.num_prompts': r.eval_prompts})
+    run_dir = os.path.join(workdir, 'rl', proxy['proxy'])
+    run_stage(config, run_dir)
+    for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
+      if 'eval/samples/gold_reward' in m:
+        kl = max(m['eval/samples/kl'], 0.0)  # A Monte-Carlo estimate; KL itself is ≥ 0.
+        records.append({**describe(proxy), 'method': 'rl', 'step': m['step'], 'kl': kl,
+                        'd': math.sqrt(kl), 'gold_reward': m['eval/samples/gold_reward'],
+                        'proxy_reward': m['eval/samples/proxy_reward']})
+  return records
+
+
+def describe(proxy: dict) -> dict:
+  return {k: v for k, v in proxy.items() if k != 'path'}
+
+
+def analyse(records: list[dict], workdir: str) -> list[dict]:
+  """measurements.jsonl, fits.json and the plots; returns the fits."""
+  fits = overoptimization.fit_all(records)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'measurements.jsonl'), 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records)
+    with open(os.path.join(workdir, 'fits.json'), 'w') as f:
+      json.dump(fits, f, indent=2)
+    plots = os.path.join(workdir, 'plots')
+    os.makedirs(plots, exist_ok=True)
+    for method in overoptimization.METHODS:
+      overoptimization.plot_curves(records, fits, os.path.join(plots, f'{method}.png'),
+                                   method=method)
+    overoptimization.plot_coefficients(fits, os.path.join(plots, 'coefficients.png'),
+                                       by='proxy_comparisons')
+  return fits
+
+
+def summary(fits: list[dict]) -> str:
+  lines = [f'{"method":6} {"proxy":14} {"α":>7} {"β":>7} {"R²":>6} {"peak d":>7} '
+           f'{"gold gain at peak":>17}']
+  for f in fits:
+    peak_d = '—' if f['peak_d'] is None else f'{f["peak_d"]:.2f}'
+    peak_gain = '—' if f['peak_gain'] is None else f'{f["peak_gain"]:+.3f}'
+    lines.append(f'{f["method"]:6} {f["proxy"]:14} {f["alpha"]:7.3f} {f["beta"]:7.3f} '
+                 f'{f["r2"]:6.3f} {peak_d:>7} {peak_gain:>17}')
+  return '\n'.join(lines)
+
+
+def run(experiment, workdir: str) -> list[dict]:
+  os.makedirs(workdir, exist_ok=True)
+  policy = initial_policy(experiment, workdir)
+  proxies = train_proxies(experiment, workdir, policy)
+  records = (best_of_n_records(experiment, workdir, policy, proxies)
+             + rl_records(experiment, workdir, policy, proxies))
+  return analyse(records, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  start = time.perf_counter()
+  fits = run(_CONFIG.value, _WORKDIR.value)
+  print(summary(fits))
+  print(f'{_WORKDIR.value}: measurements.jsonl, fits.json, plots/ '
+        f'({time.perf_counter() - start:.0f} s)')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

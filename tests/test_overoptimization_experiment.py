@@ -1,0 +1,105 @@
+"""The overoptimization experiment end to end on a micro scale, and its notebook executed on the
+run's workdir.
+
+Every stage runs for real (pretrain → SFT → a proxy RM on gold-labelled pairs of the policy's
+samples → best-of-n and PPO against it → fits and plots), shrunk to a one-layer model and a few
+steps; what it checks is the wiring and the files, not the science (docs/ and README report the
+tiny preset's figures).
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from rlhf_jax.training.config import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MICRO_MODEL = {'model.n_layers': 1, 'model.d_model': 32, 'model.n_heads': 2,
+               'model.n_kv_heads': 1, 'model.d_ff': 64}
+
+
+def load_experiment():
+  spec = importlib.util.spec_from_file_location(
+      'overoptimization_experiment', ROOT / 'experiments' / 'overoptimization.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def micro():
+  """(the experiment module with every stage shrunk, the experiment's config)."""
+  experiment = load_experiment()
+  config = load_config('overoptimization.py:tiny')
+  config.update(pretrain_steps=6, sft_steps=6, progress_bar=False)
+  config.proxies.update(comparisons=(64,), steps=6)
+  config.bon.update(n_max=4, num_prompts=16)
+  config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3)
+  stage_config = experiment.stage_config
+
+  def micro_stage_config(name, experiment_config, **overrides):
+    """Every stage shrunk: a one-layer model (pretraining sets it; later stages load it)."""
+    shrink = {'train.eval_every': 0 if name in ('pretrain', 'sft', 'rm') else None,
+              'train.batch_size': 16, 'train.tensorboard': False,
+              'data.playground.train_size': 64, 'data.playground.eval_size': 16,
+              **(MICRO_MODEL if name == 'pretrain' else {})}
+    if name == 'ppo':
+      shrink.update({'rl.rollout_batch_size': 16, 'rl.num_minibatches': 2, 'rl.ppo_epochs': 1,
+                     'rl.num_prompts': 64})
+    shrink = {k: v for k, v in shrink.items() if v is not None}
+    return stage_config(name, experiment_config, **{**shrink, **overrides})
+
+  experiment.stage_config = micro_stage_config
+  return experiment, config
+
+
+@pytest.fixture(scope='module')
+def run(micro, tmp_path_factory):
+  experiment, config = micro
+  workdir = tmp_path_factory.mktemp('overoptimization')
+  return workdir, experiment.run(config, str(workdir))
+
+
+def test_the_experiment_writes_measurements_fits_and_plots(run):
+  workdir, fits = run
+  records = [json.loads(line) for line in (workdir / 'measurements.jsonl').read_text().splitlines()]
+  bon = [r for r in records if r['method'] == 'bon']
+  rl = [r for r in records if r['method'] == 'rl']
+  assert [r['n'] for r in bon] == [1, 2, 4]
+  assert [r['kl'] for r in bon] == pytest.approx([0, np.log(2) - 0.5, np.log(4) - 0.75])
+  assert [r['step'] for r in rl] == [0, 1, 2, 3]
+  assert rl[0]['kl'] == 0  # The policy before any update is the reference.
+  for r in records:
+    assert r['proxy'] == 'policy-64' and r['proxy_comparisons'] == 64
+    assert r['proxy_params'] > 0 and 0 <= r['gold_reward'] <= 1
+    assert r['d'] == pytest.approx(np.sqrt(r['kl']))
+  assert {(f['method'], f['proxy']) for f in fits} == {('bon', 'policy-64'), ('rl', 'policy-64')}
+  assert json.loads((workdir / 'fits.json').read_text()) == fits
+  for name in ('bon', 'rl', 'coefficients'):
+    assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_a_rerun_skips_every_finished_stage(run, micro, monkeypatch):
+  workdir, fits = run
+  experiment, config = micro
+  calls = []
+  monkeypatch.setattr(experiment.trainers, 'run', lambda *args: calls.append(args))
+  assert experiment.run(config, str(workdir)) == fits
+  assert not calls
+
+
+def test_the_notebook_redraws_every_plot_from_the_workdir(run, tmp_path, monkeypatch):
+  workdir, _ = run
+  monkeypatch.setenv('OVEROPTIMIZATION_WORKDIR', str(workdir))
+  monkeypatch.setenv('OVEROPTIMIZATION_PLOTS', str(tmp_path))
+  notebook = json.loads((ROOT / 'notebooks' / 'overoptimization.ipynb').read_text())
+  namespace = {}
+  for cell in notebook['cells']:
+    if cell['cell_type'] == 'code':
+      exec(compile(''.join(cell['source']), 'overoptimization.ipynb', 'exec'), namespace)
+  assert namespace['fits'] == json.loads((workdir / 'fits.json').read_text())
+  for name in ('bon', 'rl', 'coefficients'):
+    assert (tmp_path / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
