@@ -1,7 +1,11 @@
-"""MetricWriter: JSONL round trip, resume truncation, TensorBoard events, process 0 only."""
+"""MetricWriter: JSONL round trip, resume truncation, TensorBoard events, process 0 only; the
+other files of a workdir (samples, plots, HF export, reference log-probs) on a URL (storage)."""
 
+import json
 import os
 import struct
+import tempfile
+import types
 
 import fsspec
 import jax
@@ -9,8 +13,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tokenizers
+import transformers
+from flax import nnx
 from tensorboardX.proto import event_pb2
 
+from rlhf_jax import parallel
+from rlhf_jax.eval import best_of_n
+from rlhf_jax.eval.calibration import reliability_diagram
+from rlhf_jax.eval.generation import GoldRewardOfSamples
+from rlhf_jax.models import Transformer, load_hf
+from rlhf_jax.models.presets import get_preset
+from rlhf_jax.parallel import DEFAULT_RULES
+from rlhf_jax.storage import (exists, is_remote, local_cache_dir, open_file, replace_file,
+                              staged_dir, upload_dir)
+from rlhf_jax.training import loop
+from rlhf_jax.training.dpo import attach_reference_logps
+from rlhf_jax.training.loop import export_hf
 from rlhf_jax.training.metrics import MetricWriter, progress_bar, read_metrics, write_config
 
 
@@ -152,3 +171,118 @@ def test_write_config_writes_sorted_json(remote, remote_workdir, tmp_path):
     text = f.read()
   assert text == ('{\n  "optim": {\n    "lr": 0.001,\n    "name": "adamw"\n  },\n'
                   '  "seed": 3\n}')
+
+
+# Writers of other files in a workdir, through rlhf_jax.storage: local paths or URLs alike.
+
+
+def test_storage_helpers_on_local_paths_and_urls(remote_workdir, tmp_path):
+  assert is_remote('gs://bucket/run') and is_remote(remote_workdir)
+  assert not is_remote(tmp_path) and not is_remote('runs/gs:/x')
+  for root in (remote_workdir, str(tmp_path / 'run')):
+    path = f'{root}/deep/er/file.txt'
+    assert not exists(path)
+    with open_file(path, 'w') as f:  # Local parent directories are created.
+      f.write('one\ntwo\n')
+    with open_file(path) as f:
+      assert exists(path) and f.read() == 'one\ntwo\n'
+    replace_file(f'{root}/blob.bin', b'\x00\x01')
+    replace_file(f'{root}/blob.bin', b'\x02')
+    with fsspec.open(f'{root}/blob.bin', 'rb') as f:
+      assert f.read() == b'\x02'
+    assert not exists(f'{root}/blob.bin.tmp')
+
+
+def test_upload_dir_and_staged_dir_copy_a_tree(remote_workdir, tmp_path):
+  (tmp_path / 'src' / 'sub').mkdir(parents=True)
+  (tmp_path / 'src' / 'a.txt').write_text('a')
+  (tmp_path / 'src' / 'sub' / 'b.txt').write_text('b')
+  upload_dir(tmp_path / 'src', f'{remote_workdir}/copy')
+  fs = fsspec.filesystem('memory')
+  root = f'/{tmp_path.name}/run'
+  assert sorted(fs.find(f'{root}/copy')) == [f'{root}/copy/a.txt', f'{root}/copy/sub/b.txt']
+  assert fs.cat(f'{root}/copy/sub/b.txt') == b'b'
+
+  with staged_dir(str(tmp_path / 'local')) as local:
+    assert local == str(tmp_path / 'local')  # A local path is written in place.
+  with staged_dir(f'{remote_workdir}/staged') as local:
+    assert not is_remote(local)
+    with open(os.path.join(local, 'c.txt'), 'w') as f:
+      f.write('c')
+    assert not exists(f'{remote_workdir}/staged/c.txt')  # Uploaded on leaving the block.
+  assert fs.cat(f'{root}/staged/c.txt') == b'c' and not os.path.exists(local)
+
+
+def test_local_cache_dir_is_the_path_or_one_local_directory_per_url(tmp_path):
+  assert local_cache_dir(str(tmp_path / 'data')) == str(tmp_path / 'data')
+  cache = local_cache_dir('gs://bucket/run/data')
+  assert not is_remote(cache) and os.path.dirname(cache) == tempfile.gettempdir()
+  assert cache == local_cache_dir('gs://bucket/run/data')
+  assert cache != local_cache_dir('gs://bucket/other/data')
+
+
+def test_samples_and_plots_reach_a_remote_workdir(remote_workdir):
+  evaluation = types.SimpleNamespace(workdir=remote_workdir, prompts=['p0', 'p1'])
+  GoldRewardOfSamples._write_samples(evaluation, 7, ['r0', 'r1'], np.array([0.5, -1.0]))
+  with fsspec.open(f'{remote_workdir}/samples/step_7.jsonl', 'r') as f:
+    assert [json.loads(line) for line in f] == [
+        {'prompt': 'p0', 'response': 'r0', 'gold': 0.5},
+        {'prompt': 'p1', 'response': 'r1', 'gold': -1.0}]
+  reliability_diagram([0.2, 0.9], [0, 1], f'{remote_workdir}/plots/reliability_step_7.png')
+  best_of_n.plot([{'n': 1, 'd': 0.0, 'gold_reward': 0.1, 'proxy_reward': 0.2}],
+                 f'{remote_workdir}/best_of_n.png')
+  for name in ('plots/reliability_step_7.png', 'best_of_n.png'):
+    with fsspec.open(f'{remote_workdir}/{name}', 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def word_tokenizer():
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {'<pad>': 0, '<eos>': 1, 'a': 2, 'b': 3}, '<pad>'))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token='<pad>',
+                                              eos_token='<eos>')
+
+
+def test_export_hf_to_a_remote_path_loads_back_with_the_same_logits(remote_workdir, tmp_path):
+  model = Transformer(get_preset('tiny'), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  export_hf(graphdef, params, f'{remote_workdir}/hf', word_tokenizer())
+  fsspec.filesystem('memory').get(f'/{tmp_path.name}/run/hf/', str(tmp_path / 'hf'),
+                                  recursive=True)
+  logits = nnx.jit(lambda model: model(np.array([[5, 17, 3, 60, 1, 9]])))
+  np.testing.assert_allclose(logits(load_hf(tmp_path / 'hf')), logits(model), atol=1e-6)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
+  assert (tokenizer.eos_token, tokenizer('a b')['input_ids']) == ('<eos>', [2, 3])
+
+
+def test_reference_logps_are_written_to_a_remote_workdir_and_read_back(remote_workdir,
+                                                                       monkeypatch):
+  model = Transformer(get_preset('tiny'), rngs=nnx.Rngs(0))
+  monkeypatch.setattr(loop, 'build_model', lambda config, mesh: (*nnx.split(model), None))
+  config = ml_collections.ConfigDict({
+      'train': {'seq_len': 8, 'batch_size': 8, 'logprob_chunk_size': 4},
+      'sharding_rules': DEFAULT_RULES})
+  rng = np.random.default_rng(0)
+  piece = lambda n: (rng.integers(1, 64, n), np.r_[np.zeros(2, int), np.ones(n - 2, int)])
+  examples = {'train': [(piece(5), piece(7)) for _ in range(3)], 'eval': [(piece(4), piece(6))]}
+
+  attached = []
+  data = types.SimpleNamespace(shape=types.SimpleNamespace(pad_id=0), examples=examples.get,
+                               attach=lambda name, values: attached.append((name, values)))
+  attach_reference_logps(config, remote_workdir, data, parallel.make_mesh({'data': -1}))
+  monkeypatch.setattr(loop, 'build_model', None)  # Read back: no model needed.
+  attach_reference_logps(config, remote_workdir, data, None)
+  [(name, values), (read_name, read_values)] = attached
+  assert name == read_name == 'ref_logps'
+  # Row i holds log π(chosen), log π(rejected) of pair i, summed over loss-masked targets; a
+  # causal model scores each piece alone, right-padded to 8 in one batch.
+  pieces = [side for pairs in examples.values() for pair in pairs for side in pair]
+  tokens = np.stack([np.pad(ids, (0, 8 - len(ids))) for ids, _ in pieces])
+  logps = np.asarray(jax.nn.log_softmax(model(tokens)[:, :-1]))
+  expected = [sum(logps[i, t, ids[t + 1]] for t in range(len(ids) - 1) if mask[t + 1])
+              for i, (ids, mask) in enumerate(pieces)]
+  np.testing.assert_allclose(np.concatenate([values['train'], values['eval']]).ravel(),
+                             expected, rtol=1e-5)
+  for split in examples:
+    np.testing.assert_array_equal(read_values[split], values[split])

@@ -1,4 +1,8 @@
-"""From a config to the trainer's data: tokenizer, sources, mixture and batch shape."""
+"""From a config to the trainer's data: tokenizer, sources, mixture and batch shape.
+
+The playground's tokenizer and data are built once into `<workdir>/data`; for a workdir on
+shared storage (a URL), into a local directory of each host instead (`local_cache_dir`).
+"""
 
 import collections
 import os
@@ -9,6 +13,7 @@ from rlhf_jax.data.mixture import Mixture, decay_start_step
 from rlhf_jax.data.sources import encode_source, read_source
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.models import read_hf_config
+from rlhf_jax.storage import local_cache_dir
 
 
 def make_tokenizer(config, workdir: str):
@@ -22,7 +27,7 @@ def make_tokenizer(config, workdir: str):
   if not spec:
     raise ValueError('config.data.tokenizer is empty and there is no config.model.hf_path to '
                      'take a tokenizer from.')
-  tokenizer = load_tokenizer(spec, cache_dir=os.path.join(workdir, 'data'),
+  tokenizer = load_tokenizer(spec, cache_dir=local_cache_dir(os.path.join(workdir, 'data')),
                              seed=config.data.playground.seed)
   if model.hf_path:
     vocab_size = read_hf_config(model.hf_path, head=model.head).vocab_size
@@ -50,7 +55,7 @@ def make_token_data(config, workdir: str, tokenizer, *, kinds: tuple[str, ...],
   stats = collections.Counter()
   for name, spec in data.sources.items():
     kind, source_records = read_source(spec, kinds, data=data,
-                                       cache_dir=os.path.join(workdir, 'data'),
+                                       cache_dir=local_cache_dir(os.path.join(workdir, 'data')),
                                        key=f'config.data.sources.{name}', gold=gold,
                                        answer_pairs=answer_pairs)
     encoded = encode_source(source_records, kind, tokenizer, data=data, seq_len=train.seq_len)

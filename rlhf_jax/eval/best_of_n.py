@@ -26,6 +26,7 @@ from rlhf_jax.data.pipeline import make_tokenizer
 from rlhf_jax.eval.gold import make_gold
 from rlhf_jax.eval.teacher import TeacherReward
 from rlhf_jax.sampling.text import TextSampler
+from rlhf_jax.storage import open_file
 from rlhf_jax.training import loop
 
 
@@ -95,8 +96,7 @@ def run(config, workdir: str) -> list[dict]:
   records = curve(score_candidates(proxy, prompts, answers),
                   score_candidates(gold, prompts, answers), ns)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'best_of_n.jsonl'), 'w') as f:
+    with open_file(os.path.join(workdir, 'best_of_n.jsonl'), 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in records)
     plot(records, os.path.join(workdir, 'best_of_n.png'))
   return records
@@ -118,4 +118,5 @@ def plot(records, path: str) -> None:
   gold_axes.set_ylabel('gold reward (circles)', color='C0')
   proxy_axes.set_ylabel('proxy reward (squares)', color='C1')
   figure.tight_layout()
-  figure.savefig(path)
+  with open_file(path, 'wb') as f:
+    figure.savefig(f, format='png')

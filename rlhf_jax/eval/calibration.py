@@ -9,6 +9,8 @@ import scipy.special
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_jax.storage import open_file
+
 
 class ReliabilityBins(NamedTuple):
   """Equal-width bins over [0, 1]: edges [n+1]; count, confidence, frequency [n] (NaN if empty)."""
@@ -57,7 +59,8 @@ def expected_calibration_error(probs, labels, *, num_bins: int = 10) -> float:
 
 
 def reliability_diagram(probs, labels, path, *, num_bins: int = 10, title: str | None = None):
-  """Writes a PNG: empirical frequency per bin against the diagonal, the bin counts below."""
+  """Writes a PNG to `path` (local or a URL): empirical frequency per bin against the diagonal,
+  the bin counts below."""
   bins = reliability_bins(probs, labels, num_bins=num_bins)
   centers, width = (bins.edges[:-1] + bins.edges[1:]) / 2, 1.0 / num_bins
   figure = Figure(figsize=(4, 5), dpi=100, layout='constrained')
@@ -70,7 +73,8 @@ def reliability_diagram(probs, labels, path, *, num_bins: int = 10, title: str |
   top.legend(loc='upper left')
   bottom.bar(centers, bins.count, width, edgecolor='black')
   bottom.set(xlabel='predicted probability', ylabel='count')
-  figure.savefig(path)
+  with open_file(path, 'wb') as f:
+    figure.savefig(f, format='png')
   return path
 
 

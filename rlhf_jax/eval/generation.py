@@ -19,6 +19,7 @@ from flax import nnx
 
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.sampling.text import TextSampler
+from rlhf_jax.storage import open_file
 from rlhf_jax.training.scoring import sequence_logps
 
 
@@ -91,7 +92,6 @@ class GoldRewardOfSamples:
   def _write_samples(self, step, responses, gold):
     if self.workdir is None or jax.process_index() != 0:
       return
-    os.makedirs(os.path.join(self.workdir, 'samples'), exist_ok=True)
-    with open(os.path.join(self.workdir, 'samples', f'step_{step}.jsonl'), 'w') as f:
+    with open_file(os.path.join(self.workdir, 'samples', f'step_{step}.jsonl'), 'w') as f:
       for prompt, response, g in zip(self.prompts, responses, gold):
         f.write(json.dumps({'prompt': prompt, 'response': response, 'gold': float(g)}) + '\n')

@@ -66,7 +66,6 @@ class PairEvaluation:
         metrics[f'labeler_ceiling{suffix}'] = bradley_terry_ceiling(
             self.labeler_logits[rows], temperature=self.temperature)
     if self.workdir is not None and jax.process_index() == 0:
-      os.makedirs(os.path.join(self.workdir, 'plots'), exist_ok=True)
       gaps = np.concatenate([r_chosen - r_rejected, r_rejected - r_chosen])
       labels = np.concatenate([np.ones(len(r_chosen)), np.zeros(len(r_chosen))])
       reliability_diagram(1 / (1 + np.exp(-gaps)), labels,

@@ -12,6 +12,7 @@ Reference-free losses (SimPO, ORPO) need neither.
 """
 
 import functools
+import io
 import os
 
 import jax
@@ -22,6 +23,7 @@ from rlhf_jax.data.batching import pad_pairs
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.losses.dpo import LOSS_TYPES, REFERENCE_FREE, VARIANT_ARGS
+from rlhf_jax.storage import exists, open_file, replace_file
 from rlhf_jax.training import loop
 from rlhf_jax.training.algorithm import Algorithm
 from rlhf_jax.training.pairs import preference_data
@@ -93,8 +95,8 @@ def reference_params(config, mesh):
 def attach_reference_logps(config, workdir: str, data, mesh) -> None:
   """Reference log-probs of every pair, computed once (or read back), attached to the data."""
   path = os.path.join(workdir, 'reference_logps.npz')
-  if os.path.exists(path):
-    with np.load(path) as stored:
+  if exists(path):
+    with open_file(path, 'rb') as f, np.load(f) as stored:
       values = {split: stored[split] for split in stored.files}
   else:
     graphdef, params, _ = loop.build_model(config, mesh)
@@ -109,7 +111,7 @@ def attach_reference_logps(config, workdir: str, data, mesh) -> None:
                                   rules=config.sharding_rules)
     del params  # The reference is not needed again.
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      np.savez(path + '.tmp.npz', **values)
-      os.replace(path + '.tmp.npz', path)
+      buffer = io.BytesIO()
+      np.savez(buffer, **values)
+      replace_file(path, buffer.getvalue())
   data.attach('ref_logps', values)

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax import parallel
 from rlhf_jax.models import Transformer, load_hf, read_hf_config, save_hf
+from rlhf_jax.storage import staged_dir
 from rlhf_jax.training.algorithm import Algorithm
 from rlhf_jax.training.checkpoint import Checkpointer
 from rlhf_jax.training.config import to_model_config
@@ -160,7 +161,8 @@ def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
   """The trained model (and its tokenizer) as a Hugging Face checkpoint directory.
 
   The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
-  parameters are gathered to every host (save_hf writes from one host's memory).
+  parameters are gathered to every host (save_hf writes from one host's memory). A `path` on
+  shared storage (a URL) is written locally first, then uploaded.
   """
   params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() != 0:
@@ -168,9 +170,10 @@ def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
   token_ids = {}
   if tokenizer is not None:
     token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  save_hf(nnx.merge(graphdef, params), path, **token_ids)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(path)
+  with staged_dir(path) as local_path:
+    save_hf(nnx.merge(graphdef, params), local_path, **token_ids)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(local_path)
 
 
 class Throughput:

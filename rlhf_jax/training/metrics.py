@@ -16,49 +16,26 @@ import os
 import time
 from collections.abc import Mapping
 
-import fsspec
 import jax
 import numpy as np
 import tqdm
 from absl import logging
 
-
-def is_remote(path: str | os.PathLike) -> bool:
-  """Whether `path` is a URL (`gs://...`, `memory://...`) rather than a local path."""
-  return '://' in os.fspath(path)
-
-
-def _exists(path: str) -> bool:
-  fs, fs_path = fsspec.core.url_to_fs(path)
-  return fs.exists(fs_path)
-
-
-def _write_text(path: str, text: str) -> None:
-  """Replaces the file with `text`; the old one stays whole until replaced: a local file by a
-  rename, an object on shared storage by its upload, which lands in one piece."""
-  if is_remote(path):
-    with fsspec.open(path, 'w') as f:
-      f.write(text)
-    return
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+from rlhf_jax.storage import exists, is_remote, open_file, replace_file
 
 
 def write_config(config, workdir: str) -> None:
   """Writes `config` (a ConfigDict) to `workdir/config.json`, local or remote; process 0 only."""
   if jax.process_index() != 0:
     return
-  if not is_remote(workdir):
-    os.makedirs(workdir, exist_ok=True)
-  _write_text(os.path.join(workdir, 'config.json'),
-              config.to_json_best_effort(indent=2, sort_keys=True))
+  replace_file(os.path.join(workdir, 'config.json'),
+               config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
   """The records of a metrics.jsonl file (local or a URL), in order; a last line cut short is
   left out."""
-  with fsspec.open(path, 'r') as f:
+  with open_file(path, 'r') as f:
     return [json.loads(line) for line in f if line.endswith('\n') and line.strip()]
 
 
@@ -75,7 +52,7 @@ def _to_python(value):
 def _drop_after(path: str, step: int) -> list[dict]:
   """Rewrites the file without records after `step` and returns the records kept."""
   kept = [record for record in read_metrics(path) if record['step'] <= step]
-  _write_text(path, _jsonl(kept))
+  replace_file(path, _jsonl(kept))
   return kept
 
 
@@ -92,14 +69,12 @@ class MetricWriter:
     if jax.process_index() != 0:
       return
     remote = is_remote(workdir)
-    if not remote:
-      os.makedirs(workdir, exist_ok=True)
     self._path = os.path.join(workdir, 'metrics.jsonl')
-    kept = _drop_after(self._path, start_step) if _exists(self._path) else []
+    kept = _drop_after(self._path, start_step) if exists(self._path) else []
     if remote:
       self._records = kept
     else:
-      self._file = open(self._path, 'a')
+      self._file = open_file(self._path, 'a')
     if tensorboard and remote:
       logging.log_first_n(logging.WARNING, 'No TensorBoard events in a remote workdir (%s); '
                           'metrics.jsonl has every metric.', 1, workdir)
@@ -120,7 +95,7 @@ class MetricWriter:
     record = {'step': int(step), **values}
     if self._records is not None:
       self._records.append(record)
-      _write_text(self._path, _jsonl(self._records))
+      replace_file(self._path, _jsonl(self._records))
     else:
       self._file.write(_jsonl([record]))
       self._file.flush()
