@@ -15,8 +15,9 @@ import ml_collections
 from rlhf_jax.training.config import rl_run_config
 
 PRESETS = {
-    'tiny': dict(model='playground', steps=100, batch_size=64, seq_len=56, lr=1e-5),
-    'rloo-tiny': dict(model='playground', steps=100, batch_size=64, seq_len=56, lr=1e-5),
+    # 16 prompts × G = 8 samples per rollout.
+    'tiny': dict(model='playground', steps=60, batch_size=128, seq_len=56, lr=3e-5),
+    'rloo-tiny': dict(model='playground', steps=60, batch_size=128, seq_len=56, lr=3e-5),
     'small': dict(model='small', steps=500, batch_size=64, seq_len=512, lr=3e-6),
 }
 ESTIMATORS = {'tiny': 'grpo', 'rloo-tiny': 'rloo', 'small': 'grpo'}

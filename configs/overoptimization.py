@@ -12,16 +12,16 @@ Stage configs are the `preset` of configs/{pretrain,sft,rm,ppo,bon}.py, shrunk o
 import ml_collections
 
 PRESETS = {
-    # This 2-core CPU, about 20 minutes: one proxy architecture (the policy's), three amounts of
+    # This 2-core CPU, under 20 minutes: one proxy architecture (the policy's), two amounts of
     # comparisons.
-    'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=150, rm_steps=300,
-                 comparisons=(500, 2000, 8000), models=('policy',), n_max=64, bon_prompts=256,
-                 rl_steps=40, rl_eval_every=5, rl_eval_prompts=256),
+    'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=150, rm_steps=600,
+                 comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
+                 rl_steps=36, rl_eval_every=3, rl_eval_prompts=256, rl_batch_size=128),
     # Accelerators: proxies of three sizes from scratch and from the policy, more data.
     'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
                   comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
                   n_max=256, bon_prompts=1024, rl_steps=500, rl_eval_every=25,
-                  rl_eval_prompts=1024),
+                  rl_eval_prompts=1024, rl_batch_size=512),
 }
 
 
@@ -51,6 +51,9 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'steps': p['rl_steps'],
           'eval_every': p['rl_eval_every'],
           'eval_prompts': p['rl_eval_prompts'],
+          'rollout_batch_size': p['rl_batch_size'],
+          'num_minibatches': 4,
+          'ppo_epochs': 2,
           'kl_coef': 0.0,  # Gao et al.'s main runs have no KL penalty.
           'lr': 3e-5,
       },

@@ -154,6 +154,8 @@ def rl_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
     config = stage_config('ppo', experiment, **{
         'model.hf_path': policy, 'rl.reward_model': proxy['path'], 'rl.kl_coef': r.kl_coef,
         'optim.lr': r.lr, 'train.steps': r.steps, 'train.eval_every': r.eval_every,
+        'rl.rollout_batch_size': r.rollout_batch_size, 'rl.num_minibatches': r.num_minibatches,
+        'rl.ppo_epochs': r.ppo_epochs,
         'train.checkpoint_every': r.eval_every, 'eval.num_prompts': r.eval_prompts})
     run_dir = os.path.join(workdir, 'rl', proxy['proxy'])
     run_stage(config, run_dir)

@@ -1,4 +1,5 @@
-"""Two CPU processes (jax.distributed + gloo, one device each) train like one 2-device process.
+"""Two CPU processes (jax.distributed + gloo, one device each) train like one 2-device process:
+SFT, and PPO (rollouts sampled, scored and decoded across both hosts).
 
 Each process is a real `python -m rlhf_jax.main` with `--config.distributed.*`, as a user would
 launch one per host; process 0 writes metrics.jsonl.
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 from rlhf_jax.training.metrics import read_metrics
 
@@ -29,26 +32,27 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(workdir, devices: int, log, *overrides) -> subprocess.Popen:
+def start(workdir, devices: int, log, *overrides, common=COMMON) -> subprocess.Popen:
   # An explicit XLA_FLAGS: `devices` devices per process, whatever conftest.py set.
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
   # stderr goes to a file: a pipe nobody reads while we wait on the other process could fill
   # up and stall this one, and with it the collectives of both.
   return subprocess.Popen(
-      [sys.executable, '-m', 'rlhf_jax.main', f'--workdir={workdir}', *COMMON, *overrides],
+      [sys.executable, '-m', 'rlhf_jax.main', f'--workdir={workdir}', *common, *overrides],
       env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
 
 
-def test_two_processes_match_one_process(tmp_path):
+def run_single_and_two_processes(tmp_path, common) -> tuple[list[dict], list[dict]]:
+  """metrics.jsonl of one 2-device process and of two 1-device processes (gloo)."""
   port = free_port()
   logs = {name: open(tmp_path / f'{name}.log', 'w') for name in ('single', 'p0', 'p1')}
-  processes = {'single': start(tmp_path / 'single', 2, logs['single'])}
+  processes = {'single': start(tmp_path / 'single', 2, logs['single'], common=common)}
   for i in range(2):
     processes[f'p{i}'] = start(
         tmp_path / 'multi', 1, logs[f'p{i}'],
         f'--config.distributed.coordinator_address=127.0.0.1:{port}',
         '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}',
-        '--config.distributed.cpu_collectives=gloo', '--verbosity=0')
+        '--config.distributed.cpu_collectives=gloo', '--verbosity=0', common=common)
 
   deadline = time.time() + TIMEOUT
   while time.time() < deadline and any(p.poll() is None for p in processes.values()):
@@ -66,9 +70,12 @@ def test_two_processes_match_one_process(tmp_path):
     assert p.returncode == 0, f'{name} exited with {p.returncode}:\n{stderr[name][-5000:]}'
   for i in range(2):  # Really one job of two processes with one device each.
     assert f'jax.distributed: process {i} of 2, 1 local devices' in stderr[f'p{i}']
+  return (read_metrics(tmp_path / 'single/metrics.jsonl'),
+          read_metrics(tmp_path / 'multi/metrics.jsonl'))
 
-  single = read_metrics(tmp_path / 'single/metrics.jsonl')
-  multi = read_metrics(tmp_path / 'multi/metrics.jsonl')
+
+def test_two_processes_match_one_process(tmp_path):
+  single, multi = run_single_and_two_processes(tmp_path, COMMON)
   assert [m['step'] for m in multi] == [1, 2, 3, 3, 4, 5, 6, 6]  # 6 steps, eval at 3 and 6.
   assert [sorted(m) for m in multi] == [sorted(m) for m in single]
   # Exactly equal, not just to 1e-5: both runs split the batch over the same two devices and
@@ -79,3 +86,25 @@ def test_two_processes_match_one_process(tmp_path):
       tmp_path / 'single/metrics.jsonl').read_bytes()
   # Both processes took part in the final checkpoint (orbax commits only when all have).
   assert (tmp_path / 'multi/checkpoints/6').is_dir()
+
+
+def test_ppo_on_two_processes_matches_one_process(tmp_path):
+  from test_rl_runs import save_checkpoints  # pylint: disable=g-import-not-at-top
+  policy, reward = save_checkpoints(tmp_path / 'models')
+  common = [f'--config={ROOT}/configs/ppo.py:tiny', f'--config.model.hf_path={policy}',
+            f'--config.rl.reward_model={reward}', '--config.train.steps=2',
+            '--config.train.eval_every=2', '--config.train.checkpoint_every=2',
+            '--config.train.seq_len=38', '--config.rl.max_new_tokens=6',
+            '--config.rl.rollout_batch_size=8', '--config.rl.num_minibatches=2',
+            '--config.rl.ppo_epochs=1', '--config.rl.num_prompts=32',
+            '--config.train.batch_size=8', '--config.eval.num_prompts=8',
+            '--config.eval.max_new_tokens=6', '--config.train.export_hf=False',
+            '--config.mesh.data=-1', '--config.train.progress_bar=False',
+            '--config.train.tensorboard=False']
+  single, multi = run_single_and_two_processes(tmp_path, common)
+  assert [m['step'] for m in multi] == [0, 1, 2, 2]  # Evaluations at 0 and 2.
+  assert multi[1]['objective/kl'] == 0 and 0 <= multi[1]['objective/gold'] <= 1
+  assert [sorted(m) for m in multi] == [sorted(m) for m in single]
+  for one, two in zip(single, multi):
+    for key, value in one.items():
+      assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

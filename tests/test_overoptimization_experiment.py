@@ -37,7 +37,8 @@ def micro():
   config.update(pretrain_steps=6, sft_steps=6, progress_bar=False)
   config.proxies.update(comparisons=(64,), steps=6)
   config.bon.update(n_max=4, num_prompts=16)
-  config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3)
+  config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3, rollout_batch_size=16,
+                   num_minibatches=2, ppo_epochs=1)
   stage_config = experiment.stage_config
 
   def micro_stage_config(name, experiment_config, **overrides):
@@ -47,8 +48,7 @@ def micro():
               'data.playground.train_size': 64, 'data.playground.eval_size': 16,
               **(MICRO_MODEL if name == 'pretrain' else {})}
     if name == 'ppo':
-      shrink.update({'rl.rollout_batch_size': 16, 'rl.num_minibatches': 2, 'rl.ppo_epochs': 1,
-                     'rl.num_prompts': 64})
+      shrink['rl.num_prompts'] = 64
     shrink = {k: v for k, v in shrink.items() if v is not None}
     return stage_config(name, experiment_config, **{**shrink, **overrides})
 

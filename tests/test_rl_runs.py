@@ -1,4 +1,4 @@
-"""Online RL end to end (PPO, GRPO, RLOO) on tiny random models, in-process on 8 CPU devices.
+"""Online RL end to end (PPO, GRPO) on tiny random models, in-process on 8 CPU devices.
 
 The policy and reward model are random one-layer transformers over the playground tokenizer,
 saved as Hugging Face checkpoints, as an SFT and an RM run would export them. Runs are two
@@ -27,10 +27,8 @@ TINY = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads
 NEW_TOKENS = 6
 
 
-@pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
-  """(policy, reward model) HF directories, the tokenizer saved with the policy."""
-  directory = tmp_path_factory.mktemp('rl_models')
+def save_checkpoints(directory) -> tuple:
+  """(policy, reward model) HF directories of random models, the tokenizer with the policy."""
   tokenizer = build_playground_tokenizer(TINY.vocab_size, num_documents=500)
   ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
   save_hf(Transformer(TINY, rngs=nnx.Rngs(0)), directory / 'policy', **ids)
@@ -39,6 +37,11 @@ def checkpoints(tmp_path_factory):
   reward.head.kernel[...] = jax.random.normal(jax.random.key(2), reward.head.kernel.shape)
   save_hf(reward, directory / 'reward', **ids)
   return directory / 'policy', directory / 'reward'
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+  return save_checkpoints(tmp_path_factory.mktemp('rl_models'))
 
 
 def load_config(name: str):
@@ -83,11 +86,11 @@ def test_ppo_logs_every_metric_and_starts_at_the_reference(ppo_run):
   for record in logged.values():
     for key in ('objective/scores', 'objective/kl', 'objective/entropy', 'objective/gold',
                 'policy/approxkl', 'policy/clipfrac', 'loss/policy', 'loss/value',
-                'response_length', 'ended_with_eos', 'kl_coef', 'time/rollout',
-                'time/scoring', 'time/update'):
+                'response_length', 'ended_with_eos', 'kl_coef'):
       assert np.isfinite(record[key]), key
     assert 0 < record['response_length'] <= NEW_TOKENS
     assert 0 <= record['objective/gold'] <= 1
+    assert not any(k.startswith('time/') for k in record)  # Wall times: the progress bar's.
   # Before any update the policy is the reference: log π − log π_ref = 0 on every token.
   assert logged[1]['objective/kl'] == 0
   assert logged[2]['objective/kl'] != 0
@@ -133,13 +136,13 @@ def test_the_sharding_layout_does_not_change_the_numbers(ppo_run, checkpoints, t
     assert fsdp[key] == pytest.approx(data[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize('preset', ['tiny', 'rloo-tiny'])
-def test_critic_free_runs(preset, checkpoints, tmp_path):
-  config = config_for(f'grpo.py:{preset}', checkpoints, group_size=4)
+def test_grpo_runs_without_a_critic(checkpoints, tmp_path):
+  """GRPO: G samples per prompt, no critic, β·KL_k3 in the loss (RLOO's advantages differ only
+  in the pure estimator, tested in test_rl_units.py)."""
+  config = config_for('grpo.py:tiny', checkpoints, group_size=4)
   config.train.update(steps=1, eval_every=0, export_hf=False)
   trainers.run(config, str(tmp_path))
   record = iterations(tmp_path)[1]
-  assert 'loss/value' not in record
+  assert 'loss/value' not in record and 'value/clipfrac' not in record
   assert np.isfinite(record['loss/policy']) and record['objective/kl'] == 0
-  # GRPO puts β·KL in the loss (0 before the first update, > 0 after); RLOO in the reward.
-  assert ('loss/kl' in record) == (preset == 'tiny')
+  assert record['loss/kl'] >= 0  # 0 at the first minibatch, > 0 once the policy has moved.

@@ -294,6 +294,8 @@ def train(config, workdir: str) -> None:
       kl_coef = float(adaptive_kl_coef(kl_coef, metrics['objective/kl'], target=rl.kl_target,
                                        horizon=rl.kl_horizon, n_steps=rl.rollout_batch_size))
     done = iteration + 1
+    # Wall times go to the progress bar: metrics.jsonl holds only reproducible numbers.
+    times = {k: metrics.pop(k) for k in list(metrics) if k.startswith('time/')}
     if done % tc.log_every == 0 or done == tc.steps:
       writer.write(done, metrics)
     if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
@@ -301,7 +303,8 @@ def train(config, workdir: str) -> None:
     if done % tc.checkpoint_every == 0 or done == tc.steps:
       checkpointer.save(done, learner.state, {'step': done, 'kl_coef': kl_coef}, force=True)
     bar.set_postfix(score=f'{metrics["objective/scores"]:.3f}',
-                    kl=f'{metrics["objective/kl"]:.3f}')
+                    kl=f'{metrics["objective/kl"]:.3f}',
+                    s='/'.join(f'{t:.1f}' for t in times.values()))
     bar.update(1)
   bar.close()
   checkpointer.wait()
