@@ -16,12 +16,13 @@ PRESETS = {
     # comparisons.
     'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=150, rm_steps=600,
                  comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
-                 rl_steps=36, rl_eval_every=3, rl_eval_prompts=256, rl_batch_size=128),
+                 rl_steps=30, rl_eval_every=2, rl_eval_prompts=256, rl_batch_size=128,
+                 rl_lr=1e-4),
     # Accelerators: proxies of three sizes from scratch and from the policy, more data.
     'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
                   comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
                   n_max=256, bon_prompts=1024, rl_steps=500, rl_eval_every=25,
-                  rl_eval_prompts=1024, rl_batch_size=512),
+                  rl_eval_prompts=1024, rl_batch_size=512, rl_lr=1e-5),
 }
 
 
@@ -55,7 +56,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'num_minibatches': 4,
           'ppo_epochs': 2,
           'kl_coef': 0.0,  # Gao et al.'s main runs have no KL penalty.
-          'lr': 3e-5,
+          'lr': p['rl_lr'],
       },
       'progress_bar': True,
   })

@@ -38,10 +38,6 @@ from rlhf_jax.training import trainers
 from rlhf_jax.training.config import load_config, model_config_dict
 from rlhf_jax.training.metrics import read_metrics
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/overoptimization.py:preset')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where every stage and the results go.')
-
-
 def finished(workdir: str) -> bool:
   """A stage is done once its model is exported (the last thing a run does)."""
   return os.path.exists(os.path.join(workdir, 'hf', 'config.json'))
@@ -215,12 +211,15 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
-  fits = run(_CONFIG.value, _WORKDIR.value)
+  workdir = flags.FLAGS.workdir
+  fits = run(flags.FLAGS.config, workdir)
   print(summary(fits))
-  print(f'{_WORKDIR.value}: measurements.jsonl, fits.json, plots/ '
-        f'({time.perf_counter() - start:.0f} s)')
+  print(f'{workdir}: measurements.jsonl, fits.json, plots/ ({time.perf_counter() - start:.0f} s)')
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: tests import this module next to others that define --config.
+  config_flags.DEFINE_config_file('config', None, 'configs/overoptimization.py:preset')
+  flags.DEFINE_string('workdir', None, 'Where every stage and the results go.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -445,7 +445,8 @@ def test_check_config_names_the_offending_key(name, preset, change, key):
 
 
 def test_rollout_prompts_are_a_function_of_seed_and_iteration():
-  config = load_config('grpo', 'tiny')  # 64 rows: 8 prompts × G = 8.
+  config = load_config('grpo', 'tiny')
+  config.rl.rollout_batch_size = 64  # 8 prompts × G = 8.
   pool = [f'prompt {i}' for i in range(50)]
   rows = rollout_prompts(pool, config, 3)
   assert len(rows) == 64
@@ -460,6 +461,7 @@ def test_rollout_prompts_are_a_function_of_seed_and_iteration():
 
 def test_rollout_prompts_from_a_small_pool():
   config = load_config('ppo', 'tiny')  # G = 1: 64 rows from 5 prompts, with replacement.
+  config.rl.rollout_batch_size = 64
   rows = rollout_prompts(['a', 'b', 'c', 'd', 'e'], config, 0)
   assert len(rows) == 64 and set(rows) <= {'a', 'b', 'c', 'd', 'e'}
 
