@@ -34,6 +34,7 @@ from rlhf_jax.data.pipeline import make_tokenizer
 from rlhf_jax.eval import best_of_n, overoptimization
 from rlhf_jax.eval.gold import make_gold
 from rlhf_jax.eval.teacher import TeacherReward
+from rlhf_jax.storage import replace_file
 from rlhf_jax.training import trainers
 from rlhf_jax.training.config import load_config, model_config_dict
 from rlhf_jax.training.metrics import read_metrics
@@ -124,10 +125,7 @@ def best_of_n_records(experiment, workdir: str, policy: str, proxies) -> list[di
     answers = best_of_n.sample_candidates(config, tokenizer, mesh, prompts,
                                           experiment.bon.n_max)
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(answers, f)
-      os.replace(path + '.tmp', path)
+      replace_file(path, json.dumps(answers))
   gold = best_of_n.score_candidates(make_gold(config, tokenizer), prompts, answers)
   records = []
   for proxy in proxies:

@@ -12,6 +12,7 @@ skips finished points (run with the same flags) and resumes the others from thei
 import csv
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -28,6 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhf_jax.storage import replace_file
 from rlhf_jax.training.metrics import read_metrics
 
 RANDOM_SPECS = ('choice', 'uniform', 'log_uniform', 'int')  # int: [lo, hi], both included.
@@ -169,12 +171,6 @@ def _read_marker(point_dir: str) -> dict | None:
     return None
 
 
-def _write_atomically(path: str, text: str) -> None:
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
-
-
 def format_table(rows: list[dict], columns: list[str]) -> str:
   """Aligned text columns; floats with 4 significant digits."""
   cells = [[f'{row[c]:.4g}' if isinstance(row.get(c), float) else str(row.get(c, ''))
@@ -190,13 +186,13 @@ def write_results(points: list[Point], workdir: str) -> tuple[list[dict], list[s
   rows = [{**p.values, **m['result']} for p, m in zip(points, markers) if m is not None]
   result_keys = {key for m in markers if m is not None for key in m['result']}
   columns = list(points[0].values) + sorted(result_keys - set(points[0].values))
-  _write_atomically(os.path.join(workdir, 'results.jsonl'),
-                    ''.join(json.dumps(row) + '\n' for row in rows))
-  with open(os.path.join(workdir, 'results.csv.tmp'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(os.path.join(workdir, 'results.csv.tmp'), os.path.join(workdir, 'results.csv'))
+  replace_file(os.path.join(workdir, 'results.jsonl'),
+               ''.join(json.dumps(row) + '\n' for row in rows))
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  replace_file(os.path.join(workdir, 'results.csv'), table.getvalue())
   return rows, columns
 
 
@@ -222,7 +218,7 @@ def _run_point(point: Point, point_dir: str, args: list[str], label: str) -> boo
     return False
   metrics_path = os.path.join(point_dir, 'metrics.jsonl')
   result = final_metrics(read_metrics(metrics_path)) if os.path.exists(metrics_path) else {}
-  _write_atomically(os.path.join(point_dir, MARKER), json.dumps(
+  replace_file(os.path.join(point_dir, MARKER), json.dumps(
       {'values': point.values, 'result': result, 'flags': args}, indent=2) + '\n')
   print(f'{label}: finished in {seconds:.0f} s at step {result.get("step")}', flush=True)
   return True

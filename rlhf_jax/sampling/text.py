@@ -37,6 +37,12 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_len: int):
   return left_pad(ids, max_prompt_len, tokenizer.pad_token_id)
 
 
+def decode_responses(tokenizer, tokens_NxM, mask_NxM) -> list[str]:
+  """The text of each row's generated tokens (up to and including EOS), specials dropped."""
+  return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
+          for t, m in zip(np.asarray(tokens_NxM), np.asarray(mask_NxM))]
+
+
 @dataclasses.dataclass(frozen=True)
 class TextSamples:
   responses: list[str]
@@ -78,6 +84,5 @@ class TextSampler:
         {'tokens': prompt_tokens, 'mask': prompt_mask, 'row': np.arange(n, dtype=np.int32),
          'seed': np.full(n, seed, np.int32)},
         batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
-    responses = [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-                 for t, m in zip(tokens, mask)]
+    responses = decode_responses(self.tokenizer, tokens, mask)
     return TextSamples(responses, prompt_tokens, prompt_mask, tokens, mask)

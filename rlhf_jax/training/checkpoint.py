@@ -28,6 +28,12 @@ class Checkpointer:
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every))
     self._manager = ocp.CheckpointManager(_absolute(directory), options=options)
 
+  @classmethod
+  def for_run(cls, workdir: str, train) -> 'Checkpointer':
+    """The checkpoints of a run in `<workdir>/checkpoints`, as config.train asks."""
+    return cls(os.path.join(workdir, 'checkpoints'), save_every=train.checkpoint_every,
+               keep=train.keep_checkpoints, async_save=train.async_checkpoint)
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 

@@ -76,9 +76,7 @@ def train(config, workdir: str, algorithm: Algorithm) -> None:
   state_shardings = train_state_shardings(param_shardings, optimizer, params, mesh)
   state = init_train_state(params, optimizer, config.seed, state_shardings)
 
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
-                              async_save=tc.async_checkpoint)
+  checkpointer = Checkpointer.for_run(workdir, tc)
   start = checkpointer.latest_step() or 0
   if start:
     state, data_state = checkpointer.restore(start, abstract_like(state))

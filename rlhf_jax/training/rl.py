@@ -33,7 +33,7 @@ from rlhf_jax.eval.teacher import TeacherReward
 from rlhf_jax.losses import adaptive_kl_coef, kl_penalty, masked_mean
 from rlhf_jax.losses.ppo import KL_ESTIMATORS, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.sampling import make_sampler
-from rlhf_jax.sampling.text import encode_prompts
+from rlhf_jax.sampling.text import decode_responses, encode_prompts
 from rlhf_jax.training import loop
 from rlhf_jax.training.actor_critic import CRITICS, ActorCritic, ValueHead
 from rlhf_jax.training.checkpoint import Checkpointer
@@ -255,9 +255,7 @@ def train(config, workdir: str) -> None:
   learner = Learner(config, workdir)
   write_config(config, workdir)
   rl, tc = config.rl, config.train
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
-                              save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
-                              async_save=tc.async_checkpoint)
+  checkpointer = Checkpointer.for_run(workdir, tc)
   start, kl_coef = checkpointer.latest_step() or 0, rl.kl_coef
   if start:
     learner.state, data_state = checkpointer.restore(start, abstract_like(learner.state))
@@ -361,7 +359,6 @@ class Rollout:
 
   def decode(self, samples) -> list[str]:
     """The responses as text, all rows of the global batch (on every host)."""
-    tokens, mask = (np.asarray(multihost_utils.process_allgather(samples[k], tiled=True))
-                    for k in ('response_tokens', 'response_mask'))
-    return [self.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-            for t, m in zip(tokens, mask)]
+    return decode_responses(self.tokenizer, *(
+        multihost_utils.process_allgather(samples[k], tiled=True)
+        for k in ('response_tokens', 'response_mask')))
