@@ -63,6 +63,8 @@ def stage_config(name: str, experiment, **overrides):
     *path, last = key.split('.')
     for part in path:
       target = target[part]
+    if last not in target:
+      raise KeyError(f'configs/{name}.py has no key {key!r} to set from the experiment\'s config.')
     target[last] = value
   return c
 
@@ -139,18 +141,25 @@ def best_of_n_records(experiment, workdir: str, policy: str, proxies) -> list[di
   return records
 
 
+RL_RUN_KEYS = {'steps': 'train.steps', 'eval_every': 'train.eval_every',
+               'eval_prompts': 'eval.num_prompts', 'lr': 'optim.lr'}
+
+
+def ppo_overrides(rl) -> dict:
+  """configs/ppo.py's keys set by the experiment's config.rl: its run-level keys (RL_RUN_KEYS)
+  name train/eval/optim entries, every other key is one of the PPO config's config.rl."""
+  return {RL_RUN_KEYS.get(key, f'rl.{key}'): value for key, value in rl.items()}
+
+
 def rl_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
   """Per proxy, PPO against it; a record per evaluation: Monte-Carlo KL to π_init on held-out
   prompts, the gold and the proxy reward of the sampled answers."""
   records = []
   r = experiment.rl
   for proxy in proxies:
-    config = stage_config('ppo', experiment, **{
-        'model.hf_path': policy, 'rl.reward_model': proxy['path'], 'rl.kl_coef': r.kl_coef,
-        'optim.lr': r.lr, 'train.steps': r.steps, 'train.eval_every': r.eval_every,
-        'rl.rollout_batch_size': r.rollout_batch_size, 'rl.num_minibatches': r.num_minibatches,
-        'rl.ppo_epochs': r.ppo_epochs,
-        'train.checkpoint_every': r.eval_every, 'eval.num_prompts': r.eval_prompts})
+    config = stage_config('ppo', experiment, **ppo_overrides(r), **{
+        'model.hf_path': policy, 'rl.reward_model': proxy['path'],
+        'train.checkpoint_every': r.eval_every})
     run_dir = os.path.join(workdir, 'rl', proxy['proxy'])
     run_stage(config, run_dir)
     for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
@@ -185,13 +194,15 @@ def analyse(records: list[dict], workdir: str) -> list[dict]:
 
 
 def summary(fits: list[dict]) -> str:
-  lines = [f'{"method":6} {"proxy":14} {"α":>7} {"β":>7} {"R²":>6} {"peak d":>7} '
-           f'{"gold gain at peak":>17}']
+  """A table of the fits: coefficients, R², the fitted peak and the best measured point."""
+  lines = [f'{"method":6} {"proxy":14} {"α":>7} {"β":>7} {"R²":>6} {"fit: peak d":>11} '
+           f'{"gain":>7} {"measured: best d":>16} {"gain":>7} {"max d":>6}']
   for f in fits:
     peak_d = '—' if f['peak_d'] is None else f'{f["peak_d"]:.2f}'
     peak_gain = '—' if f['peak_gain'] is None else f'{f["peak_gain"]:+.3f}'
     lines.append(f'{f["method"]:6} {f["proxy"]:14} {f["alpha"]:7.3f} {f["beta"]:7.3f} '
-                 f'{f["r2"]:6.3f} {peak_d:>7} {peak_gain:>17}')
+                 f'{f["r2"]:6.3f} {peak_d:>11} {peak_gain:>7} {f["best_d"]:16.2f} '
+                 f'{f["best_gain"]:+7.3f} {f["max_d"]:6.2f}')
   return '\n'.join(lines)
 
 

@@ -175,6 +175,11 @@ def test_fit_all_fits_each_proxy_and_method_and_keeps_metadata():
     assert 'step' not in f
     assert f['gold_init'] == pytest.approx(0.3)
     assert f['max_d'] == pytest.approx(2.0) and f['num_points'] == 5
+    grid = np.array([0.0, 0.4, 0.9, 1.3, 2.0])
+    gains = alpha * grid - beta * (grid**2 if f['method'] == 'bon'
+                                   else scipy.special.xlogy(grid, grid))
+    assert f['best_d'] == pytest.approx(grid[np.argmax(gains)])
+    assert f['best_gain'] == pytest.approx(gains.max())
 
 
 def test_plots_write_png_files(tmp_path):

@@ -29,6 +29,25 @@ def load_experiment():
   return module
 
 
+@pytest.mark.parametrize('preset', ['tiny', 'small'])
+def test_the_presets_rl_keys_set_keys_of_the_ppo_config(preset):
+  experiment = load_experiment()
+  config = load_config(f'overoptimization.py:{preset}')
+  ppo = experiment.stage_config('ppo', config, **experiment.ppo_overrides(config.rl))
+  assert ppo.train.steps == config.rl.steps and ppo.optim.lr == config.rl.lr
+  assert ppo.train.eval_every == config.rl.eval_every
+  assert ppo.eval.num_prompts == config.rl.eval_prompts
+  for key in ('rollout_batch_size', 'num_minibatches', 'ppo_epochs', 'kl_coef', 'critic'):
+    assert ppo.rl[key] == config.rl[key]
+
+
+def test_a_key_the_stage_config_lacks_is_an_error_naming_it():
+  experiment = load_experiment()
+  config = load_config('overoptimization.py:tiny')
+  with pytest.raises(KeyError, match=r"configs/ppo.py has no key 'rl.kl_coeff'"):
+    experiment.stage_config('ppo', config, **{'rl.kl_coeff': 0.1})
+
+
 @pytest.fixture(scope='module')
 def micro():
   """(the experiment module with every stage shrunk, the experiment's config)."""

@@ -155,15 +155,19 @@ def measurements_to_curves(records, *, method: str, kl_atol: float = 1e-6) -> di
 
 def fit_all(records, *, kl_atol: float = 1e-6) -> list[dict]:
   """One row per (method, proxy) of the records: {'proxy', 'method', **metadata, 'gold_init',
-  'max_d', 'num_points', **fit}, methods in the order of METHODS, proxies in order of first
-  appearance. gold_init is the gold reward of the initial policy; metadata as in
+  'max_d', 'num_points', 'best_d', 'best_gain', **fit}, methods in the order of METHODS, proxies
+  in order of first appearance. gold_init is the gold reward of the initial policy; (best_d,
+  best_gain) the measured point of largest gold gain, next to the fit's peak; metadata as in
   `measurements_to_curves` (e.g. 'proxy_params', 'proxy_comparisons')."""
   rows = []
   for method in METHODS:
     for proxy, curve in measurements_to_curves(records, method=method, kl_atol=kl_atol).items():
+      best = int(np.argmax(curve['gain']))
       rows.append({'proxy': proxy, 'method': method, **curve['metadata'],
                    'gold_init': float(curve['gold_reward'][0]), 'max_d': float(curve['d'][-1]),
-                   'num_points': len(curve['d']), **fit(curve['d'], curve['gain'], method=method)})
+                   'num_points': len(curve['d']), 'best_d': float(curve['d'][best]),
+                   'best_gain': float(curve['gain'][best]),
+                   **fit(curve['d'], curve['gain'], method=method)})
   return rows
 
 
