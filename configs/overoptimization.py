@@ -15,9 +15,10 @@ PRESETS = {
     # This 2-core CPU, under 20 minutes: one proxy architecture (the policy's), two amounts of
     # comparisons. SFT stops at 80 steps (gold 0.70, against 0.88 at 150) to leave room for
     # improvement. PPO takes one step per 128 fresh answers (rollouts of 256, 2 minibatches,
-    # 1 epoch) at lr 7e-5. Measured on this preset against the 16,000-comparison proxy:
-    # minibatches of 32 (lr 4e-5) give a noisier curve (R² 0.40), lr 1e-4 peaks early and low
-    # (+0.015 at KL 0.08), and at lr 5e-5 the gold is still rising after 100 iterations.
+    # 1 epoch) at lr 7e-5. Measured on this preset against the 16,000-comparison proxy: with a
+    # critic copied from it, minibatches of 32 (lr 4e-5) give a noisier curve (R² 0.40) and
+    # lr 1e-4 peaks early and low (+0.015 at KL 0.08); with the value head at lr 5e-5 the gold
+    # is still rising after 100 iterations.
     # A value head on the policy costs half as much as a critic copied from the proxy.
     'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, rm_steps=600,
                  comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
