@@ -56,8 +56,10 @@ def micro():
   config.update(pretrain_steps=6, sft_steps=6, progress_bar=False)
   config.proxies.update(comparisons=(64,), steps=6)
   config.bon.update(n_max=4, num_prompts=16)
+  # critic='model': with the tiny preset's value head, this micro policy's Monte-Carlo KL on 32
+  # prompts stays below 0 (clipped to d = 0), and the RL fit needs two points with d > 0.
   config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3, rollout_batch_size=16,
-                   num_minibatches=2, ppo_epochs=1)
+                   num_minibatches=2, ppo_epochs=1, critic='model')
   stage_config = experiment.stage_config
 
   def micro_stage_config(name, experiment_config, **overrides):
