@@ -19,7 +19,8 @@ PRESETS = {
     # critic copied from it, minibatches of 32 (lr 4e-5) give a noisier curve (R² 0.40) and
     # lr 1e-4 peaks early and low (+0.015 at KL 0.08); with the value head at lr 5e-5 the gold
     # is still rising after 100 iterations.
-    # A value head on the policy costs half as much as a critic copied from the proxy.
+    # A value head on the policy takes about 40 % less time per iteration than a critic copied
+    # from the proxy (4.2 against 6.9 s, side by side).
     'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, rm_steps=600,
                  comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
                  rl_steps=150, rl_eval_every=10, rl_eval_prompts=1024, rl_batch_size=256,
