@@ -152,8 +152,8 @@ def ppo_overrides(rl) -> dict:
 
 
 def rl_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
-  """Per proxy, PPO against it; a record per evaluation: Monte-Carlo KL to π_init on held-out
-  prompts, the gold and the proxy reward of the sampled answers."""
+  """Per proxy, PPO against it; a record per evaluation: the Rao–Blackwellised Monte-Carlo KL
+  to π_init on held-out prompts, the gold and the proxy reward of the sampled answers."""
   records = []
   r = experiment.rl
   for proxy in proxies:
@@ -164,7 +164,7 @@ def rl_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
     run_stage(config, run_dir)
     for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
       if 'eval/samples/gold_reward' in m:
-        kl = max(m['eval/samples/kl'], 0.0)  # A Monte-Carlo estimate; KL itself is ≥ 0.
+        kl = max(m['eval/samples/kl'], 0.0)  # A sum of KLs ≥ 0, but for float rounding.
         records.append({**describe(proxy), 'method': 'rl', 'step': m['step'], 'kl': kl,
                         'd': math.sqrt(kl), 'gold_reward': m['eval/samples/gold_reward'],
                         'proxy_reward': m['eval/samples/proxy_reward']})

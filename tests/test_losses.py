@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.losses import masked_mean, sft_loss, token_logprobs
+from rlhf_jax.losses import masked_mean, sft_loss, token_kl, token_logprobs
 
 
 def test_masked_mean_hand_computed():
@@ -33,6 +33,22 @@ def test_token_logprobs_equal_dense_log_softmax(chunk_size):
   dense_grads = jax.grad(lambda h, w: dense(h, w).sum(), argnums=(0, 1))(hidden, unembed)
   for g, dg in zip(grads, dense_grads):
     np.testing.assert_allclose(g, dg, atol=1e-5)
+
+
+@pytest.mark.parametrize('chunk_size', [1, 3, 16])
+def test_token_kl_equals_the_dense_kl_of_the_two_softmaxes(chunk_size):
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  hidden, reference_hidden = jax.random.normal(k1, (2, 7, 8)), jax.random.normal(k2, (2, 7, 6))
+  unembed, reference_unembed = jax.random.normal(k3, (8, 11)), jax.random.normal(k4, (6, 11))
+  p = np.asarray(jax.nn.softmax(hidden @ unembed), np.float64)
+  q = np.asarray(jax.nn.softmax(reference_hidden @ reference_unembed), np.float64)
+  dense = (p * (np.log(p) - np.log(q))).sum(-1)
+  kl = token_kl(hidden, unembed, reference_hidden, reference_unembed, chunk_size=chunk_size)
+  assert kl.shape == (2, 7)
+  np.testing.assert_allclose(kl, dense, rtol=1e-4, atol=1e-5)
+  assert (dense > 0).all()
+  np.testing.assert_allclose(token_kl(hidden, unembed, hidden, unembed, chunk_size=chunk_size),
+                             0.0, atol=1e-6)
 
 
 def test_sft_loss_token_and_sequence_normalisation():

@@ -56,10 +56,8 @@ def micro():
   config.update(pretrain_steps=6, sft_steps=6, progress_bar=False)
   config.proxies.update(comparisons=(64,), steps=6)
   config.bon.update(n_max=4, num_prompts=16)
-  # critic='model': with the tiny preset's value head, this micro policy's Monte-Carlo KL on 32
-  # prompts stays below 0 (clipped to d = 0), and the RL fit needs two points with d > 0.
   config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3, rollout_batch_size=16,
-                   num_minibatches=2, ppo_epochs=1, critic='model')
+                   num_minibatches=2, ppo_epochs=1)
   stage_config = experiment.stage_config
 
   def micro_stage_config(name, experiment_config, **overrides):
@@ -93,6 +91,7 @@ def test_the_experiment_writes_measurements_fits_and_plots(run):
   assert [r['kl'] for r in bon] == pytest.approx([0, np.log(2) - 0.5, np.log(4) - 0.75])
   assert [r['step'] for r in rl] == [0, 1, 2, 3]
   assert rl[0]['kl'] == 0  # The policy before any update is the reference.
+  assert all(r['kl'] > 0 for r in rl[1:])  # A sum of KLs, never clipped to 0.
   for r in records:
     assert r['proxy'] == 'policy-64' and r['proxy_comparisons'] == 64
     assert r['proxy_params'] > 0 and 0 <= r['gold_reward'] <= 1

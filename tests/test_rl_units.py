@@ -1,7 +1,9 @@
 """Online RL's pieces (actor-critic forward, rollout scoring, advantages, the RL loss, config
-checks, prompts) against dense forwards, NumPy transcriptions of the formulas and hand values."""
+checks, prompts, the KL to a reference) against dense forwards, NumPy transcriptions of the
+formulas, exact enumerations and hand values."""
 
 import importlib.util
+import itertools
 import pathlib
 
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from rlhf_jax.training.actor_critic import ActorCritic, ValueHead
 from rlhf_jax.training.rl import check_config, rl_loss_fn, rollout_prompts, training_prompts
 from rlhf_jax.training.rollout import (advantages_and_returns, reward_model_scores,
                                        score_rollout, sequences)
+from rlhf_jax.training.scoring import sequence_kl, sequence_logps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
@@ -478,3 +481,42 @@ def test_training_prompts_from_a_text_file(tmp_path):
   config.rl.prompts = str(tmp_path / 'missing.txt')
   with pytest.raises(FileNotFoundError, match=r'config\.rl\.prompts'):
     training_prompts(config)
+
+
+# The KL of sampled answers to a reference (evaluations).
+
+
+def every_answer(vocab_size, eos, max_new_tokens):
+  """Every answer a sampler can draw, right-padded to max_new_tokens: tokens, mask [A, N]."""
+  answers = []
+  for length in range(1, max_new_tokens + 1):
+    for prefix in itertools.product([v for v in range(vocab_size) if v != eos],
+                                    repeat=length - 1):
+      last = [eos] if length < max_new_tokens else range(vocab_size)
+      answers += [(*prefix, token) for token in last]
+  tokens = np.array([a + (0,) * (max_new_tokens - len(a)) for a in answers])
+  mask = np.array([[1] * len(a) + [0] * (max_new_tokens - len(a)) for a in answers])
+  return tokens, mask
+
+
+def test_sequence_kl_averaged_over_every_answer_is_the_exact_kl_of_the_answer_distributions():
+  """E_{y~π} Σ_t KL(π(·|y_<t) ‖ π_ref(·|y_<t)) = Σ_y π(y) log π(y)/π_ref(y), enumerating y
+  (answers stop at EOS or after N tokens)."""
+  config = CONFIG.replace(vocab_size=5)
+  policy, reference = (Transformer(config, rngs=nnx.Rngs(seed)) for seed in (0, 1))
+  answers, answer_mask = every_answer(5, eos=1, max_new_tokens=3)
+  prompt = np.broadcast_to([0, 3, 4], (len(answers), 3))
+  prompt_mask = np.broadcast_to([0, 1, 1], (len(answers), 3))
+  rows = (jnp.asarray(np.concatenate([prompt, answers], 1)),
+          jnp.asarray(np.concatenate([prompt_mask, answer_mask], 1)),
+          jnp.asarray(np.concatenate([np.zeros_like(prompt_mask), answer_mask], 1)))
+  logp = np.asarray(sequence_logps(policy, *rows, chunk_size=2)[0], np.float64)
+  reference_logp = np.asarray(sequence_logps(reference, *rows, chunk_size=2)[0], np.float64)
+  probability = np.exp(logp)
+  assert probability.sum() == pytest.approx(1.0, abs=1e-5)  # The enumeration is complete.
+  exact = (probability * (logp - reference_logp)).sum()
+  kl = np.asarray(sequence_kl(policy, reference, *rows, chunk_size=2), np.float64)
+  assert (kl > 0).all()  # Unlike log π(y)/π_ref(y), which is negative for some answers:
+  assert (logp < reference_logp).any()
+  assert (probability * kl).sum() == pytest.approx(exact, rel=1e-4)
+  np.testing.assert_allclose(sequence_kl(policy, policy, *rows, chunk_size=2), 0.0, atol=1e-6)

@@ -20,7 +20,7 @@ from flax import nnx
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.storage import open_file
-from rlhf_jax.training.scoring import sequence_logps
+from rlhf_jax.training.scoring import sequence_kl
 
 
 class GoldRewardOfSamples:
@@ -32,8 +32,9 @@ class GoldRewardOfSamples:
   architecture, e.g. the SFT model), it also reports
     win_rate = mean_x [1(g(x, y) > g(x, y_ref)) + ½·1(g(x, y) = g(x, y_ref))],
         y ~ π(·|x), y_ref ~ π_ref(·|x), drawn with the same keys;
-    kl       = mean_x [log π(y|x) − log π_ref(y|x)], y ~ π: a Monte-Carlo estimate of
-        KL(π‖π_ref) per prompt, exact in expectation when sampling at temperature 1.
+    kl       = mean_x Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), y ~ π: the Rao–Blackwellised
+        Monte-Carlo estimate of KL(π‖π_ref) per prompt (`sequence_kl`), never negative and
+        exact in expectation when sampling at temperature 1.
   """
 
   def __init__(self, prompts: Sequence[str], tokenizer, graphdef, *, gold_fn: Callable,
@@ -50,12 +51,12 @@ class GoldRewardOfSamples:
                                batch_size=batch_size, max_prompt_len=max_prompt_len,
                                max_new_tokens=max_new_tokens, temperature=temperature)
 
-    def logps(params, batch):
-      return sequence_logps(nnx.merge(graphdef, params), batch['tokens'],
-                            batch['attention_mask'], batch['loss_mask'],
-                            chunk_size=chunk_size)[0]
+    def kl(params, reference_params, batch):
+      return sequence_kl(nnx.merge(graphdef, params), nnx.merge(graphdef, reference_params),
+                         batch['tokens'], batch['attention_mask'], batch['loss_mask'],
+                         chunk_size=chunk_size)
 
-    self._logps = jax.jit(logps)
+    self._kl = jax.jit(kl)
     self._reference_gold = None  # Gold of the reference's samples: fixed, computed once.
 
   def _sample(self, params):
@@ -84,10 +85,10 @@ class GoldRewardOfSamples:
     reference = self.reference()
     if self._reference_gold is None:
       self._reference_gold = self._sample(reference)[1]
-    score = lambda p: map_batches(functools.partial(self._logps, p), samples.sequences(),
-                                  batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
+    kl = map_batches(functools.partial(self._kl, params, reference), samples.sequences(),
+                     batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
     wins = (gold > self._reference_gold) + 0.5 * (gold == self._reference_gold)
-    return {'win_rate': wins.mean(), 'kl': (score(params) - score(reference)).mean()}
+    return {'win_rate': wins.mean(), 'kl': kl.mean()}
 
   def _write_samples(self, step, responses, gold):
     if self.workdir is None or jax.process_index() != 0:

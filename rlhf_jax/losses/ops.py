@@ -1,4 +1,4 @@
-"""Shared array ops of the losses: masked reductions and memory-light token log-probs."""
+"""Shared array ops of the losses: masked reductions, memory-light token log-probs and KLs."""
 
 import functools
 
@@ -47,3 +47,32 @@ def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: in
   _, logps_NxBxC = jax.lax.scan(lambda c, xs: (c, chunk_logprobs(*xs)), None,
                                 (hidden_NxBxCxD, targets_NxBxC))
   return logps_NxBxC.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
+
+
+def token_kl(hidden_BxTxD, unembedding_DxV, reference_hidden_BxTxD, reference_unembedding_DxV,
+             *, chunk_size: int = 256):
+  """KL(π(·|context_t) ‖ π_ref(·|context_t)) [B, T] in float32, over the whole vocabulary.
+
+  KL_t = Σ_v π(v|·) (log π(v|·) − log π_ref(v|·)), the two distributions made from each model's
+  hidden states and unembedding. Chunked over the sequence like `token_logprobs` (forward only).
+  """
+  b, t, _ = hidden_BxTxD.shape
+  chunk = min(chunk_size, t)
+  pad = -t % chunk
+  n = (t + pad) // chunk
+
+  def chunks(h_BxTxD):
+    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    return h.reshape(b, n, chunk, h.shape[-1]).swapaxes(0, 1)
+
+  def chunk_kl(h_BxCxD, ref_h_BxCxD):
+    logps = jax.nn.log_softmax(jnp.dot(h_BxCxD, unembedding_DxV.astype(h_BxCxD.dtype),
+                                       preferred_element_type=jnp.float32))
+    ref_logps = jax.nn.log_softmax(jnp.dot(
+        ref_h_BxCxD, reference_unembedding_DxV.astype(ref_h_BxCxD.dtype),
+        preferred_element_type=jnp.float32))
+    return jnp.sum(jnp.exp(logps) * (logps - ref_logps), axis=-1)
+
+  _, kl_NxBxC = jax.lax.scan(lambda c, xs: (c, chunk_kl(*xs)), None,
+                             (chunks(hidden_BxTxD), chunks(reference_hidden_BxTxD)))
+  return kl_NxBxC.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
