@@ -5,10 +5,11 @@
 
 Options (config.rl, rlhf_jax/training/config.py:rl_config): the critic is a copy of the reward
 model (`critic='model'`) or a value head on the policy (`'head'`); β = kl_coef, fixed or adaptive
-(`adaptive_kl`, `kl_target`); `kl_coef=0` for the overoptimization regime. Each iteration logs
-objective/{scores,kl,entropy,rlhf_reward,gold}, policy/{approxkl,clipfrac}, loss/{policy,value}
-(the progress bar: rollout / scoring / update seconds); evaluations add gold and proxy reward,
-win rate and KL to the SFT policy on held-out prompts.
+(`adaptive_kl`, `kl_target`); `kl_coef=0` for the overoptimization regime; `stop_kl`, a KL
+budget, ends the run at the first evaluation that measures that KL to the initial policy. Each
+iteration logs objective/{scores,kl,entropy,rlhf_reward,gold}, policy/{approxkl,clipfrac},
+loss/{policy,value} (the progress bar: rollout / scoring / update seconds); evaluations add gold
+and proxy reward, win rate and KL to the SFT policy on held-out prompts.
 """
 
 import ml_collections

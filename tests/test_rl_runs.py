@@ -125,6 +125,23 @@ def test_a_resumed_run_equals_the_uninterrupted_one(ppo_run, checkpoints, tmp_pa
       evaluations(ppo_run)[2]['eval/samples/gold_reward'])
 
 
+def test_a_kl_budget_ends_the_run_at_the_first_evaluation_that_reaches_it(checkpoints, tmp_path):
+  free = config_for('ppo.py:tiny', checkpoints)
+  free.train.update(steps=3, eval_every=1, export_hf=False)
+  trainers.run(free, str(tmp_path / 'free'))
+  kl = {step: m['eval/samples/kl'] for step, m in evaluations(tmp_path / 'free').items()}
+  assert 0 == kl[0] < kl[1] < kl[2]
+  budget = config_for('ppo.py:tiny', checkpoints, stop_kl=(kl[1] + kl[2]) / 2)
+  budget.train.update(steps=3, eval_every=1)
+  workdir = tmp_path / 'budget'
+  trainers.run(budget, str(workdir))
+  assert sorted(iterations(workdir)) == [1, 2] and sorted(evaluations(workdir)) == [0, 1, 2]
+  assert evaluations(workdir)[2]['eval/samples/kl'] == pytest.approx(kl[2], rel=1e-5)
+  assert (workdir / 'hf' / 'config.json').exists()  # The policy it stopped at.
+  trainers.run(budget, str(workdir))  # A rerun stays stopped.
+  assert sorted(iterations(workdir)) == [1, 2] and sorted(evaluations(workdir)) == [0, 1, 2]
+
+
 def test_the_sharding_layout_does_not_change_the_numbers(ppo_run, checkpoints, tmp_path):
   config = config_for('ppo.py:tiny', checkpoints)
   config.train.update(steps=1, eval_every=0, export_hf=False)

@@ -427,6 +427,14 @@ def unknown_kl_estimator(c):
   c.rl.kl_estimator = 'k4'
 
 
+def kl_budget_without_evaluations(c):
+  c.rl.stop_kl, c.train.eval_every = 4.5, 0
+
+
+def negative_kl_budget(c):
+  c.rl.stop_kl = -1.0
+
+
 @pytest.mark.parametrize('name, preset, change, key', [
     ('ppo', 'tiny', gae_without_critic, 'config.rl.critic'),
     ('grpo', 'tiny', grpo_with_one_sample, 'config.rl.group_size'),
@@ -436,6 +444,8 @@ def unknown_kl_estimator(c):
     ('ppo', 'tiny', no_policy, 'config.model.hf_path'),
     ('ppo', 'tiny', no_reward_model, 'config.rl.reward_model'),
     ('ppo', 'tiny', unknown_kl_estimator, 'config.rl.kl_estimator'),
+    ('ppo', 'tiny', kl_budget_without_evaluations, 'config.rl.stop_kl'),
+    ('ppo', 'tiny', negative_kl_budget, 'config.rl.stop_kl'),
 ])
 def test_check_config_names_the_offending_key(name, preset, change, key):
   config = load_config(name, preset)

@@ -181,6 +181,9 @@ def rl_config(**overrides) -> ml_collections.ConfigDict:
       'whiten_advantages': True,
       'normalize_scores': True,  # Scores of the initial policy's responses: mean 0, std 1.
       'missing_eos_penalty': 1.0,  # Subtracted from the score of a response without EOS.
+      # A KL budget: stop after the first evaluation whose KL to the initial policy reaches it
+      # (0: run every step), so that runs are compared over the same range of d = √KL.
+      'stop_kl': 0.0,
       **overrides,
   })
 

@@ -7,7 +7,8 @@ Each iteration (one `step` of the run)
      and advantages (`rlhf_jax.training.rollout`);
   3. update: `ppo_epochs` passes over the rollout in shuffled minibatches, each minibatch one
      step of the generic train step (`make_train_step`) on the clipped losses.
-The KL coefficient β is fixed or follows the adaptive controller (Ziegler et al. 2019). The
+The KL coefficient β is fixed or follows the adaptive controller (Ziegler et al. 2019); with a KL
+budget (`config.rl.stop_kl`) the run ends at the first evaluation that measures it. The
 models, all on one mesh: the policy and its critic (trained together, `ActorCritic`), the
 reference (the initial policy) and the reward model (frozen). A killed run resumes from its
 last checkpoint and continues as if never stopped: prompts, sampling keys and minibatch orders
@@ -92,6 +93,11 @@ def check_config(config) -> None:
   if rl.kl_in_loss and rl.adaptive_kl:
     raise ValueError('config.rl.adaptive_kl steers the KL penalty in the reward; it does not '
                      'apply with config.rl.kl_in_loss=True.')
+  if rl.stop_kl < 0:
+    raise ValueError(f'config.rl.stop_kl={rl.stop_kl} must be ≥ 0 (0: no KL budget).')
+  if rl.stop_kl and not (config.train.eval_every and config.eval.gold == 'playground'):
+    raise ValueError(f'config.rl.stop_kl={rl.stop_kl} stops on the KL that evaluations measure; '
+                     'it needs config.train.eval_every > 0 and config.eval.gold="playground".')
   needed = config.data.max_prompt_len + rl.max_new_tokens
   if config.train.seq_len < needed:
     raise ValueError(f'config.train.seq_len={config.train.seq_len} < max_prompt_len + '
@@ -256,10 +262,10 @@ def train(config, workdir: str) -> None:
   write_config(config, workdir)
   rl, tc = config.rl, config.train
   checkpointer = Checkpointer.for_run(workdir, tc)
-  start, kl_coef = checkpointer.latest_step() or 0, rl.kl_coef
+  start, kl_coef, stopped = checkpointer.latest_step() or 0, rl.kl_coef, False
   if start:
     learner.state, data_state = checkpointer.restore(start, abstract_like(learner.state))
-    kl_coef = data_state['kl_coef']
+    kl_coef, stopped = data_state['kl_coef'], data_state.get('stopped', False)
     logging.warning('Resumed %s from iteration %d.', workdir, start)
   writer = MetricWriter(workdir, start_step=start, tensorboard=tc.tensorboard)
 
@@ -273,16 +279,18 @@ def train(config, workdir: str) -> None:
   evaluations = (make_evaluations(models.policy_graphdef, learner.mesh) if make_evaluations
                  else {})
 
-  def evaluate(iteration):
-    policy = learner.state.params['policy']
+  def evaluate(iteration) -> dict:
+    policy, metrics = learner.state.params['policy'], {}
     for name, evaluation in evaluations.items():
-      writer.write(iteration, {f'eval/{name}/{k}': v
-                               for k, v in evaluation(policy, iteration).items()})
+      metrics |= {f'eval/{name}/{k}': v for k, v in evaluation(policy, iteration).items()}
+    if metrics:
+      writer.write(iteration, metrics)
+    return metrics
 
   if start == 0 and tc.eval_every and tc.eval_at_start:
     evaluate(0)
   bar = progress_bar(tc.steps, start, enabled=tc.progress_bar)
-  for iteration in range(start, tc.steps):
+  for iteration in range(start, start if stopped else tc.steps):
     samples, metrics = learner.iterate(iteration, kl_coef)
     metrics['kl_coef'] = kl_coef
     if gold is not None:
@@ -297,13 +305,19 @@ def train(config, workdir: str) -> None:
     if done % tc.log_every == 0 or done == tc.steps:
       writer.write(done, metrics)
     if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-      evaluate(done)
-    if done % tc.checkpoint_every == 0 or done == tc.steps:
-      checkpointer.save(done, learner.state, {'step': done, 'kl_coef': kl_coef}, force=True)
+      kl = evaluate(done).get('eval/samples/kl', 0.0)
+      stopped = bool(rl.stop_kl and kl >= rl.stop_kl)
+    if done % tc.checkpoint_every == 0 or done == tc.steps or stopped:
+      checkpointer.save(done, learner.state,
+                        {'step': done, 'kl_coef': kl_coef, 'stopped': stopped}, force=True)
     bar.set_postfix(score=f'{metrics["objective/scores"]:.3f}',
                     kl=f'{metrics["objective/kl"]:.3f}',
                     s='/'.join(f'{t:.1f}' for t in times.values()))
     bar.update(1)
+    if stopped:
+      logging.warning('%s: KL to the initial policy %.3f ≥ config.rl.stop_kl = %g after '
+                      'iteration %d; stopping.', workdir, kl, rl.stop_kl, done)
+      break
   bar.close()
   checkpointer.wait()
   checkpointer.close()
