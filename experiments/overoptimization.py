@@ -8,7 +8,9 @@ Stages, each a run in <workdir> that a rerun resumes or skips once finished:
   proxies/<model>-<N>/     a reward model on N gold-labelled comparisons of π_init's samples
   bon/                     n_max answers of π_init per held-out prompt, sampled once
   rl/<proxy>/              PPO against the proxy (no KL penalty by default), evaluated every
-                           few iterations on held-out prompts: gold and proxy reward, KL to π_init
+                           few iterations on held-out prompts: gold and proxy reward, KL to π_init;
+                           with a KL budget (config.rl.stop_kl) it stops once the KL reaches it
+  compilation_cache/       XLA executables, shared by the stages of one shape
 Then, in <workdir>:
   measurements.jsonl  one record per measured point: proxy, method (bon | rl), kl, d = √kl,
                       gold_reward, proxy_reward, the proxy's size and number of comparisons
@@ -34,7 +36,7 @@ from rlhf_jax.data.pipeline import make_tokenizer
 from rlhf_jax.eval import best_of_n, overoptimization
 from rlhf_jax.eval.gold import make_gold
 from rlhf_jax.eval.teacher import TeacherReward
-from rlhf_jax.storage import replace_file
+from rlhf_jax.storage import local_cache_dir, replace_file
 from rlhf_jax.training import trainers
 from rlhf_jax.training.config import load_config, model_config_dict
 from rlhf_jax.training.metrics import read_metrics
@@ -88,7 +90,9 @@ def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
   for model in p.models:
     for comparisons in p.comparisons:
       name = f'{model}-{comparisons}'
-      overrides = {'train.steps': p.steps, 'data.playground.pairs': policy,
+      # Evaluated once, trained: held-out accuracy and agreement with the gold.
+      overrides = {'train.steps': p.steps, 'train.eval_every': p.steps,
+                   'train.eval_at_start': False, 'data.playground.pairs': policy,
                    'data.playground.train_size': comparisons,
                    'data.playground.label_temperature': p.label_temperature,
                    'data.tokenizer': policy}
@@ -221,6 +225,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
   workdir = flags.FLAGS.workdir
+  # Stages of the same shapes (the proxies, the PPO runs) compile once; a rerun reuses it all.
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(local_cache_dir(workdir), 'compilation_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   fits = run(flags.FLAGS.config, workdir)
   print(summary(fits))
   print(f'{workdir}: measurements.jsonl, fits.json, plots/ ({time.perf_counter() - start:.0f} s)')

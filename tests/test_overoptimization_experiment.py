@@ -37,7 +37,8 @@ def test_the_presets_rl_keys_set_keys_of_the_ppo_config(preset):
   assert ppo.train.steps == config.rl.steps and ppo.optim.lr == config.rl.lr
   assert ppo.train.eval_every == config.rl.eval_every
   assert ppo.eval.num_prompts == config.rl.eval_prompts
-  for key in ('rollout_batch_size', 'num_minibatches', 'ppo_epochs', 'kl_coef', 'critic'):
+  for key in ('rollout_batch_size', 'num_minibatches', 'ppo_epochs', 'kl_coef', 'critic',
+              'stop_kl'):
     assert ppo.rl[key] == config.rl[key]
 
 
