@@ -29,13 +29,13 @@ PRESETS = {
                  comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
                  rl_steps=250, rl_stop_kl=4.5, rl_eval_every=20, rl_eval_prompts=1024,
                  rl_batch_size=256, rl_minibatches=2, rl_epochs=1, rl_critic='head',
-                 rl_lr=7e-5),
+                 rl_lr=7e-5, workers=2),
     # Accelerators: proxies of three sizes from scratch and from the policy, more data.
     'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
                   comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
                   n_max=256, bon_prompts=1024, rl_steps=500, rl_stop_kl=0.0, rl_eval_every=25,
                   rl_eval_prompts=1024, rl_batch_size=512, rl_minibatches=4, rl_epochs=1,
-                  rl_critic='model', rl_lr=1e-5),
+                  rl_critic='model', rl_lr=1e-5, workers=1),
 }
 
 
@@ -77,5 +77,8 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'stop_kl': p['rl_stop_kl'],
           'lr': p['rl_lr'],
       },
+      # Proxies, then PPO runs, trained this many at a time in processes of their own: on a
+      # CPU one run leaves cores idle. 1 on an accelerator, which one run fills.
+      'workers': p['workers'],
       'progress_bar': True,
   })

@@ -10,7 +10,8 @@ Stages, each a run in <workdir> that a rerun resumes or skips once finished:
   rl/<proxy>/              PPO against the proxy (no KL penalty by default), evaluated every
                            few iterations on held-out prompts: gold and proxy reward, KL to π_init;
                            with a KL budget (config.rl.stop_kl) it stops once the KL reaches it
-  compilation_cache/       XLA executables, shared by the stages of one shape
+The proxies, and then the PPO runs, are trained config.workers at a time, each in a process of
+its own.
 Then, in <workdir>:
   measurements.jsonl  one record per measured point: proxy, method (bon | rl), kl, d = √kl,
                       gold_reward, proxy_reward, the proxy's size and number of comparisons
@@ -22,8 +23,10 @@ notebooks/overoptimization.ipynb redraws the plots from a workdir.
 
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent import futures
 
 import jax
 import safetensors
@@ -36,7 +39,7 @@ from rlhf_jax.data.pipeline import make_tokenizer
 from rlhf_jax.eval import best_of_n, overoptimization
 from rlhf_jax.eval.gold import make_gold
 from rlhf_jax.eval.teacher import TeacherReward
-from rlhf_jax.storage import local_cache_dir, replace_file
+from rlhf_jax.storage import replace_file
 from rlhf_jax.training import trainers
 from rlhf_jax.training.config import load_config, model_config_dict
 from rlhf_jax.training.metrics import read_metrics
@@ -48,11 +51,42 @@ def finished(workdir: str) -> bool:
 
 def run_stage(config, workdir: str) -> str:
   """Trains `config` in `workdir` unless it has finished; returns its exported model."""
-  if not finished(workdir):
-    start = time.perf_counter()
-    trainers.run(config, workdir)
-    logging.warning('%s: %.0f s', workdir, time.perf_counter() - start)
+  run_stages([(config, workdir)], workers=1)
   return os.path.join(workdir, 'hf')
+
+
+def run_stages(stages: list[tuple], workers: int) -> None:
+  """Trains each unfinished (config, workdir); with workers > 1, that many at once, each in a
+  process of its own (without progress bars, which would overwrite one another).
+
+  On a CPU one run leaves cores idle (on this 2-core machine 1.7 of 2 are busy), so two at once
+  finish sooner; a process computes exactly what the run computes alone. On an accelerator,
+  where one run fills the device, keep workers = 1.
+  """
+  todo = [(config, workdir) for config, workdir in stages if not finished(workdir)]
+  start = time.perf_counter()
+  if workers == 1 or len(todo) <= 1:
+    for config, workdir in todo:
+      trainers.run(config, workdir)
+      logging.warning('%s: %.0f s', workdir, time.perf_counter() - start)
+      start = time.perf_counter()
+    return
+  if jax.process_count() > 1:
+    raise ValueError('config.workers > 1 runs stages side by side on one host; a multi-host '
+                     'run needs config.workers = 1.')
+  logging.warning('%s: %d at a time, progress in each metrics.jsonl',
+                  ', '.join(workdir for _, workdir in todo), workers)
+  quiet = []
+  for config, workdir in todo:
+    config = config.copy_and_resolve_references()
+    config.train.progress_bar = False
+    quiet.append((config, workdir))
+  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+    running = {pool.submit(trainers.run, *stage): stage[1] for stage in quiet}
+    for future in futures.as_completed(running):
+      future.result()  # A failed stage raises its error here.
+      logging.warning('%s: done %.0f s after the %d started', running[future],
+                      time.perf_counter() - start, len(todo))
 
 
 def stage_config(name: str, experiment, **overrides):
@@ -85,7 +119,7 @@ def initial_policy(experiment, workdir: str) -> str:
 
 def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
   """A reward model per (model, comparisons); each described by name, path, size, data."""
-  proxies = []
+  stages, proxies = [], []
   p = experiment.proxies
   for model in p.models:
     for comparisons in p.comparisons:
@@ -101,10 +135,13 @@ def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
       config = stage_config('rm', experiment, **overrides)
       if model != 'policy':
         config.model = model_config_dict(model, head='scalar')
-      path = run_stage(config, os.path.join(workdir, 'proxies', name))
-      proxies.append({'proxy': name, 'path': path, 'proxy_params': count_params(path),
-                      'proxy_comparisons': comparisons, 'proxy_model': model})
-  return proxies
+      stages.append((config, os.path.join(workdir, 'proxies', name)))
+      proxies.append((name, comparisons, model))
+  run_stages(stages, experiment.workers)
+  return [{'proxy': name, 'path': os.path.join(run_dir, 'hf'),
+           'proxy_params': count_params(os.path.join(run_dir, 'hf')),
+           'proxy_comparisons': comparisons, 'proxy_model': model}
+          for (name, comparisons, model), (_, run_dir) in zip(proxies, stages)]
 
 
 def count_params(hf_dir: str) -> int:
@@ -158,14 +195,14 @@ def ppo_overrides(rl) -> dict:
 def rl_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
   """Per proxy, PPO against it; a record per evaluation: the Rao–Blackwellised Monte-Carlo KL
   to π_init on held-out prompts, the gold and the proxy reward of the sampled answers."""
-  records = []
   r = experiment.rl
-  for proxy in proxies:
-    config = stage_config('ppo', experiment, **ppo_overrides(r), **{
-        'model.hf_path': policy, 'rl.reward_model': proxy['path'],
-        'train.checkpoint_every': r.eval_every})
-    run_dir = os.path.join(workdir, 'rl', proxy['proxy'])
-    run_stage(config, run_dir)
+  stages = [(stage_config('ppo', experiment, **ppo_overrides(r), **{
+      'model.hf_path': policy, 'rl.reward_model': proxy['path'],
+      'train.checkpoint_every': r.eval_every}), os.path.join(workdir, 'rl', proxy['proxy']))
+            for proxy in proxies]
+  run_stages(stages, experiment.workers)
+  records = []
+  for proxy, (_, run_dir) in zip(proxies, stages):
     for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
       if 'eval/samples/gold_reward' in m:
         kl = max(m['eval/samples/kl'], 0.0)  # A sum of KLs ≥ 0, but for float rounding.
@@ -225,10 +262,6 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
   workdir = flags.FLAGS.workdir
-  # Stages of the same shapes (the proxies, the PPO runs) compile once; a rerun reuses it all.
-  jax.config.update('jax_compilation_cache_dir',
-                    os.path.join(local_cache_dir(workdir), 'compilation_cache'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   fits = run(flags.FLAGS.config, workdir)
   print(summary(fits))
   print(f'{workdir}: measurements.jsonl, fits.json, plots/ ({time.perf_counter() - start:.0f} s)')

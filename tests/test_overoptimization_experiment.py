@@ -83,6 +83,22 @@ def run(micro, tmp_path_factory):
   return workdir, experiment.run(config, str(workdir))
 
 
+def test_stages_run_side_by_side_compute_what_each_computes_alone(micro, tmp_path):
+  experiment, config = micro
+
+  def pretraining(seed):
+    stage = experiment.stage_config('pretrain', config, **{'train.steps': 2})
+    stage.seed = seed
+    return stage
+
+  experiment.run_stages([(pretraining(0), str(tmp_path / 'a')),
+                         (pretraining(1), str(tmp_path / 'b'))], workers=2)
+  experiment.run_stages([(pretraining(0), str(tmp_path / 'alone'))], workers=1)
+  metrics = {run: (tmp_path / run / 'metrics.jsonl').read_text() for run in ('a', 'b', 'alone')}
+  assert metrics['a'] == metrics['alone'] != metrics['b']
+  assert all(experiment.finished(str(tmp_path / run)) for run in ('a', 'b'))
+
+
 def test_the_experiment_writes_measurements_fits_and_plots(run):
   workdir, fits = run
   records = [json.loads(line) for line in (workdir / 'measurements.jsonl').read_text().splitlines()]
