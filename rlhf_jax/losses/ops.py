@@ -15,6 +15,24 @@ def masked_mean(x, mask, axis=None):
   return masked_sum(x, mask, axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1)
 
 
+def _over_sequence_chunks(fn, chunk_size: int, *sequences):
+  """fn(*chunks) -> [B, C] for consecutive chunks of C = chunk_size positions of the [B, T, …]
+  `sequences` (zero-padded to a multiple of C), in a `lax.scan`; the outputs joined back to
+  [B, T]."""
+  b, t = sequences[0].shape[:2]
+  chunk = min(chunk_size, t)
+  pad = -t % chunk
+  n = (t + pad) // chunk
+
+  def chunks(x_BxT):
+    x = jnp.pad(x_BxT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BxT.ndim - 2))
+    return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  _, out_NxBxC = jax.lax.scan(lambda c, xs: (c, fn(*xs)), None,
+                              tuple(chunks(x) for x in sequences))
+  return out_NxBxC.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
+
+
 def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: int = 256,
                    temperature: float = 1.0):
   """log π(target_t | context) [B, T] in float32, without holding [B, T, V] logits.
@@ -26,14 +44,6 @@ def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: in
   reduced to log-softmax at the targets and dropped, and recomputed in the backward pass
   (`jax.checkpoint`), so peak memory is O(B · chunk · V) instead of O(B · T · V).
   """
-  b, t, d = hidden_BxTxD.shape
-  chunk = min(chunk_size, t)
-  pad = -t % chunk
-  hidden = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-  n = (t + pad) // chunk
-  hidden_NxBxCxD = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
-  targets_NxBxC = targets.reshape(b, n, chunk).swapaxes(0, 1)
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def chunk_logprobs(h_BxCxD, y_BxC):
@@ -44,9 +54,7 @@ def token_logprobs(hidden_BxTxD, unembedding_DxV, targets_BxT, *, chunk_size: in
     target_logits = jnp.take_along_axis(logits, y_BxC[..., None], axis=-1)[..., 0]
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
-  _, logps_NxBxC = jax.lax.scan(lambda c, xs: (c, chunk_logprobs(*xs)), None,
-                                (hidden_NxBxCxD, targets_NxBxC))
-  return logps_NxBxC.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
+  return _over_sequence_chunks(chunk_logprobs, chunk_size, hidden_BxTxD, targets_BxT)
 
 
 def token_kl(hidden_BxTxD, unembedding_DxV, reference_hidden_BxTxD, reference_unembedding_DxV,
@@ -56,23 +64,14 @@ def token_kl(hidden_BxTxD, unembedding_DxV, reference_hidden_BxTxD, reference_un
   KL_t = Σ_v π(v|·) (log π(v|·) − log π_ref(v|·)), the two distributions made from each model's
   hidden states and unembedding. Chunked over the sequence like `token_logprobs` (forward only).
   """
-  b, t, _ = hidden_BxTxD.shape
-  chunk = min(chunk_size, t)
-  pad = -t % chunk
-  n = (t + pad) // chunk
 
-  def chunks(h_BxTxD):
-    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    return h.reshape(b, n, chunk, h.shape[-1]).swapaxes(0, 1)
+  def log_softmax(h_BxCxD, unembedding_DxV):
+    return jax.nn.log_softmax(jnp.dot(h_BxCxD, unembedding_DxV.astype(h_BxCxD.dtype),
+                                      preferred_element_type=jnp.float32))
 
-  def chunk_kl(h_BxCxD, ref_h_BxCxD):
-    logps = jax.nn.log_softmax(jnp.dot(h_BxCxD, unembedding_DxV.astype(h_BxCxD.dtype),
-                                       preferred_element_type=jnp.float32))
-    ref_logps = jax.nn.log_softmax(jnp.dot(
-        ref_h_BxCxD, reference_unembedding_DxV.astype(ref_h_BxCxD.dtype),
-        preferred_element_type=jnp.float32))
-    return jnp.sum(jnp.exp(logps) * (logps - ref_logps), axis=-1)
+  def chunk_kl(h_BxCxD, reference_h_BxCxD):
+    logps = log_softmax(h_BxCxD, unembedding_DxV)
+    reference_logps = log_softmax(reference_h_BxCxD, reference_unembedding_DxV)
+    return jnp.sum(jnp.exp(logps) * (logps - reference_logps), axis=-1)
 
-  _, kl_NxBxC = jax.lax.scan(lambda c, xs: (c, chunk_kl(*xs)), None,
-                             (chunks(hidden_BxTxD), chunks(reference_hidden_BxTxD)))
-  return kl_NxBxC.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
+  return _over_sequence_chunks(chunk_kl, chunk_size, hidden_BxTxD, reference_hidden_BxTxD)
