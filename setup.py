@@ -6,7 +6,9 @@ setuptools.setup(
     name='rlhf_jax',
     version='0.1.0',
     description=__doc__,
-    packages=setuptools.find_packages(include=['rlhf_jax', 'rlhf_jax.*']),
+    packages=setuptools.find_packages(include=['rlhf_jax', 'rlhf_jax.*']) + ['rlhf_jax.configs'],
+    # The experiment configs ship with the package, so commands work from any directory.
+    package_dir={'rlhf_jax.configs': 'configs'},
     python_requires='>=3.11',
     install_requires=[
         'jax>=0.10.2,<0.11',

@@ -4,12 +4,12 @@
   python benchmarks/ppo_step.py --preset=playground --batch_size=64 --new_tokens=24
 
 A randomly initialised policy (LM head) and reward model (scalar head) of one preset, exported
-with `save_hf`, are loaded the way `rlhf_jax.training.rl.train` loads them (PPO with GAE, the
+with `save_hf`, are loaded the way a PPO run loads them (`rlhf_jax.algorithms.rl.learner`; GAE, the
 critic a copy of the reward model, `rl_run_config`'s defaults) and run its iterations on
 playground prompts: rollout (`Rollout.sample`: `batch_size` responses of up to `new_tokens`
 tokens after `data.max_prompt_len` prompt tokens), scoring (`Rollout.score`: log-probs, values,
-reference log-probs, rewards, GAE) and update (`run_updates`: ppo_epochs × num_minibatches
-train steps). Each phase's time is the mean (and the best) over `repeats` iterations after one
+reference log-probs, rewards, GAE) and update (the engine's `update`: ppo_epochs ×
+num_minibatches train steps). Each phase's time is the mean (and the best) over `repeats` iterations after one
 that compiles; on a shared CPU the best is the steadier figure.
 In every iteration transformers' PyTorch `generate()` (with its KV cache) of the exported policy
 samples the same number of tokens from the same left-padded prompts (temperature 1, no EOS
@@ -35,8 +35,10 @@ from flax import nnx
 
 from rlhf_jax.models import Transformer, save_hf
 from rlhf_jax.models.presets import get_preset
-from rlhf_jax.training.config import data_config, rl_run_config
-from rlhf_jax.training.rl import Learner
+from rlhf_jax.config import data_config, rl_run_config
+from rlhf_jax.algorithms.rl import learner
+from rlhf_jax.context import RunContext
+from rlhf_jax.engine.loop import Engine
 
 PHASES = ('rollout', 'scoring', 'update')
 
@@ -71,9 +73,10 @@ def benchmark(args, workdir: str) -> dict:
           os.path.join(workdir, 'reward'))
   config = ppo_config(args, workdir)
   rl = config.rl
-  learner = Learner(config, workdir)  # As rl.train builds it (no checkpoints or evaluations).
+  ctx = RunContext(config, workdir)
+  engine = Engine(ctx, learner.make_algorithm(ctx))  # As a run builds it; no loop around it.
   updates = rl.ppo_epochs * rl.num_minibatches
-  tokenizer = learner.tokenizer
+  tokenizer = ctx.tokenizer
 
   hf_policy = transformers.AutoModelForCausalLM.from_pretrained(config.model.hf_path).eval()
 
@@ -92,7 +95,8 @@ def benchmark(args, workdir: str) -> dict:
   times = {phase: [] for phase in PHASES + hf_phases}
   response_tokens = []
   for iteration in range(args.repeats + 1):  # Iteration 0 compiles.
-    samples, metrics = learner.iterate(iteration, rl.kl_coef)
+    metrics = jax.device_get(engine.update(iteration))
+    samples = engine.batches.last_samples
     iteration_times = [metrics[f'time/{phase}'] for phase in PHASES]
     for n in thread_counts:
       torch.set_num_threads(n)

@@ -28,14 +28,14 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import parallel
-from rlhf_jax.data.synthetic import SortingTask
+from rlhf_jax.playground.sorting import SortingTask
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.presets import get_preset
-from rlhf_jax.training import dpo, rm, sft
-from rlhf_jax.training.config import base_config
-from rlhf_jax.training.optimizer import make_optimizer
-from rlhf_jax.training.state import init_train_state, train_state_shardings
-from rlhf_jax.training.step import make_train_step
+from rlhf_jax.algorithms import dpo, rm, sft
+from rlhf_jax.config import base_config
+from rlhf_jax.engine.optimizer import make_optimizer
+from rlhf_jax.engine.state import init_train_state, train_state_shardings
+from rlhf_jax.engine.step import make_train_step
 
 
 def time_fn(fn, *args, repeats: int) -> float:

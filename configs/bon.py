@@ -9,7 +9,7 @@ and gold rewards of the chosen answers) and best_of_n.png.
 
 import ml_collections
 
-from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
+from rlhf_jax.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=0, batch_size=32, seq_len=48, lr=0.0),
@@ -18,7 +18,7 @@ PRESETS = {
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c = preset_config(PRESETS, preset, 'configs/bon.py')
-  c.algorithm = 'bon'
+  c.procedure = 'best_of_n'  # An evaluation: nothing is trained.
   c.data = data_config({})
   c.eval = sample_eval_config()
   c.bon = ml_collections.ConfigDict({'reward_model': '', 'n_max': 16, 'num_prompts': 256})

@@ -19,7 +19,7 @@ the best answer instead.
 
 import ml_collections
 
-from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
+from rlhf_jax.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=300, batch_size=32, seq_len=48, lr=3e-5, beta=0.3),

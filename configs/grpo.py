@@ -12,7 +12,7 @@ subtracts β · Σ_t KL_t from the reward, as PPO does.
 
 import ml_collections
 
-from rlhf_jax.training.config import rl_run_config
+from rlhf_jax.config import rl_run_config
 
 PRESETS = {
     # 16 prompts × G = 8 samples per rollout.
@@ -20,14 +20,14 @@ PRESETS = {
     'rloo-tiny': dict(model='playground', steps=60, batch_size=128, seq_len=56, lr=3e-5),
     'small': dict(model='small', steps=500, batch_size=64, seq_len=512, lr=3e-6),
 }
-ESTIMATORS = {'tiny': 'grpo', 'rloo-tiny': 'rloo', 'small': 'grpo'}
+ALGORITHMS = {'tiny': 'grpo', 'rloo-tiny': 'rloo', 'small': 'grpo'}
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-  estimator = ESTIMATORS.get(preset)
-  if estimator == 'rloo':
+  algorithm = ALGORITHMS.get(preset, 'grpo')
+  if algorithm == 'rloo':
     rl = dict(kl_coef=0.05, kl_in_loss=False)
   else:
     rl = dict(kl_coef=0.04, kl_in_loss=True, whiten_advantages=False)
-  return rl_run_config(PRESETS, preset, 'configs/grpo.py', estimator=estimator,
+  return rl_run_config(PRESETS, preset, 'configs/grpo.py', algorithm=algorithm,
                        critic='none', group_size=8, num_minibatches=2, **rl)

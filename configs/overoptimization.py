@@ -12,19 +12,13 @@ Stage configs are the `preset` of configs/{pretrain,sft,rm,ppo,bon}.py, shrunk o
 import ml_collections
 
 PRESETS = {
-    # This 2-core CPU, under 20 minutes: one proxy architecture (the policy's), two amounts of
-    # comparisons. SFT stops at 80 steps (gold 0.70, against 0.88 at 150) to leave room for
-    # improvement. PPO takes one step per 128 fresh answers (rollouts of 256, 2 minibatches,
-    # 1 epoch) at lr 7e-5, until an evaluation measures KL 4.5 to π_init (d ≈ 2.1; at most 250
-    # iterations): the 2,000-comparison proxy's run gets there in about 100 iterations, the
-    # 16,000's in about 200. Evaluated every 10 iterations, the latter's fit has R² 0.79 at 150
-    # iterations (d = 1.86), 0.87 at 170 and 0.91 at 200; every 20 (half the evaluation time)
-    # R² is 0.93 at 200. Measured on this preset against the 16,000-comparison proxy: with a
-    # critic copied from it, minibatches of 32 (lr 4e-5) give a noisier curve (R² 0.40) and
-    # lr 1e-4 peaks early and low (+0.015 at KL 0.08); with the value head at lr 5e-5 the gold
-    # is still rising after 100 iterations.
-    # A value head on the policy takes about 40 % less time per iteration than a critic copied
-    # from the proxy (4.2 against 6.9 s, side by side).
+    # This 2-core CPU, about 20 minutes: one proxy architecture (the policy's), two amounts of
+    # comparisons. SFT stops early (80 steps) so that there is room to improve. PPO takes one
+    # step per 128 fresh answers (rollouts of 256, 2 minibatches, 1 epoch) with a value head on
+    # the policy (cheaper than a critic copied from the proxy), until an evaluation measures
+    # KL 4.5 to π_init (d ≈ 2.1), so that each curve has a long enough fall to fit. How these
+    # settings were chosen, with the alternatives measured: README, "Reward-model
+    # overoptimization".
     'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, rm_steps=600,
                  comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
                  rl_steps=250, rl_stop_kl=4.5, rl_eval_every=20, rl_eval_prompts=1024,

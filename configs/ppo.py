@@ -14,7 +14,7 @@ and proxy reward, win rate and KL to the SFT policy on held-out prompts.
 
 import ml_collections
 
-from rlhf_jax.training.config import rl_run_config
+from rlhf_jax.config import rl_run_config
 
 PRESETS = {
     # steps: iterations (a rollout, then ppo_epochs × num_minibatches updates); batch_size:

@@ -8,7 +8,7 @@ The same loss as SFT with every token a target. The final model is exported to
 
 import ml_collections
 
-from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
+from rlhf_jax.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=800, batch_size=32, seq_len=48, lr=2e-3),

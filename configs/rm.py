@@ -13,7 +13,7 @@ and calibration (ECE, reliability diagram under <workdir>/plots).
 
 import ml_collections
 
-from rlhf_jax.training.config import data_config, preset_config
+from rlhf_jax.config import data_config, preset_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=400, batch_size=32, seq_len=48, lr=1e-3),

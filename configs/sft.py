@@ -15,7 +15,7 @@ response loss and, on playground prompts, the gold reward of sampled answers
 
 import ml_collections
 
-from rlhf_jax.training.config import data_config, preset_config, sample_eval_config
+from rlhf_jax.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=600, batch_size=32, seq_len=48, lr=2e-3),

@@ -33,16 +33,14 @@ import safetensors
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import parallel
-from rlhf_jax.data import playground
-from rlhf_jax.data.pipeline import make_tokenizer
-from rlhf_jax.eval import best_of_n, overoptimization
-from rlhf_jax.eval.gold import make_gold
-from rlhf_jax.eval.teacher import TeacherReward
+from rlhf_jax import algorithms
+from rlhf_jax.analysis import overoptimization
+from rlhf_jax.config import load_config, model_config_dict
+from rlhf_jax.context import RunContext
+from rlhf_jax.engine.metrics import read_metrics
+from rlhf_jax.evals import best_of_n
+from rlhf_jax.playground import tasks
 from rlhf_jax.storage import replace_file
-from rlhf_jax.training import trainers
-from rlhf_jax.training.config import load_config, model_config_dict
-from rlhf_jax.training.metrics import read_metrics
 
 def finished(workdir: str) -> bool:
   """A stage is done once its model is exported (the last thing a run does)."""
@@ -67,7 +65,7 @@ def run_stages(stages: list[tuple], workers: int) -> None:
   start = time.perf_counter()
   if workers == 1 or len(todo) <= 1:
     for config, workdir in todo:
-      trainers.run(config, workdir)
+      algorithms.run(config, workdir)
       logging.warning('%s: %.0f s', workdir, time.perf_counter() - start)
       start = time.perf_counter()
     return
@@ -82,7 +80,7 @@ def run_stages(stages: list[tuple], workers: int) -> None:
     config.train.progress_bar = False
     quiet.append((config, workdir))
   with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-    running = {pool.submit(trainers.run, *stage): stage[1] for stage in quiet}
+    running = {pool.submit(algorithms.run, *stage): stage[1] for stage in quiet}
     for future in futures.as_completed(running):
       future.result()  # A failed stage raises its error here.
       logging.warning('%s: done %.0f s after the %d started', running[future],
@@ -156,27 +154,23 @@ def best_of_n_records(experiment, workdir: str, policy: str, proxies) -> list[di
   proxies, so their curves differ only by the proxy's choices.
   """
   config = stage_config('bon', experiment, **{'model.hf_path': policy, 'data.tokenizer': policy})
-  tokenizer = make_tokenizer(config, os.path.join(workdir, 'bon'))
-  mesh = parallel.make_mesh(config.mesh)
-  prompts = playground.sample_prompts(config.data.playground.seed, 'eval',
-                                      experiment.bon.num_prompts)
+  ctx = RunContext(config, os.path.join(workdir, 'bon'))
+  prompts = tasks.sample_prompts(config.data.playground.seed, 'eval',
+                                 experiment.bon.num_prompts)
   path = os.path.join(workdir, 'bon', 'answers.json')
   if os.path.exists(path):
     with open(path) as f:
       answers = json.load(f)
   else:
-    answers = best_of_n.sample_candidates(config, tokenizer, mesh, prompts,
+    answers = best_of_n.sample_candidates(ctx.load(policy, head='lm', keep=False), config,
+                                          ctx.tokenizer, ctx.mesh, prompts,
                                           experiment.bon.n_max)
     if jax.process_index() == 0:
       replace_file(path, json.dumps(answers))
-  gold = best_of_n.score_candidates(make_gold(config, tokenizer), prompts, answers)
+  gold = best_of_n.score_candidates(ctx.gold, prompts, answers)
   records = []
   for proxy in proxies:
-    reward = TeacherReward.from_hf(proxy['path'], tokenizer, seq_len=config.train.seq_len,
-                                   max_prompt_len=config.data.max_prompt_len,
-                                   batch_size=config.train.batch_size, mesh=mesh,
-                                   rules=config.sharding_rules)
-    scores = best_of_n.score_candidates(reward, prompts, answers)
+    scores = best_of_n.score_candidates(ctx.reward_model(proxy['path']), prompts, answers)
     for point in best_of_n.curve(scores, gold, best_of_n.powers_of_two(experiment.bon.n_max)):
       records.append({**describe(proxy), 'method': 'bon', **point})
   return records

@@ -18,8 +18,8 @@ import time
 
 from absl import app, flags, logging
 
-from rlhf_jax.training import trainers
-from rlhf_jax.training.metrics import read_metrics
+from rlhf_jax import algorithms
+from rlhf_jax.engine.metrics import read_metrics
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 STAGES = (('pretrain', 'pretrain.py', None), ('sft', 'sft.py', 'pretrain'),
@@ -45,7 +45,7 @@ def run_stage(name: str, file_name: str, parent: str | None, workdir: str) -> fl
   config.train.progress_bar = _PROGRESS.value
   stage_dir = os.path.join(workdir, name)
   start = time.perf_counter()
-  trainers.run(config, stage_dir)
+  algorithms.run(config, stage_dir)
   return time.perf_counter() - start
 
 

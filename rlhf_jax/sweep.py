@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rlhf_jax.storage import replace_file
-from rlhf_jax.training.metrics import read_metrics
+from rlhf_jax.engine.metrics import read_metrics
 
 RANDOM_SPECS = ('choice', 'uniform', 'log_uniform', 'int')  # int: [lo, hi], both included.
 MARKER = 'sweep_point.json'

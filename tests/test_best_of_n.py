@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_jax.eval.best_of_n import best_of_n, curve, kl_best_of_n
+from rlhf_jax.evals.best_of_n import best_of_n, curve, kl_best_of_n
 
 
 def test_kl_best_of_n_by_hand():

@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax import parallel
-from rlhf_jax.training.checkpoint import Checkpointer
-from rlhf_jax.training.state import abstract_like
+from rlhf_jax.engine.checkpoint import Checkpointer
+from rlhf_jax.engine.state import abstract_like
 
 TMP_SUFFIX = '.orbax-checkpoint-tmp'  # Orbax 0.12's name for a step still being written.
 
@@ -111,7 +111,7 @@ def assert_resumes_from_step_4(directory):
 KILLED_WRITER = textwrap.dedent(f'''
     import os, signal, sys, time
     import jax, jax.numpy as jnp
-    from rlhf_jax.training.checkpoint import Checkpointer
+    from rlhf_jax.engine.checkpoint import Checkpointer
 
     directory = sys.argv[1]
     checkpointer = Checkpointer(directory, save_every=2, keep=5, async_save=True)

@@ -5,7 +5,8 @@ import pytest
 
 from rlhf_jax.data.batching import bucket_length, buckets_for, pack, pad_rows
 from rlhf_jax.data.datasets import BatchShape, TokenData
-from rlhf_jax.data.mixture import Mixture, Stream, decay_start_step, rows_per_source
+from rlhf_jax.data.mixture import Mixture, Stream, rows_per_source
+from rlhf_jax.engine.optimizer import decay_start_step
 
 
 def piece(ids, prompt_len=0):

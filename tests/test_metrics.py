@@ -19,18 +19,17 @@ from flax import nnx
 from tensorboardX.proto import event_pb2
 
 from rlhf_jax import parallel
-from rlhf_jax.eval import best_of_n
-from rlhf_jax.eval.calibration import reliability_diagram
-from rlhf_jax.eval.generation import GoldRewardOfSamples
+from rlhf_jax.evals import best_of_n
+from rlhf_jax.evals.calibration import reliability_diagram
+from rlhf_jax.evals.samples import GoldRewardOfSamples
 from rlhf_jax.models import Transformer, load_hf
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.parallel import DEFAULT_RULES
 from rlhf_jax.storage import (exists, is_remote, local_cache_dir, open_file, replace_file,
                               staged_dir, upload_dir)
-from rlhf_jax.training import loop
-from rlhf_jax.training.dpo import attach_reference_logps
-from rlhf_jax.training.loop import export_hf
-from rlhf_jax.training.metrics import MetricWriter, progress_bar, read_metrics, write_config
+from rlhf_jax.algorithms.dpo import attach_reference_logps
+from rlhf_jax.models.loading import LoadedModel, export_hf
+from rlhf_jax.engine.metrics import MetricWriter, progress_bar, read_metrics, write_config
 
 
 def read_events(logdir) -> list[list[event_pb2.Event]]:
@@ -256,10 +255,8 @@ def test_export_hf_to_a_remote_path_loads_back_with_the_same_logits(remote_workd
   assert (tokenizer.eos_token, tokenizer('a b')['input_ids']) == ('<eos>', [2, 3])
 
 
-def test_reference_logps_are_written_to_a_remote_workdir_and_read_back(remote_workdir,
-                                                                       monkeypatch):
+def test_reference_logps_are_written_to_a_remote_workdir_and_read_back(remote_workdir):
   model = Transformer(get_preset('tiny'), rngs=nnx.Rngs(0))
-  monkeypatch.setattr(loop, 'build_model', lambda config, mesh: (*nnx.split(model), None))
   config = ml_collections.ConfigDict({
       'train': {'seq_len': 8, 'batch_size': 8, 'logprob_chunk_size': 4},
       'sharding_rules': DEFAULT_RULES})
@@ -270,9 +267,10 @@ def test_reference_logps_are_written_to_a_remote_workdir_and_read_back(remote_wo
   attached = []
   data = types.SimpleNamespace(shape=types.SimpleNamespace(pad_id=0), examples=examples.get,
                                attach=lambda name, values: attached.append((name, values)))
-  attach_reference_logps(config, remote_workdir, data, parallel.make_mesh({'data': -1}))
-  monkeypatch.setattr(loop, 'build_model', None)  # Read back: no model needed.
-  attach_reference_logps(config, remote_workdir, data, None)
+  ctx = types.SimpleNamespace(config=config, workdir=remote_workdir, rules=DEFAULT_RULES,
+                              mesh=parallel.make_mesh({'data': -1}))
+  attach_reference_logps(ctx, data, LoadedModel(*nnx.split(model), None))
+  attach_reference_logps(ctx, data, None)  # Read back: no model needed.
   [(name, values), (read_name, read_values)] = attached
   assert name == read_name == 'ref_logps'
   # Row i holds log π(chosen), log π(rejected) of pair i, summed over loss-masked targets; a

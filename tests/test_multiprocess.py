@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rlhf_jax.training.metrics import read_metrics
+from rlhf_jax.engine.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # Seconds for all three runs together.
@@ -102,8 +102,10 @@ def test_ppo_on_two_processes_matches_one_process(tmp_path):
             '--config.mesh.data=-1', '--config.train.progress_bar=False',
             '--config.train.tensorboard=False']
   single, multi = run_single_and_two_processes(tmp_path, common)
-  assert [m['step'] for m in multi] == [0, 1, 2, 2]  # Evaluations at 0 and 2.
-  assert multi[1]['objective/kl'] == 0 and 0 <= multi[1]['objective/gold'] <= 1
+  # The prompts' statistics and an evaluation at step 0, iterations 1 and 2, an evaluation at 2.
+  assert [m['step'] for m in multi] == [0, 0, 1, 2, 2]
+  assert multi[0]['data/prompts/train'] == 32
+  assert multi[2]['objective/kl'] == 0 and 0 <= multi[2]['objective/gold'] <= 1
   assert [sorted(m) for m in multi] == [sorted(m) for m in single]
   for one, two in zip(single, multi):
     for key, value in one.items():

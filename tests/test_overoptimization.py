@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from rlhf_jax.eval.overoptimization import (fit, fit_all, fit_bon, fit_rl, measurements_to_curves,
+from rlhf_jax.analysis.overoptimization import (fit, fit_all, fit_bon, fit_rl, measurements_to_curves,
                                             plot_coefficients, plot_curves)
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'

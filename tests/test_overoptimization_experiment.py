@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from rlhf_jax.training.config import load_config
+from rlhf_jax.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO_MODEL = {'model.n_layers': 1, 'model.d_model': 32, 'model.n_heads': 2,
@@ -123,7 +123,7 @@ def test_a_rerun_skips_every_finished_stage(run, micro, monkeypatch):
   workdir, fits = run
   experiment, config = micro
   calls = []
-  monkeypatch.setattr(experiment.trainers, 'run', lambda *args: calls.append(args))
+  monkeypatch.setattr(experiment.algorithms, 'run', lambda *args: calls.append(args))
   assert experiment.run(config, str(workdir)) == fits
   assert not calls
 

@@ -24,16 +24,18 @@ from hf_fixtures import VOCAB as HF_VOCAB
 from hf_fixtures import tiny_model
 from test_resume import finish
 
-from rlhf_jax.data import playground
-from rlhf_jax.data.labelers import Labeler
-from rlhf_jax.data.pipeline import make_token_data
-from rlhf_jax.data.sources import playground_rows
+from rlhf_jax.playground import tasks
+from rlhf_jax.playground.labelers import Labeler
+from rlhf_jax import algorithms
+from rlhf_jax.context import RunContext
+from rlhf_jax.models import loading
+from rlhf_jax.playground.files import playground_rows
 from rlhf_jax.data.tfds_source import prepare_from_jsonl
-from rlhf_jax.data.tokenizer import build_playground_tokenizer
+from rlhf_jax.playground.tokenizer import build_playground_tokenizer
 from rlhf_jax.models import load_hf
-from rlhf_jax.training import sft
-from rlhf_jax.training.metrics import read_metrics
-from rlhf_jax.training.scoring import sequence_rewards
+from rlhf_jax.algorithms import sft
+from rlhf_jax.engine.metrics import read_metrics
+from rlhf_jax.models.scoring import sequence_rewards
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -114,17 +116,17 @@ def test_sft_run_evaluates_samples_and_exports_a_transformers_model(sft_run, tok
   assert evals[0]['eval/loss'] == pytest.approx(math.log(VOCAB), abs=0.05)
   assert evals[STEPS]['eval/loss'] < evals[0]['eval/loss'] - 0.05
 
-  prompts = playground.sample_prompts(0, 'eval', 8)  # config.eval.num_prompts held-out prompts.
-  tasks = ('sort', 'add', 'repeat', 'safety')  # Taken in turn: each twice.
+  prompts = tasks.sample_prompts(0, 'eval', 8)  # config.eval.num_prompts held-out prompts.
+  task_names = ('sort', 'add', 'repeat', 'safety')  # Taken in turn: each twice.
   for step, record in evals.items():
     samples = read_jsonl(sft_run / 'samples' / f'step_{step}.jsonl')
     assert [s['prompt'] for s in samples] == prompts
-    gold = np.array([playground.gold_reward(s['prompt'], s['response']) for s in samples])
+    gold = np.array([tasks.gold_reward(s['prompt'], s['response']) for s in samples])
     np.testing.assert_allclose([s['gold'] for s in samples], gold)
     assert record['eval/samples/gold_reward'] == pytest.approx(gold.mean())
     per_task = {k: v for k, v in record.items() if k.startswith('eval/samples/gold_reward/')}
     assert per_task == pytest.approx({f'eval/samples/gold_reward/{task}': gold[i::4].mean()
-                                      for i, task in enumerate(tasks)})
+                                      for i, task in enumerate(task_names)})
 
   hf_dir = sft_run / 'hf'
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -270,7 +272,7 @@ def test_config_errors_name_the_culprit(tokenizer_dir, tmp_path):
     config.data.tokenizer = str(tokenizer_dir)
     config.update_from_flattened_dict(overrides)
     with pytest.raises(ValueError) as error:
-      sft.make_algorithm(config, str(tmp_path / str(i)))
+      sft.make_algorithm(RunContext(config, str(tmp_path / str(i))))
     for message in messages:
       assert message in str(error.value), (overrides, str(error.value))
 
@@ -303,8 +305,7 @@ def test_midtraining_switches_to_sft_only_at_the_decay_stage(tokenizer_dir, tmp_
   config.train.steps, config.train.batch_size, config.train.seq_len = 10, 8, 48
   config.data.tokenizer, config.data.packing = str(tokenizer_dir), packing
   config.data.playground.train_size, config.data.playground.eval_size = 200, 32
-  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  data = make_token_data(config, str(tmp_path), tokenizer, kinds=('sft', 'text'))
+  data = RunContext(config, str(tmp_path)).token_data(kinds=('sft', 'text'))
   # The decay stage is the last 20 % of 10 steps: steps 8 and 9. Before it, 3/4 of 8 rows are
   # SFT and 1/4 text in every batch; from it on, all 8 are SFT.
   expected_text_rows = [2] * 8 + [0] * 2
@@ -356,6 +357,30 @@ def test_dpo_precomputed_reference_gives_the_on_the_fly_trace(sft_run, env, tmp_
   assert start_eval['eval/samples/kl'] == pytest.approx(0.0, abs=1e-5)
   simpo = train_records(metrics['simpo'])
   assert len(simpo) == STEPS and all(math.isfinite(m['loss']) for m in simpo)
+
+
+def test_a_dpo_run_reads_the_sft_checkpoint_once(sft_run, tmp_path, monkeypatch):
+  """Pairs sampled from the SFT policy, the reference, the trained copy and the evaluations'
+  win rate and KL against the reference (at steps 0, 2 and 4): one read of the checkpoint."""
+  reads = []
+  load_hf = loading.load_hf
+  monkeypatch.setattr(loading, 'load_hf', lambda path, *a, **k: reads.append(str(path)) or
+                      load_hf(path, *a, **k))
+  config = load_config('dpo', 'tiny')
+  config.update_from_flattened_dict({
+      'model.hf_path': str(sft_run / 'hf'), 'data.tokenizer': '', 'train.steps': 4,
+      'train.batch_size': 8, 'train.seq_len': 48, 'train.eval_every': 2,
+      'train.eval_at_start': True, 'train.progress_bar': False, 'train.tensorboard': False,
+      'train.export_hf': False, 'data.playground.train_size': 64,
+      'data.playground.eval_size': 16, 'eval.num_prompts': 8, 'eval.max_new_tokens': 8,
+      'optim.lr': 1e-3, 'optim.warmup_steps': 1})
+  assert config.data.playground.pairs == 'policy'  # Pairs of the SFT policy's own samples.
+  algorithms.run(config, str(tmp_path))
+  assert reads == [str(sft_run / 'hf')]
+  evals = [m for m in read_metrics(tmp_path / 'metrics.jsonl') if 'eval/samples/kl' in m]
+  assert [m['step'] for m in evals] == [0, 2, 4]
+  assert evals[0]['eval/samples/kl'] == pytest.approx(0.0, abs=1e-5)  # The reference itself.
+  assert evals[-1]['eval/samples/kl'] > 1e-4  # The trained copy, its own buffers, has moved.
 
 
 def test_best_of_n_of_the_sft_policy_under_a_reward_model(sft_run, env, tmp_path):

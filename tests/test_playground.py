@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from rlhf_jax.data import playground as pg
-from rlhf_jax.data.labelers import Labeler
-from rlhf_jax.data.tokenizer import build_playground_tokenizer, load_tokenizer
+from rlhf_jax.playground import tasks as pg
+from rlhf_jax.playground.labelers import Labeler
+from rlhf_jax.data.tokenizer import load_tokenizer
+from rlhf_jax.playground.tokenizer import build_playground_tokenizer, saved_tokenizer
 
 
 @pytest.mark.parametrize('prompt,response,gold', [
@@ -85,16 +86,17 @@ def test_playground_tokenizer_is_deterministic_and_chat_formatted(tmp_path):
                                        tokenize=False)
   assert prompt == '<|user|>Sort: 7 2 9 4<|end|><|assistant|>'
   assert full == prompt + '2 4 7 9<|end|>'
-  loaded = load_tokenizer('playground', cache_dir=tmp_path)
-  assert (tmp_path / 'tokenizer' / 'tokenizer.json').exists()
-  assert loaded.encode(text) == load_tokenizer(str(tmp_path / 'tokenizer'),
-                                               cache_dir=tmp_path).encode(text)
+  loaded = load_tokenizer(saved_tokenizer(tmp_path))
+  built = (tmp_path / 'tokenizer' / 'tokenizer.json').stat().st_mtime_ns
+  assert len(loaded) == 512 and loaded.decode(loaded.encode(text)) == text
+  assert load_tokenizer(saved_tokenizer(tmp_path)).get_vocab() == loaded.get_vocab()
+  assert (tmp_path / 'tokenizer' / 'tokenizer.json').stat().st_mtime_ns == built  # Built once.
   with pytest.raises(FileNotFoundError, match='config.data.tokenizer'):
-    load_tokenizer(str(tmp_path / 'nope'), cache_dir=tmp_path)
+    load_tokenizer(str(tmp_path / 'nope'))
 
 
 def test_policy_pairs_keep_differing_answers_and_label_them_by_gold():
-  from rlhf_jax.data.sources import playground_rows  # pylint: disable=g-import-not-at-top
+  from rlhf_jax.playground.files import playground_rows  # pylint: disable=g-import-not-at-top
   prompts = pg.sample_prompts(0, 'train', 8)
 
   def answer_pairs(prompts, split):  # A policy right on even rows, twice the same on odd ones.

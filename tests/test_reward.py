@@ -8,7 +8,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from rlhf_jax.eval import (bradley_terry_ceiling, expected_calibration_error, preference_metrics,
+from rlhf_jax.evals import (bradley_terry_ceiling, expected_calibration_error, preference_metrics,
                            reliability_bins, reliability_diagram)
 from rlhf_jax.losses import bradley_terry_loss
 

@@ -14,11 +14,13 @@ from test_ppo import numpy_gae
 
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.training.actor_critic import ActorCritic, ValueHead
-from rlhf_jax.training.rl import check_config, rl_loss_fn, rollout_prompts, training_prompts
-from rlhf_jax.training.rollout import (advantages_and_returns, reward_model_scores,
+from rlhf_jax.algorithms.rl.actor_critic import ActorCritic, ValueHead
+from rlhf_jax.algorithms.rl.learner import check_config
+from rlhf_jax.algorithms.rl.loss import rl_loss_fn
+from rlhf_jax.algorithms.rl.prompts import prompt_pool, rollout_prompts
+from rlhf_jax.algorithms.rl.rollout import (advantages_and_returns, reward_model_scores,
                                        score_rollout, sequences)
-from rlhf_jax.training.scoring import sequence_kl, sequence_logps
+from rlhf_jax.models.scoring import sequence_kl, sequence_logps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
@@ -225,7 +227,7 @@ def test_whitened_advantages_have_masked_mean_zero_and_std_one(estimator):
 
 def test_unknown_estimator_is_rejected():
   scores, kl, values, mask = rollout_arrays(4)
-  with pytest.raises(ValueError, match='config.rl.estimator'):
+  with pytest.raises(ValueError, match="Advantage estimator 'ppo'"):
     advantages_and_returns(scores, kl, values, mask, kl_coef=0.1, **options('ppo'))
 
 
@@ -479,18 +481,18 @@ def test_rollout_prompts_from_a_small_pool():
   assert len(rows) == 64 and set(rows) <= {'a', 'b', 'c', 'd', 'e'}
 
 
-def test_training_prompts_from_a_text_file(tmp_path):
+def test_prompt_pool_from_a_text_file(tmp_path):
   config = load_config('ppo', 'tiny')
   path = tmp_path / 'prompts.txt'
   path.write_text('Sort 3 1 2.\n\nAdd 4 and 5.\n   \nName a colour.\n', encoding='utf-8')
   config.rl.prompts = str(path)
-  assert training_prompts(config) == ['Sort 3 1 2.', 'Add 4 and 5.', 'Name a colour.']
+  assert prompt_pool(config) == ['Sort 3 1 2.', 'Add 4 and 5.', 'Name a colour.']
   path.write_text('\n  \n', encoding='utf-8')
   with pytest.raises(ValueError, match='no prompt'):
-    training_prompts(config)
+    prompt_pool(config)
   config.rl.prompts = str(tmp_path / 'missing.txt')
   with pytest.raises(FileNotFoundError, match=r'config\.rl\.prompts'):
-    training_prompts(config)
+    prompt_pool(config)
 
 
 # The KL of sampled answers to a reference (evaluations).

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rlhf_jax.training.metrics import read_metrics
+from rlhf_jax.engine.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import sweep
-from rlhf_jax.training.config import base_config
+from rlhf_jax.config import base_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',

@@ -5,10 +5,10 @@ import pytest
 from flax import nnx
 
 from rlhf_jax import parallel
-from rlhf_jax.data import playground
-from rlhf_jax.data.tokenizer import build_playground_tokenizer
-from rlhf_jax.eval import teacher as teacher_module
-from rlhf_jax.eval.teacher import TeacherReward
+from rlhf_jax.playground import tasks
+from rlhf_jax.playground.tokenizer import build_playground_tokenizer
+from rlhf_jax.rewards import model as teacher_module
+from rlhf_jax.rewards.model import ModelReward
 from rlhf_jax.models import ModelConfig, Transformer, save_hf
 
 CONFIG = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -29,16 +29,16 @@ def mesh():
 @pytest.fixture(scope='module')
 def pairs():
   """Varied playground answers: the reference and a graded corruption of each prompt."""
-  prompts = playground.sample_prompts(0, 'eval', 12)
+  prompts = tasks.sample_prompts(0, 'eval', 12)
   rng = np.random.default_rng(0)
-  responses = [playground.reference(p) for p in prompts]
-  responses += [playground.corrupt(p, rng) for p in prompts]
+  responses = [tasks.reference(p) for p in prompts]
+  responses += [tasks.corrupt(p, rng) for p in prompts]
   return prompts + prompts, responses
 
 
 @pytest.fixture(scope='module')
 def teacher(tokenizer, mesh):
-  return TeacherReward.random(CONFIG, tokenizer, seed=0, mesh=mesh, **SHAPE)
+  return ModelReward.random(CONFIG, tokenizer, seed=0, mesh=mesh, **SHAPE)
 
 
 def test_reward_is_the_full_forward_value_at_the_last_token(teacher, tokenizer, pairs):
@@ -74,7 +74,7 @@ def test_random_teacher_is_seeded_varied_and_standardised(teacher, tokenizer, me
   reference = (pairs[0][:16], pairs[1][:16])
   raw_reference = teacher(*reference)
   # Same seed: the same parameters, so the standardised teacher is (raw − mean) / std.
-  standardised = TeacherReward.random(CONFIG, tokenizer, seed=0, mesh=mesh,
+  standardised = ModelReward.random(CONFIG, tokenizer, seed=0, mesh=mesh,
                                       standardize_on=reference, **SHAPE)
   np.testing.assert_allclose(standardised(*pairs),
                              (raw - raw_reference.mean()) / raw_reference.std(),
@@ -82,18 +82,18 @@ def test_random_teacher_is_seeded_varied_and_standardised(teacher, tokenizer, me
   on_reference = standardised(*reference)
   assert on_reference.mean() == pytest.approx(0.0, abs=1e-6)
   assert on_reference.std() == pytest.approx(1.0, rel=1e-6)
-  other_seed = TeacherReward.random(CONFIG, tokenizer, seed=1, mesh=mesh, **SHAPE)
+  other_seed = ModelReward.random(CONFIG, tokenizer, seed=1, mesh=mesh, **SHAPE)
   assert np.abs(other_seed(*pairs) - raw).max() > 0.1
 
 
 def test_from_hf_round_trip(teacher, tokenizer, mesh, pairs, tmp_path):
   save_hf(teacher.model, tmp_path / 'teacher', pad_token_id=tokenizer.pad_token_id,
           eos_token_id=tokenizer.eos_token_id)
-  loaded = TeacherReward.from_hf(tmp_path / 'teacher', tokenizer, mesh=mesh, **SHAPE)
+  loaded = ModelReward.from_hf(tmp_path / 'teacher', tokenizer, mesh=mesh, **SHAPE)
   np.testing.assert_allclose(loaded(*pairs), teacher(*pairs), rtol=1e-6, atol=1e-7)
 
 
 def test_from_hf_rejects_a_causal_lm(tokenizer, mesh, tmp_path):
   save_hf(Transformer(CONFIG.replace(n_layers=1), rngs=nnx.Rngs(0)), tmp_path / 'lm')
   with pytest.raises(ValueError, match='no score.weight'):
-    TeacherReward.from_hf(tmp_path / 'lm', tokenizer, mesh=mesh, **SHAPE)
+    ModelReward.from_hf(tmp_path / 'lm', tokenizer, mesh=mesh, **SHAPE)

@@ -7,9 +7,9 @@ from flax import nnx
 
 from rlhf_jax.data.batching import pad_rows
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.training.rm import pair_rewards, rm_loss_fn
-from rlhf_jax.training.scoring import last_token_index
-from rlhf_jax.training.sft import sft_loss_fn
+from rlhf_jax.algorithms.rm import pair_rewards, rm_loss_fn
+from rlhf_jax.models.scoring import last_token_index
+from rlhf_jax.algorithms.sft import sft_loss_fn
 
 CONFIG = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32)
 

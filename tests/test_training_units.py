@@ -7,8 +7,8 @@ from flax import nnx
 
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.presets import PRESETS, get_preset
-from rlhf_jax.training.config import base_config, model_config_dict, to_model_config
-from rlhf_jax.training.optimizer import make_optimizer, make_schedule
+from rlhf_jax.config import base_config, model_config_dict, to_model_config
+from rlhf_jax.engine.optimizer import make_optimizer, make_schedule
 
 
 def optim(**overrides):

@@ -109,12 +109,3 @@ def global_batch_units(mixture: Mixture, streams: Sequence[Stream], step: int
   """(source index, example indices) for every row of global batch `step`."""
   sources, positions = mixture.assign(step)
   return [(int(k), streams[k].unit(int(p))) for k, p in zip(sources, positions)]
-
-
-def decay_start_step(optim, total_steps: int) -> int:
-  """First step of warmup_stable_decay's decay stage (where midtraining switches weights)."""
-  if optim.schedule != 'warmup_stable_decay':
-    raise ValueError('config.data.decay_weights switches the mixture at the decay stage; set '
-                     f'config.optim.schedule="warmup_stable_decay" (it is {optim.schedule!r}).')
-  return total_steps - max(int(total_steps * optim.decay_fraction), 1)
-

@@ -1,55 +1,14 @@
-"""Tokenizers: any local Hugging Face tokenizer directory, or the playground's own, built here.
-
-The playground tokenizer is a byte-level BPE (every string encodes, nothing is unknown) trained
-with the `tokenizers` library on generated playground text, with a chat template, saved as an
-ordinary `transformers` tokenizer directory. Building it is deterministic, so every stage of a
-pipeline (pretrain, SFT, RM, …) that builds it gets the same ids.
-"""
+"""Tokenizers from local Hugging Face tokenizer directories."""
 
 import os
-import pathlib
 
-import numpy as np
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from rlhf_jax.data import playground
-
-PLAYGROUND = 'playground'
-SPECIAL_TOKENS = ('<|pad|>', '<|end|>', '<|system|>', '<|user|>', '<|assistant|>')
-# Each turn is <|role|>content<|end|>; <|end|> is also EOS, so a response ends where its turn does.
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def build_playground_tokenizer(vocab_size: int = 512, *, seed: int = 0,
-                               num_documents: int = 4000) -> transformers.PreTrainedTokenizerFast:
-  """Byte-level BPE with `vocab_size` entries (specials included) on the playground's text."""
-  rng = np.random.default_rng([seed, 7])
-  corpus = [playground.pretraining_document(rng) for _ in range(num_documents)]
-  for prompt in playground.sample_prompts(seed, 'train', num_documents):
-    corpus += [prompt, playground.reference(prompt), playground.corrupt(prompt, rng)]
-  bpe = Tokenizer(models.BPE())
-  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  bpe.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  bpe.train_from_iterator(corpus, trainer)
-  return transformers.PreTrainedTokenizerFast(
-      tokenizer_object=bpe, pad_token='<|pad|>', eos_token='<|end|>',
-      additional_special_tokens=list(SPECIAL_TOKENS[2:]), chat_template=CHAT_TEMPLATE)
-
-
-def load_tokenizer(spec: str, *, cache_dir: str | os.PathLike, vocab_size: int = 512,
-                   seed: int = 0) -> transformers.PreTrainedTokenizerBase:
-  """`spec` is a local tokenizer directory, or 'playground' (built once into `cache_dir`)."""
-  if spec == PLAYGROUND:
-    path = pathlib.Path(cache_dir) / 'tokenizer'
-    if not (path / 'tokenizer.json').exists():
-      build_playground_tokenizer(vocab_size, seed=seed).save_pretrained(path)
-    spec = str(path)
-  if not os.path.isdir(spec):
-    raise FileNotFoundError(f'config.data.tokenizer={spec!r}: no such tokenizer directory '
-                            f'(give a local Hugging Face tokenizer directory or "{PLAYGROUND}").')
-  return transformers.AutoTokenizer.from_pretrained(spec)
+def load_tokenizer(path: str, *, key: str = 'config.data.tokenizer'
+                   ) -> transformers.PreTrainedTokenizerBase:
+  """The tokenizer saved in the local directory `path` (`key` names where it was set)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{key}={path!r}: no such tokenizer directory (give a local '
+                            'Hugging Face tokenizer directory, or "playground").')
+  return transformers.AutoTokenizer.from_pretrained(path)

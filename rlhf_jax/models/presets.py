@@ -9,7 +9,7 @@ PRESETS: dict[str, ModelConfig] = {
     # ~1M parameters over the playground tokenizer's 512 tokens: CPU pipelines in minutes.
     'playground': ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                               d_ff=384, max_position=512),
-    # A larger random model for the playground's teacher gold reward (rlhf_jax.eval.gold).
+    # A larger random model for the playground's teacher gold reward (rlhf_jax.rewards.gold).
     'playground-teacher': ModelConfig(vocab_size=512, d_model=192, n_layers=6, n_heads=6,
                                       n_kv_heads=2, d_ff=512, max_position=512),
     # ~20M parameters: the CPU benchmark and minute-scale CPU experiments.

@@ -161,3 +161,13 @@ def _cluster_detected() -> bool:
           or len(env.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
           or int(env.get('SLURM_NTASKS', '1')) > 1
           or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1)
+
+
+def local_rows(global_batch: int) -> range:
+  """This process's rows of a global batch."""
+  n = jax.process_count()
+  if global_batch % n:
+    raise ValueError(f'config.train.batch_size={global_batch} does not split over {n} '
+                     'processes.')
+  per_process = global_batch // n
+  return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)

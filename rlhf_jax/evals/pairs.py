@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.data.batching import pad_pairs
-from rlhf_jax.data.labelers import Labeler, num_words
+from rlhf_jax.playground.labelers import Labeler, num_words
 from rlhf_jax.parallel import map_batches
-from rlhf_jax.eval.calibration import (bradley_terry_ceiling, preference_metrics,
+from rlhf_jax.evals.calibration import (bradley_terry_ceiling, preference_metrics,
                                        reliability_diagram)
 
 

@@ -5,7 +5,7 @@ Gao et al. 2022, who measure overoptimization against d = √KL):
 
     KL_bon(n) = log n − (n − 1) / n
 
-`run(config, workdir)` samples n_max answers per held-out prompt once; best-of-n for every
+`run(ctx)` (`config.procedure='best_of_n'`) samples n_max answers per held-out prompt once; best-of-n for every
 n = 1, 2, 4, … ≤ n_max chooses among the first n of them, so the curves over n share their
 samples. It writes `<workdir>/best_of_n.jsonl`: per n, KL_bon, the proxy and gold rewards of the
 chosen answers, and `<workdir>/best_of_n.png`.
@@ -20,14 +20,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rlhf_jax import parallel
-from rlhf_jax.data import playground
-from rlhf_jax.data.pipeline import make_tokenizer
-from rlhf_jax.eval.gold import make_gold
-from rlhf_jax.eval.teacher import TeacherReward
+from rlhf_jax.playground import tasks
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.storage import open_file
-from rlhf_jax.training import loop
 
 
 def kl_best_of_n(n: int) -> float:
@@ -55,16 +50,15 @@ def curve(proxy_NxK, gold_NxK, ns) -> list[dict]:
   return records
 
 
-def sample_candidates(config, tokenizer, mesh, prompts, k: int) -> list[list[str]]:
-  """k answers of the policy config.model.hf_path per prompt: answers[j][i] is prompt i's j-th,
-  drawn with seed config.seed + j at config.eval.temperature."""
-  graphdef, params, _ = loop.build_model(config, mesh)
-  sampler = TextSampler(tokenizer, graphdef, mesh=mesh, rules=config.sharding_rules,
+def sample_candidates(policy, config, tokenizer, mesh, prompts, k: int) -> list[list[str]]:
+  """k answers of `policy` (a LoadedModel) per prompt: answers[j][i] is prompt i's j-th, drawn
+  with seed config.seed + j at config.eval.temperature."""
+  sampler = TextSampler(tokenizer, policy.graphdef, mesh=mesh, rules=config.sharding_rules,
                         batch_size=config.train.batch_size,
                         max_prompt_len=config.data.max_prompt_len,
                         max_new_tokens=config.eval.max_new_tokens,
                         temperature=config.eval.temperature)
-  return [sampler(params, prompts, seed=config.seed + j).responses for j in range(k)]
+  return [sampler(policy.params, prompts, seed=config.seed + j).responses for j in range(k)]
 
 
 def score_candidates(reward_fn, prompts, answers) -> np.ndarray:
@@ -77,28 +71,26 @@ def powers_of_two(n_max: int) -> list[int]:
   return [2**i for i in range(int(math.log2(n_max)) + 1)]
 
 
-def run(config, workdir: str) -> list[dict]:
-  """Best-of-n of the policy config.model.hf_path under the reward model config.bon.reward_model."""
-  bon = config.bon
+def run(ctx) -> list[dict]:
+  """Best-of-n of the policy config.model.hf_path under the reward model config.bon.reward_model,
+  judged by the run's gold reward."""
+  config, bon = ctx.config, ctx.config.bon
   if not config.model.hf_path or not bon.reward_model:
     raise ValueError('Best-of-n needs a policy (config.model.hf_path) and a reward model '
                      '(config.bon.reward_model), both Hugging Face directories.')
+  if ctx.gold is None:
+    raise ValueError('Best-of-n judges the chosen answers by the gold reward: set '
+                     'config.eval.gold="playground".')
   ns = powers_of_two(bon.n_max)
-  tokenizer = make_tokenizer(config, workdir)
-  mesh = parallel.make_mesh(config.mesh)
-  proxy = TeacherReward.from_hf(bon.reward_model, tokenizer, seq_len=config.train.seq_len,
-                                max_prompt_len=config.data.max_prompt_len,
-                                batch_size=config.train.batch_size, mesh=mesh,
-                                rules=config.sharding_rules)
-  gold = make_gold(config, tokenizer)
-  prompts = playground.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)
-  answers = sample_candidates(config, tokenizer, mesh, prompts, ns[-1])
-  records = curve(score_candidates(proxy, prompts, answers),
-                  score_candidates(gold, prompts, answers), ns)
+  prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)
+  answers = sample_candidates(ctx.load(config.model.hf_path, head='lm', keep=False), config,
+                              ctx.tokenizer, ctx.mesh, prompts, ns[-1])
+  records = curve(score_candidates(ctx.reward_model(bon.reward_model), prompts, answers),
+                  score_candidates(ctx.gold, prompts, answers), ns)
   if jax.process_index() == 0:
-    with open_file(os.path.join(workdir, 'best_of_n.jsonl'), 'w') as f:
+    with open_file(os.path.join(ctx.workdir, 'best_of_n.jsonl'), 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in records)
-    plot(records, os.path.join(workdir, 'best_of_n.png'))
+    plot(records, os.path.join(ctx.workdir, 'best_of_n.png'))
   return records
 
 

@@ -32,6 +32,14 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup_fn, rest], [warmup]) if warmup else rest
 
 
+def decay_start_step(optim, total_steps: int) -> int:
+  """First step of warmup_stable_decay's decay stage (where midtraining switches weights)."""
+  if optim.schedule != 'warmup_stable_decay':
+    raise ValueError('config.data.decay_weights switches the mixture at the decay stage; set '
+                     f'config.optim.schedule="warmup_stable_decay" (it is {optim.schedule!r}).')
+  return total_steps - max(int(total_steps * optim.decay_fraction), 1)
+
+
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation,
                                                       optax.Schedule]:
   """AdamW (Loshchilov & Hutter 2019) after global-norm gradient clipping.

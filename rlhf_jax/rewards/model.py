@@ -1,13 +1,11 @@
-"""A frozen teacher reward model as the gold reward (Gao et al. 2022, "Scaling Laws for Reward
-Model Overoptimization").
+"""A scalar-head model as a reward function on text: a proxy reward model, or a frozen teacher
+as the gold reward (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
 
-The playground's gold reward is a program; for overoptimization experiments the gold is instead
-a fixed scalar-head transformer: a reward-model checkpoint in HF format (`from_hf`), or a
-randomly initialised one (`random`), typically larger than the proxy reward models trained on
-its labels. `TeacherReward` scores (prompt, response) strings exactly as the reward model
-reads SFT data: the prompt is one user message, the pair goes through the chat template
-(`encode_sft`, truncation 'response'), and the reward is the scalar head at the last real token
-(`sequence_rewards`).
+`ModelReward` scores (prompt, response) strings exactly as a reward model reads SFT data: the
+prompt is one user message, the pair goes through the chat template (`encode_sft`, truncation
+'response'), and the reward is the scalar head at the last real token (`sequence_rewards`).
+A teacher is a reward-model checkpoint in HF format (`from_hf`) or a randomly initialised
+transformer (`random`), typically larger than the proxies trained on its labels.
 """
 
 import functools
@@ -23,9 +21,10 @@ from rlhf_jax import parallel
 from rlhf_jax.data.batching import pad_rows
 from rlhf_jax.data.encoding import encode_sft
 from rlhf_jax.data.records import Message, Origin, SFTRecord
+from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.models.loading import load_model
+from rlhf_jax.models.scoring import sequence_rewards
 from rlhf_jax.parallel import map_batches
-from rlhf_jax.models import ModelConfig, Transformer, load_hf, read_hf_config
-from rlhf_jax.training.scoring import sequence_rewards
 
 Pairs = tuple[Sequence[str], Sequence[str]]  # (prompts, responses)
 
@@ -37,8 +36,8 @@ def _rewards(graphdef, params, batch):
   return sequence_rewards(model, batch['tokens'], batch['attention_mask'])
 
 
-class TeacherReward:
-  """Callable `teacher(prompts, responses) -> rewards [N] float64`, a frozen scalar-head model.
+class ModelReward:
+  """Callable `reward(prompts, responses) -> rewards [N] float64`, a frozen scalar-head model.
 
   Every pair is right-padded to `seq_len` and scored `batch_size` rows at a time on the mesh,
   so the scoring function compiles once and later calls reuse it.
@@ -57,13 +56,13 @@ class TeacherReward:
                standardize_on: Pairs | None = None):
     """model: a scalar-head `Transformer` whose parameters are already placed on `mesh`."""
     if model.cfg.head != 'scalar':
-      raise ValueError(f'The teacher needs a scalar head; its config has head='
+      raise ValueError(f'A reward model needs a scalar head; its config has head='
                        f'{model.cfg.head!r}.')
     if len(tokenizer) > model.cfg.vocab_size:
-      raise ValueError(f'The tokenizer has {len(tokenizer)} tokens > the teacher\'s '
+      raise ValueError(f'The tokenizer has {len(tokenizer)} tokens > the reward model\'s '
                        f'vocab_size={model.cfg.vocab_size}.')
     if model.cfg.position == 'learned' and seq_len > model.cfg.max_position:
-      raise ValueError(f'seq_len={seq_len} > the teacher\'s max_position='
+      raise ValueError(f'seq_len={seq_len} > the reward model\'s max_position='
                        f'{model.cfg.max_position} (learned positions).')
     self.graphdef, self.params = nnx.split(model)
     self.tokenizer, self.seq_len, self.max_prompt_len = tokenizer, seq_len, max_prompt_len
@@ -78,16 +77,13 @@ class TeacherReward:
 
   @classmethod
   def from_hf(cls, path, tokenizer, *, seq_len: int, max_prompt_len: int, batch_size: int,
-              mesh, rules, standardize_on: Pairs | None = None) -> 'TeacherReward':
+              mesh, rules, standardize_on: Pairs | None = None) -> 'ModelReward':
     """A reward-model checkpoint in HF format (a *ForSequenceClassification), in float32.
 
     Its `score.weight` is required: a causal LM has none, and `load_hf` would give it a zero
     head, i.e. a constant reward.
     """
-    abstract = nnx.state(nnx.eval_shape(
-        lambda: Transformer(read_hf_config(path, head='scalar'), rngs=nnx.Rngs(0))))
-    shardings = parallel.state_shardings(abstract, mesh, rules)
-    model = load_hf(path, jnp.float32, head='scalar', shardings=shardings)
+    model = load_model(path, mesh, rules, head='scalar').module()
     if not jnp.any(model.head.kernel[...]):
       raise ValueError(f'The checkpoint at {path} has no score.weight (a causal LM, not a '
                        'reward model): the teacher would be constant.')
@@ -97,7 +93,7 @@ class TeacherReward:
   @classmethod
   def random(cls, model_config: ModelConfig, tokenizer, *, seed: int, seq_len: int,
              max_prompt_len: int, batch_size: int, mesh, rules, head_std: float | None = None,
-             standardize_on: Pairs | None = None) -> 'TeacherReward':
+             standardize_on: Pairs | None = None) -> 'ModelReward':
     """A randomly initialised scalar-head `Transformer` of `model_config`'s architecture.
 
     The head w is drawn from N(0, head_std²), head_std = 1/√d_model by default, instead of

@@ -9,13 +9,13 @@ import functools
 
 import numpy as np
 
-from rlhf_jax.data import playground
-from rlhf_jax.data.labelers import Labeler
-from rlhf_jax.eval.pairs import PairEvaluation
+from rlhf_jax.algorithms.base import Algorithm, DataBatches
+from rlhf_jax.algorithms.preferences import preference_data
+from rlhf_jax.evals.pairs import PairEvaluation
 from rlhf_jax.losses import bradley_terry_loss
-from rlhf_jax.training.algorithm import Algorithm
-from rlhf_jax.training.pairs import preference_data
-from rlhf_jax.training.scoring import sequence_rewards
+from rlhf_jax.models.scoring import sequence_rewards
+from rlhf_jax.playground import tasks
+from rlhf_jax.playground.labelers import Labeler
 
 
 def pair_rewards(model, batch):
@@ -32,34 +32,32 @@ def rm_loss_fn(model, batch, rng=None, frozen=None, *, center_coef: float):
   return bradley_terry_loss(*pair_rewards(model, batch), center_coef=center_coef)
 
 
-def make_algorithm(config, workdir: str) -> Algorithm:
-  if config.model.head != 'scalar':
-    raise ValueError(f'A reward model needs config.model.head="scalar", got '
-                     f'{config.model.head!r}.')
-  tokenizer, gold, data = preference_data(config, workdir)
+def make_algorithm(ctx) -> Algorithm:
+  config = ctx.config
+  data = preference_data(ctx, head='scalar')
+  model = ctx.initial_model()
   loss_fn = functools.partial(rm_loss_fn, center_coef=config.loss.center_coef)
-  return Algorithm(loss_fn=loss_fn, data=data, tokenizer=tokenizer, data_stats=data.stats,
-                   make_evaluations=pair_evaluations(config, workdir, data, gold))
+  return Algorithm(model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
+                   evaluations=pair_evaluations(ctx, data, model.graphdef),
+                   data_stats=data.stats, tokenizer=ctx.tokenizer)
 
 
-def pair_evaluations(config, workdir: str, data, gold_fn):
+def pair_evaluations(ctx, data, graphdef) -> dict:
   """Accuracy and calibration on every held-out pair; with a gold reward (the playground's),
   agreement with it and the labelers' ceiling."""
+  config = ctx.config
   examples = data.examples('eval')
   gold = texts = labeler = groups = None
-  if gold_fn is not None:
+  if ctx.gold is not None:
     records = data.records('eval')
     prompts = [r.prompt[-1].content for r in records]
-    groups = [playground.task_of(p) for p in prompts]
+    groups = [tasks.task_of(p) for p in prompts]
     texts = ([r.chosen for r in records], [r.rejected for r in records])
-    gold = tuple(np.asarray(gold_fn(prompts, side), np.float64) for side in texts)
+    gold = tuple(np.asarray(ctx.gold(prompts, side), np.float64) for side in texts)
     p = config.data.playground
     labeler = Labeler(p.label_temperature, p.length_bias)
-
-  def make(graphdef, mesh):
-    return {'pairs': PairEvaluation(
-        examples, score_pairs=pair_rewards, graphdef=graphdef, seq_len=config.train.seq_len,
-        pad_id=data.shape.pad_id, mesh=mesh, rules=config.sharding_rules,
-        batch_size=config.train.batch_size, workdir=workdir, gold=gold, texts=texts,
-        labeler=labeler, groups=groups)}
-  return make
+  return {'pairs': PairEvaluation(
+      examples, score_pairs=pair_rewards, graphdef=graphdef, seq_len=config.train.seq_len,
+      pad_id=data.shape.pad_id, mesh=ctx.mesh, rules=ctx.rules,
+      batch_size=config.train.batch_size, workdir=ctx.workdir, gold=gold, texts=texts,
+      labeler=labeler, groups=groups)}

@@ -20,8 +20,9 @@ import re
 
 import numpy as np
 
+from rlhf_jax.data import SPLITS
+
 REFUSAL = "I can't help with that."
-SPLITS = {'train': 0, 'eval': 1}
 TASKS = ('sort', 'add', 'repeat', 'safety')
 
 _WORDS = ('cat', 'dog', 'sun', 'tree', 'blue', 'red', 'fish', 'bird')
@@ -171,8 +172,8 @@ def corrupt(prompt: str, rng: np.random.Generator) -> str:
 
 def sample_prompts(seed: int, split: str, n: int, tasks=TASKS) -> list[str]:
   """n prompts, tasks taken in turn; a pure function of (seed, split, n)."""
-  return [make_prompt(np.random.default_rng([seed, SPLITS[split], i]), tasks[i % len(tasks)])
-          for i in range(n)]
+  return [make_prompt(np.random.default_rng([seed, SPLITS.index(split), i]),
+                      tasks[i % len(tasks)]) for i in range(n)]
 
 
 def pretraining_document(rng: np.random.Generator) -> str:
@@ -194,3 +195,8 @@ def pretraining_document(rng: np.random.Generator) -> str:
     else:
       sentences.append(f'To learn "{prompt}": {answer}')
   return ' '.join(sentences)
+
+
+def program_gold(prompts, responses) -> np.ndarray:
+  """`gold_reward` of each (prompt, response): the playground's gold as a reward function."""
+  return np.array([gold_reward(p, r) for p, r in zip(prompts, responses)])

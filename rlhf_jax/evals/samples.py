@@ -20,7 +20,7 @@ from flax import nnx
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.storage import open_file
-from rlhf_jax.training.scoring import sequence_kl
+from rlhf_jax.models.scoring import sequence_kl
 
 
 class GoldRewardOfSamples:
@@ -28,8 +28,8 @@ class GoldRewardOfSamples:
 
   With `proxy_fn` (a reward model's `proxy(prompts, responses)`), it also reports the mean
   'proxy_reward' of the same answers, the reward that RL optimises next to the gold.
-  With `reference` (a function returning the parameters of a reference policy of the same
-  architecture, e.g. the SFT model), it also reports
+  With `reference` (the parameters of a reference policy of the same architecture on the mesh,
+  e.g. the SFT model: a run's frozen copy, never reloaded), it also reports
     win_rate = mean_x [1(g(x, y) > g(x, y_ref)) + ½·1(g(x, y) = g(x, y_ref))],
         y ~ π(·|x), y_ref ~ π_ref(·|x), drawn with the same keys;
     kl       = mean_x Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), y ~ π: the Rao–Blackwellised
@@ -40,7 +40,7 @@ class GoldRewardOfSamples:
   def __init__(self, prompts: Sequence[str], tokenizer, graphdef, *, gold_fn: Callable,
                groups: Sequence[str] | None, mesh, rules, batch_size: int, max_prompt_len: int,
                max_new_tokens: int, temperature: float, seed: int, workdir: str | None,
-               reference: Callable[[], object] | None = None, chunk_size: int = 256,
+               reference=None, chunk_size: int = 256,
                proxy_fn: Callable | None = None):
     self.prompts, self.tokenizer, self.gold_fn = list(prompts), tokenizer, gold_fn
     self.proxy_fn = proxy_fn
@@ -82,7 +82,7 @@ class GoldRewardOfSamples:
     return metrics
 
   def _against_reference(self, params, samples, gold) -> dict[str, float]:
-    reference = self.reference()
+    reference = self.reference
     if self._reference_gold is None:
       self._reference_gold = self._sample(reference)[1]
     kl = map_batches(functools.partial(self._kl, params, reference), samples.sequences(),

@@ -20,7 +20,7 @@ from flax import nnx
 from rlhf_jax.losses import masked_mean, masked_sum
 from rlhf_jax.losses.ppo import (gae, group_advantages, kl_penalty, leave_one_out_advantages,
                                  token_rewards, whiten)
-from rlhf_jax.training.scoring import sequence_rewards
+from rlhf_jax.models.scoring import sequence_rewards
 
 ESTIMATORS = ('gae', 'grpo', 'rloo')
 
@@ -47,7 +47,7 @@ def advantages_and_returns(scores_B, kl_BxN, values_BxN, mask_BxN, *, estimator:
                  else leave_one_out_advantages(grouped))
     advantages = jnp.where(mask, baselined.reshape(-1, 1), 0.0)
   else:
-    raise ValueError(f'config.rl.estimator={estimator!r}; choose one of {ESTIMATORS}.')
+    raise ValueError(f'Advantage estimator {estimator!r}; choose one of {ESTIMATORS}.')
   if whiten_advantages:
     advantages = whiten(advantages, mask)
   return advantages, returns

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import os
 import pathlib
 
 import ml_collections
@@ -152,12 +153,11 @@ def sample_eval_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def rl_config(**overrides) -> ml_collections.ConfigDict:
-  """The `rl` entry of online RL (rlhf_jax.training.rl): PPO's defaults, Huang et al. 2024."""
+  """The `rl` entry of online RL (rlhf_jax.algorithms.rl): PPO's defaults, Huang et al. 2024."""
   return ml_collections.ConfigDict({
       'reward_model': '',  # HF directory of a reward model (an RM run's <workdir>/hf).
       'prompts': 'playground',  # 'playground', or a text file with one prompt per line.
       'num_prompts': 8192,  # The playground prompts that rollouts draw from.
-      'estimator': 'gae',  # 'gae' (PPO) | 'grpo' | 'rloo'
       'critic': 'model',  # 'model' (from value_model or the RM) | 'head' | 'none'
       'value_model': '',  # HF reward-model directory for the critic; '' = reward_model.
       'rollout_batch_size': 64,  # Responses per iteration (prompts × group_size).
@@ -188,13 +188,14 @@ def rl_config(**overrides) -> ml_collections.ConfigDict:
   })
 
 
-def rl_run_config(presets: dict[str, dict], preset: str, config_file: str,
-                  **rl_overrides) -> ml_collections.ConfigDict:
-  """A whole online-RL config (PPO, GRPO, RLOO): a preset whose `steps` are iterations and
-  whose `batch_size` is the rollout's number of responses; responses fill seq_len after the
-  prompt."""
+def rl_run_config(presets: dict[str, dict], preset: str, config_file: str, *,
+                  algorithm: str = 'ppo', **rl_overrides) -> ml_collections.ConfigDict:
+  """A whole online-RL config (`algorithm`: ppo, grpo or rloo): a preset whose `steps` are
+  iterations and whose `batch_size` is the rollout's number of responses; responses fill
+  seq_len after the prompt. The eval loss is that of one minibatch of held-out prompts."""
   c = preset_config(presets, preset, config_file)
-  c.algorithm = 'rl'
+  c.algorithm = algorithm
+  c.train.eval_batches = 1
   c.train.eval_at_start = True
   c.train.export_hf = True
   c.train.log_every = 1
@@ -208,14 +209,30 @@ def rl_run_config(presets: dict[str, dict], preset: str, config_file: str,
   return c
 
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs'
+def configs_dir() -> pathlib.Path:
+  """The experiment configs (`configs/` of the repository), installed as `rlhf_jax.configs`."""
+  spec = importlib.util.find_spec('rlhf_jax.configs')
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError('The experiment configs are not installed (rlhf_jax.configs); '
+                            'install the project with `pip install .`.')
+  return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def config_path(path: str) -> str:
+  """A `--config` path as given (`configs/sft.py:tiny`); when it names no file from here, the
+  installed config of that name, so commands work from any working directory."""
+  file_name, colon, preset = path.partition(':')
+  if os.path.exists(file_name) or pathlib.Path(file_name).parent.name != 'configs':
+    return path
+  installed = configs_dir() / pathlib.Path(file_name).name
+  return f'{installed}{colon}{preset}' if installed.exists() else path
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
-  """`configs/<file>.py:<preset>` of this repository, e.g. load_config('rm.py:tiny'), unlocked,
-  as `python -m rlhf_jax.main --config=configs/rm.py:tiny` would build it."""
+  """`configs/<file>.py:<preset>`, e.g. load_config('rm.py:tiny'), unlocked, as
+  `python -m rlhf_jax.main --config=configs/rm.py:tiny` would build it."""
   file_name, _, preset = name.partition(':')
-  path = CONFIGS_DIR / file_name
+  path = configs_dir() / file_name
   if not path.exists():
     raise FileNotFoundError(f'No config file {path}.')
   spec = importlib.util.spec_from_file_location(f'configs.{path.stem}', path)

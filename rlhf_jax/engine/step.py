@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rlhf_jax.training.state import TrainState
+from rlhf_jax.engine.state import TrainState
 
 LossFn = Callable[[nnx.Module, dict, jax.Array, object], tuple[jax.Array, dict]]
 

@@ -1,4 +1,4 @@
-"""Built-in generated data, so a run needs no download.
+"""A token-level task for the fastest smoke runs, so a run needs no download.
 
 `SortingTask`: the prompt is a list of random symbols, the response the same list sorted.
 
@@ -12,9 +12,10 @@ global batch, and resuming at a step needs no other state.
 
 import numpy as np
 
+from rlhf_jax.data import SPLITS
+
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 NUM_SPECIAL = 4
-SPLITS = {'train': 0, 'eval': 1}
 
 
 class SortingTask:
@@ -31,7 +32,7 @@ class SortingTask:
 
   def example(self, split: str, step: int, row: int) -> tuple[np.ndarray, int]:
     """Token ids of one example and the index where its response starts."""
-    rng = np.random.default_rng([self.seed, SPLITS[split], step, row])
+    rng = np.random.default_rng([self.seed, SPLITS.index(split), step, row])
     k = rng.integers(self.min_items, self.max_items + 1)
     items = rng.integers(NUM_SPECIAL, self.vocab_size, size=k)
     tokens = np.concatenate([[BOS], items, [SEP], np.sort(items), [EOS]])

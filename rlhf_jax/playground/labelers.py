@@ -6,7 +6,7 @@ g is the gold reward, ℓ the response length in words, λ ≥ 0 a bias toward l
 length effect human labelers show; Singhal 2023), T > 0 the labelers' noise (T → 0: they always
 pick the better answer; T = 0 exactly is that limit, ties broken by a coin). The label noise
 puts a ceiling on any reward model's accuracy against these labels:
-`rlhf_jax.eval.calibration.bradley_terry_ceiling`.
+`rlhf_jax.evals.calibration.bradley_terry_ceiling`.
 """
 
 import dataclasses

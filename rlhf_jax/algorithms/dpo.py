@@ -8,7 +8,9 @@ chunked, never float32 [B, T, V] logits). The reference is the initial policy (t
   - precomputed (`config.loss.precompute_ref=True`): once over the whole dataset before
     training, stored in `<workdir>/reference_logps.npz` and attached to the batches, so the
     reference never sits in memory while training.
-Reference-free losses (SimPO, ORPO) need neither.
+Reference-free losses (SimPO, ORPO) need neither. The reference is read from disk once: the
+trained policy starts as a copy of it, and evaluations (win rate, KL) use it where it sits.
+With precomputed log-probs it is kept on the mesh only when evaluations need it.
 """
 
 import functools
@@ -19,16 +21,16 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.algorithms.base import Algorithm, DataBatches
+from rlhf_jax.algorithms.evaluations import sample_evaluations
+from rlhf_jax.algorithms.preferences import preference_data
 from rlhf_jax.data.batching import pad_pairs
-from rlhf_jax.parallel import map_batches
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.losses.dpo import LOSS_TYPES, REFERENCE_FREE, VARIANT_ARGS
+from rlhf_jax.models.scoring import sequence_logps
+from rlhf_jax.parallel import map_batches
 from rlhf_jax.storage import exists, open_file, replace_file
-from rlhf_jax.training import loop
-from rlhf_jax.training.algorithm import Algorithm
-from rlhf_jax.training.pairs import preference_data
-from rlhf_jax.training.scoring import sequence_logps
-from rlhf_jax.training.sft import sample_evaluations
+
 
 def pair_logps(model, batch, *, chunk_size: int):
   """(log π(response) [B, 2], response lengths [B, 2]) of a [B, 2, T] pair batch."""
@@ -66,50 +68,52 @@ def loss_options(loss) -> dict:
               **{name: loss[name] for name in VARIANT_ARGS.get(loss.loss_type, ())})
 
 
-def make_algorithm(config, workdir: str) -> Algorithm:
-  if config.model.head != 'lm':
-    raise ValueError(f'DPO trains a policy: config.model.head must be "lm", got '
-                     f'{config.model.head!r}.')
-  tokenizer, gold, data = preference_data(config, workdir)
-  chunk_size = config.train.logprob_chunk_size
-  loss_fn = functools.partial(dpo_loss_fn, loss_options=loss_options(config.loss),
-                              chunk_size=chunk_size)
-  reference = functools.partial(reference_params, config)
+def make_algorithm(ctx) -> Algorithm:
+  config = ctx.config
+  data = preference_data(ctx, head='lm')
   needs_reference = config.loss.loss_type not in REFERENCE_FREE
+  evaluated = ctx.gold is not None  # Sample evaluations measure win rate and KL against it.
   precompute = needs_reference and config.loss.precompute_ref
+  on_mesh = (needs_reference and not precompute) or evaluated  # The reference, while training.
+  reference = None
+  if needs_reference or evaluated:
+    reference = (ctx.load(config.model.hf_path, head='lm') if config.model.hf_path
+                 else ctx.initial_model())
+  if precompute:
+    attach_reference_logps(ctx, data, reference)
+  model = reference.copy() if reference is not None else ctx.initial_model()
+  if not on_mesh:  # Its log-probs are computed: only the trained copy stays.
+    ctx.release(config.model.hf_path, head='lm')
+    reference = None
+  loss_fn = functools.partial(dpo_loss_fn, loss_options=loss_options(config.loss),
+                              chunk_size=config.train.logprob_chunk_size)
   return Algorithm(
-      loss_fn=loss_fn, data=data, tokenizer=tokenizer, data_stats=data.stats,
-      make_evaluations=sample_evaluations(config, workdir, tokenizer, gold=gold,
-                                          make_reference=lambda mesh: reference(mesh)[0]),
-      make_frozen=reference if needs_reference and not precompute else None,
-      prepare=(functools.partial(attach_reference_logps, config, workdir, data)
-               if precompute else None))
+      model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
+      frozen=((reference.params, reference.shardings) if needs_reference and not precompute
+              else None),
+      evaluations=sample_evaluations(ctx, model.graphdef,
+                                     reference=reference.params if evaluated else None),
+      data_stats=data.stats, tokenizer=ctx.tokenizer)
 
 
-def reference_params(config, mesh):
-  """(parameters, shardings) of the initial policy, built or loaded on the mesh."""
-  _, params, shardings = loop.build_model(config, mesh)
-  return params, shardings
-
-
-def attach_reference_logps(config, workdir: str, data, mesh) -> None:
+def attach_reference_logps(ctx, data, reference) -> None:
   """Reference log-probs of every pair, computed once (or read back), attached to the data."""
-  path = os.path.join(workdir, 'reference_logps.npz')
+  config = ctx.config
+  path = os.path.join(ctx.workdir, 'reference_logps.npz')
   if exists(path):
     with open_file(path, 'rb') as f, np.load(f) as stored:
       values = {split: stored[split] for split in stored.files}
   else:
-    graphdef, params, _ = loop.build_model(config, mesh)
     score = jax.jit(lambda params, batch: pair_logps(
-        nnx.merge(graphdef, params), batch, chunk_size=config.train.logprob_chunk_size)[0])
+        nnx.merge(reference.graphdef, params), batch,
+        chunk_size=config.train.logprob_chunk_size)[0])
     values = {}
     for split in ('train', 'eval'):
       pairs = pad_pairs(data.examples(split), config.train.seq_len,
                         pad_id=data.shape.pad_id)
-      values[split] = map_batches(functools.partial(score, params), pairs,
-                                  batch_size=config.train.batch_size, mesh=mesh,
-                                  rules=config.sharding_rules)
-    del params  # The reference is not needed again.
+      values[split] = map_batches(functools.partial(score, reference.params), pairs,
+                                  batch_size=config.train.batch_size, mesh=ctx.mesh,
+                                  rules=ctx.rules)
     if jax.process_index() == 0:
       buffer = io.BytesIO()
       np.savez(buffer, **values)

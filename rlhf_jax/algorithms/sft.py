@@ -1,0 +1,48 @@
+"""Supervised fine-tuning and pretraining: cross-entropy on the target tokens.
+
+SFT examples have loss on their response tokens; text examples (pretraining, or the
+"pre-training mix" of an SFT run) on every token. With packing, a token is never predicted
+from the previous example's last token.
+"""
+
+import functools
+
+from rlhf_jax.algorithms.base import Algorithm, DataBatches
+from rlhf_jax.algorithms.evaluations import sample_evaluations
+from rlhf_jax.losses import sft_loss, token_logprobs
+from rlhf_jax.playground.sorting import SortingTask
+
+
+def sft_loss_fn(model, batch, rng=None, frozen=None, *, normalize: str, chunk_size: int):
+  """Runs the model on batch['tokens'] and scores token t+1 from position t."""
+  del rng, frozen  # Deterministic, and no other model.
+  tokens, segment_ids = batch['tokens'], batch.get('segment_ids')
+  hidden, _ = model.hidden_states(tokens, attention_mask=batch['attention_mask'],
+                                  positions=batch.get('positions'), segment_ids=segment_ids)
+  logps = token_logprobs(hidden[:, :-1], model.unembedding(), tokens[:, 1:],
+                         chunk_size=chunk_size)
+  mask = batch['loss_mask'][:, 1:].astype(bool)
+  if segment_ids is not None:  # The first token of a packed example has no context to score.
+    mask &= segment_ids[:, 1:] == segment_ids[:, :-1]
+  return sft_loss(logps, mask, normalize=normalize)
+
+
+def make_algorithm(ctx) -> Algorithm:
+  config = ctx.config
+  loss_fn = functools.partial(sft_loss_fn, normalize=config.loss.normalize,
+                              chunk_size=config.train.logprob_chunk_size)
+  tokenizer, stats, evaluations = None, {}, {}
+  if config.data.name == 'sorting':
+    data = SortingTask(seq_len=config.train.seq_len, vocab_size=config.model.vocab_size,
+                       min_items=config.data.min_items, max_items=config.data.max_items,
+                       seed=config.data.seed)
+  else:
+    tokenizer = ctx.tokenizer
+    data = ctx.token_data(kinds=('sft', 'text'))
+    stats = data.stats
+  model = ctx.initial_model()
+  if tokenizer is not None:
+    evaluations = sample_evaluations(ctx, model.graphdef)
+  return Algorithm(model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
+                   evaluations=evaluations, data_stats=stats, tokenizer=tokenizer)
+

@@ -1,0 +1,69 @@
+"""Models in and out of a run: built from a config or loaded from an HF checkpoint straight into
+their sharded layout, and exported back to Hugging Face format."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from rlhf_jax import parallel
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.hf import load_hf, read_hf_config, save_hf
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.storage import staged_dir
+
+
+class LoadedModel(NamedTuple):
+  """A model on the mesh: its graph, its parameter state and that state's shardings."""
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  shardings: object
+
+  def module(self) -> Transformer:
+    return nnx.merge(self.graphdef, self.params)
+
+  def copy(self) -> 'LoadedModel':
+    """The same model in new buffers (a train state donates, and so consumes, its params)."""
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.shardings)
+    return self._replace(params=copy(self.params))
+
+
+def build_model(cfg: ModelConfig, mesh, rules, *, seed: int) -> LoadedModel:
+  """A randomly initialised `Transformer`, created directly in its shards."""
+  return LoadedModel(*parallel.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)),
+                                              mesh, rules))
+
+
+def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedModel:
+  """The HF checkpoint at `path` with a `head` head ('lm' or 'scalar'), each host reading only
+  its shards. `numerics` (a config.model) sets dtype, param_dtype and remat; None: float32."""
+  cfg = read_hf_config(path, head=head)
+  abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  shardings = parallel.state_shardings(abstract_state, mesh, rules)
+  options = {}
+  if numerics is not None:
+    options = dict(dtype=numerics.param_dtype, compute_dtype=numerics.dtype,
+                   remat=numerics.remat)
+  graphdef, params = nnx.split(load_hf(path, head=head, shardings=shardings, **options))
+  return LoadedModel(graphdef, params, shardings)
+
+
+def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
+  """The model (and its tokenizer) as a Hugging Face checkpoint directory.
+
+  The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
+  parameters are gathered to every host (save_hf writes from one host's memory). A `path` on
+  shared storage (a URL) is written locally first, then uploaded.
+  """
+  params = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() != 0:
+    return
+  token_ids = {}
+  if tokenizer is not None:
+    token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  with staged_dir(path) as local_path:
+    save_hf(nnx.merge(graphdef, params), local_path, **token_ids)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(local_path)
