@@ -39,12 +39,13 @@ from rlhf_jax.config import load_config, model_config_dict
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.evals import best_of_n
+from rlhf_jax.models.loading import is_export
 from rlhf_jax.playground import tasks
 from rlhf_jax.storage import replace_file
 
 def finished(workdir: str) -> bool:
-  """A stage is done once its model is exported (the last thing a run does)."""
-  return os.path.exists(os.path.join(workdir, 'hf', 'config.json'))
+  """A stage is done once its model is exported whole (the last thing a run does)."""
+  return is_export(os.path.join(workdir, 'hf'))
 
 
 def run_stage(config, workdir: str) -> str:

@@ -5,9 +5,11 @@ import importlib.util
 import os
 import pathlib
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
+from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.parallel import DEFAULT_RULES
@@ -34,7 +36,7 @@ def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   try:
     return ModelConfig(**fields)
   except TypeError as e:
-    raise ValueError(f'config.model: {e}') from e
+    raise InputError(f'config.model: {e}') from e
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -83,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
       'tensorboard': True,
       'logprob_chunk_size': 256,  # Sequence chunk for log-probs without [B, T, V] logits.
       'export_hf': False,  # Write the final model (+ tokenizer) to <workdir>/hf.
+      # A step whose loss or gradient norm is not finite: 'stop' the run there (nothing after
+      # the last checkpoint is saved or exported) or 'skip' its update and go on (counted as
+      # update_skipped in metrics.jsonl).
+      'nonfinite': 'stop',
   })
 
   # What `python -m rlhf_jax.sweep` runs (trainers ignore it). grid and random follow the
@@ -99,7 +105,7 @@ def preset_config(presets: dict[str, dict], preset: str, config_file: str, *,
   Evaluations and checkpoints come every quarter of the run, warmup takes its first 5 %.
   """
   if preset not in presets:
-    raise ValueError(f'Unknown preset {preset!r} for {config_file}; choose from '
+    raise InputError(f'Unknown preset {preset!r} for {config_file}; choose from '
                      f'{sorted(presets)}.')
   p = presets[preset]
   c = base_config()
@@ -213,7 +219,7 @@ def configs_dir() -> pathlib.Path:
   """The experiment configs (`configs/` of the repository), installed as `rlhf_jax.configs`."""
   spec = importlib.util.find_spec('rlhf_jax.configs')
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError('The experiment configs are not installed (rlhf_jax.configs); '
+    raise NotFound('The experiment configs are not installed (rlhf_jax.configs); '
                             'install the project with `pip install .`.')
   return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
@@ -234,8 +240,67 @@ def load_config(name: str) -> ml_collections.ConfigDict:
   file_name, _, preset = name.partition(':')
   path = configs_dir() / file_name
   if not path.exists():
-    raise FileNotFoundError(f'No config file {path}.')
+    raise NotFound(f'No config file {path}.')
   spec = importlib.util.spec_from_file_location(f'configs.{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(preset) if preset else module.get_config()
+
+
+NONFINITE = ('stop', 'skip')
+
+
+def check_run_config(config) -> None:
+  """Checks a training run's config before any expensive work: ranges, and the local paths it
+  names; each error names its key. (Shapes against the devices: `check_batch_sizes`.)"""
+  train, optim = config.train, config.optim
+  positive = {'config.train.steps': train.steps, 'config.train.batch_size': train.batch_size,
+              'config.train.seq_len': train.seq_len, 'config.train.log_every': train.log_every,
+              'config.train.checkpoint_every': train.checkpoint_every,
+              'config.train.keep_checkpoints': train.keep_checkpoints,
+              'config.optim.lr': optim.lr, 'config.optim.grad_accum_steps':
+              optim.grad_accum_steps}
+  for key, value in positive.items():
+    if not value > 0:
+      raise InputError(f'{key}={value} must be > 0.')
+  for key, value in {'config.train.eval_every': train.eval_every,
+                     'config.train.eval_batches': train.eval_batches,
+                     'config.optim.warmup_steps': optim.warmup_steps,
+                     'config.optim.weight_decay': optim.weight_decay}.items():
+    if value < 0:
+      raise InputError(f'{key}={value} must be ≥ 0.')
+  if train.nonfinite not in NONFINITE:
+    raise InputError(f'config.train.nonfinite={train.nonfinite!r}; choose one of {NONFINITE}.')
+  check_paths(config)
+
+
+def check_paths(config) -> None:
+  """Every local model or tokenizer directory the config names exists."""
+  paths = {'config.model.hf_path': config.model.get('hf_path'),
+           'config.data.tokenizer': config.get('data', {}).get('tokenizer')}
+  for entry in ('rl', 'bon'):
+    if entry in config:
+      paths[f'config.{entry}.reward_model'] = config[entry].get('reward_model')
+  if 'rl' in config:
+    paths['config.rl.value_model'] = config.rl.get('value_model')
+  for key, path in paths.items():
+    if path and path != 'playground' and '://' not in path and not os.path.isdir(path):
+      raise NotFound(f'{key}={path!r}: no such directory.')
+
+
+def check_batch_sizes(config, mesh) -> None:
+  """Each global batch splits over the processes and the batch-sharded devices (data × fsdp),
+  micro-batch by micro-batch."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  batches = {'config.train.batch_size': (config.train.batch_size,
+                                         config.optim.grad_accum_steps)}
+  if 'rl' in config and config.get('algorithm') in ('ppo', 'grpo', 'rloo'):
+    batches = {'config.rl.rollout_batch_size': (config.rl.rollout_batch_size,
+                                                config.rl.num_minibatches *
+                                                config.optim.grad_accum_steps)}
+  for key, (size, parts) in batches.items():
+    if size % parts or (size // parts) % shards or size % jax.process_count():
+      raise InputError(
+          f'{key}={size} does not split into {parts} micro-batch(es) over the {shards} '
+          f'batch-sharded devices (config.mesh data × fsdp) and {jax.process_count()} '
+          f'process(es); choose a multiple of {parts * shards}.')

@@ -15,6 +15,7 @@ from rlhf_jax.config import to_model_config
 from rlhf_jax.data.pipeline import make_token_data
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.engine.optimizer import decay_start_step
+from rlhf_jax.errors import InputError
 from rlhf_jax.models import read_hf_config
 from rlhf_jax.models.loading import LoadedModel, build_model, load_model
 from rlhf_jax.playground import files as playground_files
@@ -49,7 +50,7 @@ class RunContext:
     key = 'config.data.tokenizer' if spec else 'config.model.hf_path'
     spec = spec or model.hf_path
     if not spec:
-      raise ValueError('config.data.tokenizer is empty and there is no config.model.hf_path '
+      raise InputError('config.data.tokenizer is empty and there is no config.model.hf_path '
                        'to take a tokenizer from.')
     if spec == PLAYGROUND:
       spec = saved_tokenizer(self.cache_dir, seed=self.config.data.playground.seed)
@@ -62,7 +63,7 @@ class RunContext:
       vocab_size = model.vocab_size
       where = f'config.model.vocab_size={vocab_size}'
     if len(tokenizer) > vocab_size:
-      raise ValueError(f'The tokenizer has {len(tokenizer)} tokens but {where}.')
+      raise InputError(f'The tokenizer has {len(tokenizer)} tokens but {where}.')
     return tokenizer
 
   def load(self, path: str, *, head: str, keep: bool = True) -> LoadedModel:

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from rlhf_jax.errors import InputError
+
 _TPU = flags.DEFINE_string('tpu', None, 'Name of the TPU VM (slice).')
 _ZONE = flags.DEFINE_string('zone', None, 'Its zone, e.g. us-central2-b.')
 _PROJECT = flags.DEFINE_string('project', None, 'Its project (default: gcloud config).')
@@ -91,13 +93,13 @@ def topology(accelerator: str) -> Topology:
   """The hosts and JAX devices of a slice of accelerator type `accelerator` (e.g. 'v4-32')."""
   name, _, number = accelerator.rpartition('-')
   if name not in GENERATIONS or not number.isdigit():
-    raise ValueError(f'Unknown --accelerator={accelerator!r}; known types: '
+    raise InputError(f'Unknown --accelerator={accelerator!r}; known types: '
                      + ', '.join(f'{known}-N' for known in GENERATIONS) + '.')
   generation, number = GENERATIONS[name], int(number)
   chips, cores_left = divmod(number, generation.cores_per_chip)
   multi_host = chips > generation.single_host_chips
   if not chips or cores_left or (multi_host and chips % generation.chips_per_host):
-    raise ValueError(f'--accelerator={accelerator!r} is not a {name} slice: its number counts '
+    raise InputError(f'--accelerator={accelerator!r} is not a {name} slice: its number counts '
                      + ('TensorCores (2 a chip)' if generation.cores_per_chip == 2 else 'chips')
                      + f', and a slice beyond one host has {generation.chips_per_host} chips '
                      'a host.')
@@ -108,7 +110,7 @@ def topology(accelerator: str) -> Topology:
 def check_workdir(workdir: str, hosts: int) -> None:
   """A run on several hosts needs one workdir that they all see: gs://..."""
   if hosts > 1 and not workdir.startswith('gs://'):
-    raise ValueError(f'--workdir={workdir!r} is not on Cloud Storage: the {hosts} hosts of the '
+    raise InputError(f'--workdir={workdir!r} is not on Cloud Storage: the {hosts} hosts of the '
                      'slice each write their checkpoint shards there, and a local path would '
                      'split them over the hosts. Use --workdir=gs://BUCKET/PATH.')
 
@@ -136,7 +138,7 @@ def train_command(*, repo_dir: str, python: str, config: str, workdir: str,
   rlhf_jax.main --config=... --workdir=... [--config.distributed.enabled=True] OVERRIDES`."""
   for assignment in env:
     if not re.fullmatch(r'[A-Za-z_]\w*=.*', assignment, flags=re.DOTALL):
-      raise ValueError(f'--env={assignment!r} is not NAME=VALUE.')
+      raise InputError(f'--env={assignment!r} is not NAME=VALUE.')
   argv = [*(['env', *env] if env else []), python, '-m', 'rlhf_jax.main',
           f'--config={config}', f'--workdir={workdir}',
           *(['--config.distributed.enabled=True'] if distributed else []), *overrides]
@@ -163,7 +165,7 @@ def read_sweep_points(path: str) -> list[list[str]]:
     points = [shlex.split(line, comments=True) for line in f]
   points = [point for point in points if point]
   if not points:
-    raise ValueError(f'--sweep_points={path!r} lists no points.')
+    raise InputError(f'--sweep_points={path!r} lists no points.')
   return points
 
 

@@ -9,6 +9,7 @@ local directory instead (`local_cache_dir`).
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 
 import fsspec
@@ -35,6 +36,13 @@ def open_file(path: str | os.PathLike, mode: str = 'r'):
   return open(path, mode)
 
 
+def remove(path: str | os.PathLike) -> None:
+  """Deletes the file at `path` if it is there."""
+  fs, fs_path = fsspec.core.url_to_fs(os.fspath(path))
+  if fs.exists(fs_path):
+    fs.rm(fs_path)
+
+
 def replace_file(path: str, data: str | bytes) -> None:
   """Replaces the file with `data`; the old one stays whole until replaced: a local file by a
   rename, an object on shared storage by its upload, which lands in one piece."""
@@ -57,14 +65,27 @@ def upload_dir(local_dir: str | os.PathLike, url: str) -> None:
 
 @contextlib.contextmanager
 def staged_dir(path: str):
-  """A local directory to write the files of directory `path` into: `path` itself when local;
-  for a URL a temporary one, uploaded to it on leaving the block and then removed."""
-  if not is_remote(path):
-    yield path
+  """A local directory to write the files of directory `path` into, which becomes `path` only
+  when the block completes: a local `path` is written beside it and renamed into place
+  (replacing an older one), so a half-written directory never stands at `path`; for a URL a
+  temporary directory is uploaded to it on leaving the block. An error leaves `path` as it was.
+  """
+  if is_remote(path):
+    with tempfile.TemporaryDirectory() as local_dir:
+      yield local_dir
+      upload_dir(local_dir, path)
     return
-  with tempfile.TemporaryDirectory() as local_dir:
-    yield local_dir
-    upload_dir(local_dir, path)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=os.path.basename(path) + '.partial-', dir=parent)
+  try:
+    yield partial
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      shutil.rmtree(partial)
 
 
 def local_cache_dir(path: str) -> str:

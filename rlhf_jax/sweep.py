@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.storage import replace_file
 from rlhf_jax.engine.metrics import read_metrics
 
@@ -50,10 +51,10 @@ def _leaves(declared, config, where: str, prefix: str = '') -> dict:
   for name, value in declared.items():
     key = prefix + name
     if name not in config:
-      raise ValueError(f'{where}: unknown config key {key!r}')
+      raise InputError(f'{where}: unknown config key {key!r}')
     if isinstance(config[name], ml_collections.ConfigDict):
       if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
-        raise ValueError(f'{where}: {key!r} is a group of keys; sweep its entries instead.')
+        raise InputError(f'{where}: {key!r} is a group of keys; sweep its entries instead.')
       leaves.update(_leaves(value, config[name], where, key + '.'))
     else:
       leaves[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
@@ -63,18 +64,18 @@ def _leaves(declared, config, where: str, prefix: str = '') -> dict:
 def _check_spec(key: str, spec) -> None:
   where = f'config.sweep.random: {key!r}'
   if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in RANDOM_SPECS:
-    raise ValueError(f'{where} needs one of {list(RANDOM_SPECS)} as its only key, got {spec!r}')
+    raise InputError(f'{where} needs one of {list(RANDOM_SPECS)} as its only key, got {spec!r}')
   kind, arg = next(iter(spec.items()))
   if not isinstance(arg, (list, tuple)) or not arg:
-    raise ValueError(f'{where}: {kind} needs a non-empty list, got {arg!r}')
+    raise InputError(f'{where}: {kind} needs a non-empty list, got {arg!r}')
   if kind == 'choice':
     return
   if len(arg) != 2 or not arg[0] <= arg[1]:
-    raise ValueError(f'{where}: {kind} needs [lo, hi] with lo <= hi, got {arg!r}')
+    raise InputError(f'{where}: {kind} needs [lo, hi] with lo <= hi, got {arg!r}')
   if kind == 'int' and not all(isinstance(bound, int) for bound in arg):
-    raise ValueError(f'{where}: int needs integer bounds, got {arg!r}')
+    raise InputError(f'{where}: int needs integer bounds, got {arg!r}')
   if kind == 'log_uniform' and arg[0] <= 0:
-    raise ValueError(f'{where}: log_uniform needs 0 < lo, got {arg!r}')
+    raise InputError(f'{where}: log_uniform needs 0 < lo, got {arg!r}')
 
 
 def draw(spec: dict, rng: np.random.Generator):
@@ -120,7 +121,7 @@ def _typed_by_config(config, values: Mapping) -> dict:
     try:
       node[name] = value
     except (TypeError, ValueError) as e:
-      raise ValueError(f'config.sweep: {key}={value!r} does not fit the config: {e}') from e
+      raise InputError(f'config.sweep: {key}={value!r} does not fit the config: {e}') from e
     stored[key] = node[name]
   return stored
 
@@ -133,13 +134,13 @@ def expand(config) -> list[Point]:
   random = _leaves(sweep.random, config, 'config.sweep.random')
   for key, values in grid.items():
     if not isinstance(values, (list, tuple)) or not values:
-      raise ValueError(f'config.sweep.grid: {key!r} needs a non-empty list, got {values!r}')
+      raise InputError(f'config.sweep.grid: {key!r} needs a non-empty list, got {values!r}')
   for key, spec in random.items():
     _check_spec(key, spec)
   if both := sorted(grid.keys() & random.keys()):
-    raise ValueError(f'config.sweep: {both} are in both grid and random.')
+    raise InputError(f'config.sweep: {both} are in both grid and random.')
   if bool(random) != (sweep.num_random > 0):
-    raise ValueError(f'config.sweep.num_random={sweep.num_random} with random keys '
+    raise InputError(f'config.sweep.num_random={sweep.num_random} with random keys '
                      f'{sorted(random)}: give both or neither.')
   rng = np.random.default_rng(sweep.seed)
   points = {}

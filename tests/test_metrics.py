@@ -3,6 +3,7 @@ other files of a workdir (samples, plots, HF export, reference log-probs) on a U
 
 import json
 import os
+import pathlib
 import struct
 import tempfile
 import types
@@ -202,8 +203,16 @@ def test_upload_dir_and_staged_dir_copy_a_tree(remote_workdir, tmp_path):
   assert sorted(fs.find(f'{root}/copy')) == [f'{root}/copy/a.txt', f'{root}/copy/sub/b.txt']
   assert fs.cat(f'{root}/copy/sub/b.txt') == b'b'
 
-  with staged_dir(str(tmp_path / 'local')) as local:
-    assert local == str(tmp_path / 'local')  # A local path is written in place.
+  target = tmp_path / 'local'
+  with staged_dir(str(target)) as local:  # Written beside the target, renamed into place.
+    assert os.path.dirname(local) == str(tmp_path) and not target.exists()
+    pathlib.Path(local, 'd.txt').write_text('d')
+  assert (target / 'd.txt').read_text() == 'd' and os.listdir(tmp_path).count('local') == 1
+  with pytest.raises(OSError):  # E.g. a full disk: the target stays as it was.
+    with staged_dir(str(target)) as local:
+      pathlib.Path(local, 'e.txt').write_text('e')
+      raise OSError(28, 'No space left on device')
+  assert os.listdir(target) == ['d.txt'] and sorted(os.listdir(tmp_path)) == ['local', 'src']
   with staged_dir(f'{remote_workdir}/staged') as local:
     assert not is_remote(local)
     with open(os.path.join(local, 'c.txt'), 'w') as f:

@@ -25,6 +25,7 @@ from rlhf_jax.algorithms.base import Algorithm, DataBatches
 from rlhf_jax.algorithms.evaluations import sample_evaluations
 from rlhf_jax.algorithms.preferences import preference_data
 from rlhf_jax.data.batching import pad_pairs
+from rlhf_jax.errors import InputError
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.losses.dpo import LOSS_TYPES, REFERENCE_FREE, VARIANT_ARGS
 from rlhf_jax.models.scoring import sequence_logps
@@ -63,7 +64,7 @@ def dpo_loss_fn(model, batch, rng=None, frozen=None, *, loss_options: dict, chun
 def loss_options(loss) -> dict:
   """dpo_loss's options from config.loss: beta, loss_type, label_smoothing, variant args."""
   if loss.loss_type not in LOSS_TYPES:
-    raise ValueError(f'config.loss.loss_type={loss.loss_type!r}; choose from {LOSS_TYPES}.')
+    raise InputError(f'config.loss.loss_type={loss.loss_type!r}; choose from {LOSS_TYPES}.')
   return dict(beta=loss.beta, loss_type=loss.loss_type, label_smoothing=loss.label_smoothing,
               **{name: loss[name] for name in VARIANT_ARGS.get(loss.loss_type, ())})
 

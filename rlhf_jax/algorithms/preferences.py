@@ -9,6 +9,7 @@ most seq_len − max_prompt_len new tokens, so every pair fits the run's rows.
 import functools
 
 from rlhf_jax.data import SPLITS
+from rlhf_jax.errors import InputError
 from rlhf_jax.sampling.text import TextSampler
 
 
@@ -17,7 +18,7 @@ def preference_data(ctx, *, head: str):
   'scalar', DPO's policy: 'lm'), labelled by the run's gold (default: the playground's
   program)."""
   if ctx.config.model.head != head:
-    raise ValueError(f'config.algorithm={ctx.config.algorithm!r} trains a model with '
+    raise InputError(f'config.algorithm={ctx.config.algorithm!r} trains a model with '
                      f'config.model.head="{head}", got {ctx.config.model.head!r}.')
   return ctx.token_data(kinds=('preference',), gold=ctx.gold,
                         answer_pairs=make_answer_pairs(ctx))
@@ -35,7 +36,7 @@ def make_answer_pairs(ctx):
     return None
   path = config.model.hf_path if spec == 'policy' else spec
   if not path:
-    raise ValueError('config.data.playground.pairs="policy" samples the initial model of '
+    raise InputError('config.data.playground.pairs="policy" samples the initial model of '
                      'config.model.hf_path, which is empty.')
 
   @functools.cache

@@ -22,6 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_jax.errors import InputError
+
 METHODS = ('bon', 'rl')
 _TITLES = {'bon': 'best-of-n', 'rl': 'RL'}
 _MEASURED = ('proxy', 'method', 'kl', 'gold_reward', 'proxy_reward')
@@ -59,7 +61,7 @@ _FORMS = {'bon': (bon_gain, _bon_peak), 'rl': (rl_gain, _rl_peak)}
 
 def _form(method):
   if method not in _FORMS:
-    raise ValueError(f'method={method!r}; expected one of {METHODS}.')
+    raise InputError(f'method={method!r}; expected one of {METHODS}.')
   return _FORMS[method]
 
 
@@ -76,14 +78,14 @@ def fit(d, gain, *, method: str) -> dict:
   gain_fn, peak_fn = _form(method)
   d_N, gain_N = np.ravel(d).astype(np.float64), np.ravel(gain).astype(np.float64)
   if d_N.shape != gain_N.shape:
-    raise ValueError(f'd ({d_N.size}) and gain ({gain_N.size}) must have the same size.')
+    raise InputError(f'd ({d_N.size}) and gain ({gain_N.size}) must have the same size.')
   if not (np.all(np.isfinite(d_N)) and np.all(np.isfinite(gain_N)) and np.all(d_N >= 0)):
-    raise ValueError('d must be finite and ≥ 0, and gain finite.')
+    raise InputError('d must be finite and ≥ 0, and gain finite.')
   features_Nx2 = np.stack([gain_fn(d_N, alpha=1.0, beta=0.0),
                            gain_fn(d_N, alpha=0.0, beta=1.0)], axis=1)
   coefficients, _, rank, _ = np.linalg.lstsq(features_Nx2, gain_N)
   if rank < 2:
-    raise ValueError(f'The {method} fit of α and β needs two points that set them apart (for RL, '
+    raise InputError(f'The {method} fit of α and β needs two points that set them apart (for RL, '
                      f'two with d > 0 and d ≠ 1; for best-of-n, two with d > 0); got d = '
                      f'{d_N.tolist()}.')
   alpha, beta = (float(c) for c in coefficients)
@@ -112,7 +114,7 @@ def _check_records(records) -> None:
   for i, record in enumerate(records):
     missing = [key for key in _MEASURED if key not in record]
     if missing:
-      raise ValueError(f'records[{i}] lacks {missing}; each needs {list(_MEASURED)}.')
+      raise InputError(f'records[{i}] lacks {missing}; each needs {list(_MEASURED)}.')
     _form(record['method'])
 
 
@@ -145,7 +147,7 @@ def measurements_to_curves(records, *, method: str, kl_atol: float = 1e-6) -> di
     kl_N, gold_N, proxy_N = (np.array([r[key] for r in group], np.float64)
                              for key in ('kl', 'gold_reward', 'proxy_reward'))
     if abs(kl_N[0]) > kl_atol:
-      raise ValueError(f'Proxy {proxy!r} ({method}): its lowest kl is {kl_N[0]:g}, not 0; each '
+      raise InputError(f'Proxy {proxy!r} ({method}): its lowest kl is {kl_N[0]:g}, not 0; each '
                        'curve needs the initial policy (kl = 0) as a point to measure gains from.')
     curves[proxy] = {'kl': kl_N, 'd': np.sqrt(np.maximum(kl_N, 0.0)), 'gold_reward': gold_N,
                      'proxy_reward': proxy_N, 'gain': gold_N - gold_N[0],
@@ -181,7 +183,7 @@ def plot_curves(records, fits, path: str, *, method: str) -> str:
   gain_fn, _ = _form(method)
   curves = measurements_to_curves(records, method=method)
   if not curves:
-    raise ValueError(f'records hold no {method!r} measurements to plot.')
+    raise InputError(f'records hold no {method!r} measurements to plot.')
   fit_by_proxy = {f['proxy']: f for f in fits if f['method'] == method}
   figure = Figure(figsize=(6, 4), dpi=100, layout='constrained')
   FigureCanvasAgg(figure)
@@ -189,7 +191,7 @@ def plot_curves(records, fits, path: str, *, method: str) -> str:
   proxy_axes = gold_axes.twinx()
   for i, (proxy, curve) in enumerate(curves.items()):
     if proxy not in fit_by_proxy:
-      raise ValueError(f'fits has no {method!r} fit of proxy {proxy!r}.')
+      raise InputError(f'fits has no {method!r} fit of proxy {proxy!r}.')
     coefficients = {k: fit_by_proxy[proxy][k] for k in ('alpha', 'beta')}
     d_grid = np.linspace(0.0, curve['d'][-1], 200)
     gold_axes.plot(curve['d'], curve['gain'], 'o-', color=f'C{i}', markersize=3, label=proxy)
@@ -208,10 +210,10 @@ def plot_coefficients(fits, path: str, *, by: str = 'proxy_params') -> str:
   """Writes a PNG: α and β of each method against fits[by] (log scale), each point annotated
   with its fit's R² (Gao et al. 2022, figure 3)."""
   if not fits:
-    raise ValueError('fits is empty: nothing to plot.')
+    raise InputError('fits is empty: nothing to plot.')
   missing = sorted({f['proxy'] for f in fits if by not in f})
   if missing:
-    raise ValueError(f'by={by!r}: the fits of proxies {missing} have no such field.')
+    raise InputError(f'by={by!r}: the fits of proxies {missing} have no such field.')
   figure = Figure(figsize=(8, 3.5), dpi=100, layout='constrained')
   FigureCanvasAgg(figure)
   axes = figure.subplots(1, 2)

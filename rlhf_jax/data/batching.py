@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rlhf_jax.errors import InputError
+
 Piece = tuple[np.ndarray, np.ndarray]  # (token ids [L], loss mask [L])
 
 
@@ -17,7 +19,7 @@ def bucket_length(longest: int, buckets: Sequence[int]) -> int:
   """The smallest bucket that holds `longest` tokens (buckets sorted, last = seq_len)."""
   i = bisect.bisect_left(buckets, longest)
   if i == len(buckets):
-    raise ValueError(f'A row of {longest} tokens exceeds the largest bucket {buckets[-1]}.')
+    raise InputError(f'A row of {longest} tokens exceeds the largest bucket {buckets[-1]}.')
   return buckets[i]
 
 
@@ -25,7 +27,7 @@ def buckets_for(seq_len: int, buckets: Sequence[int] | None) -> tuple[int, ...]:
   """config.data.buckets validated and closed with seq_len (no buckets: always seq_len)."""
   buckets = sorted(set(buckets or ()) | {seq_len})
   if buckets[-1] != seq_len or buckets[0] < 1:
-    raise ValueError(f'config.data.buckets={buckets} must lie in [1, seq_len={seq_len}].')
+    raise InputError(f'config.data.buckets={buckets} must lie in [1, seq_len={seq_len}].')
   return tuple(buckets)
 
 
@@ -47,7 +49,7 @@ def pad_rows(rows: Sequence[Sequence[Piece]], length: int, *, pad_id: int,
     for segment, (ids, mask) in enumerate(pieces, start=1):
       end = start + len(ids)
       if end > length:
-        raise ValueError(f'Row {i} needs {end} tokens; the row length is {length}.')
+        raise InputError(f'Row {i} needs {end} tokens; the row length is {length}.')
       tokens[i, start:end] = ids
       loss_mask[i, start:end] = mask
       segment_ids[i, start:end] = segment
@@ -75,7 +77,7 @@ def pack(lengths: Sequence[int], order: Sequence[int], seq_len: int) -> list[lis
   rows, current, used = [], [], 0
   for index in order:
     if lengths[index] > seq_len:
-      raise ValueError(f'Example {index} has {lengths[index]} tokens > seq_len={seq_len}.')
+      raise InputError(f'Example {index} has {lengths[index]} tokens > seq_len={seq_len}.')
     if used + lengths[index] > seq_len:
       rows.append(current)
       current, used = [], 0

@@ -14,6 +14,7 @@ import numpy as np
 
 from rlhf_jax.data.batching import Piece, bucket_length, pad_pairs, pad_rows
 from rlhf_jax.data.mixture import Mixture, Stream, global_batch_units
+from rlhf_jax.errors import InputError
 
 Example = tuple[Piece, ...]  # (piece,) or (chosen, rejected).
 
@@ -42,7 +43,7 @@ class TokenData:
     self._attached: dict[str, dict[str, np.ndarray]] = {}
     self.paired = len(next(iter(splits['train'].values()))[0]) == 2
     if self.paired and shape.packing:
-      raise ValueError('config.data.packing applies to SFT and text, not to preference pairs.')
+      raise InputError('config.data.packing applies to SFT and text, not to preference pairs.')
     self._examples, self._streams = {}, {}
     for split, sources in splits.items():
       self._examples[split] = [sources[name] for name in mixture.names]
@@ -62,10 +63,10 @@ class TokenData:
     For values computed once per example, e.g. DPO's precomputed reference log-probs.
     """
     if self.shape.packing:
-      raise ValueError('Per-example values need one example per row; turn off packing.')
+      raise InputError('Per-example values need one example per row; turn off packing.')
     for split, values in per_split.items():
       if len(values) != len(self.examples(split)):
-        raise ValueError(f'{name}: {len(values)} values for {len(self.examples(split))} '
+        raise InputError(f'{name}: {len(values)} values for {len(self.examples(split))} '
                          f'{split} examples.')
     self._attached[name] = dict(per_split)
 

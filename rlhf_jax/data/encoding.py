@@ -30,6 +30,7 @@ import transformers
 
 from rlhf_jax.data.records import (InvalidExample, Message, Messages, Origin, PreferenceRecord,
                                    SFTRecord)
+from rlhf_jax.errors import InputError
 
 Truncation = Literal['error', 'response', 'prompt_and_response']
 TRUNCATIONS = ('error', 'response', 'prompt_and_response')
@@ -97,10 +98,10 @@ def encode_preference(record: PreferenceRecord, tokenizer: Tokenizer, *, seq_len
 
 def _check_options(*, seq_len: int, max_prompt_len: int, truncation: str):
   if truncation not in TRUNCATIONS:
-    raise ValueError(f'config.data.truncation={truncation!r}; choose one of '
+    raise InputError(f'config.data.truncation={truncation!r}; choose one of '
                      f'{", ".join(TRUNCATIONS)}.')
   if not 0 < max_prompt_len < seq_len:
-    raise ValueError(f'config.data.max_prompt_len={max_prompt_len} must be in [1, '
+    raise InputError(f'config.data.max_prompt_len={max_prompt_len} must be in [1, '
                      f'config.train.seq_len={seq_len}) so that every response keeps a token.')
 
 
@@ -118,14 +119,14 @@ def _response_ids(tokenizer: Tokenizer, prompt: Messages, prompt_ids: list[int],
   """The response's ids after `prompt_ids`, ending with EOS (see the module doc)."""
   eos = tokenizer.eos_token_id
   if eos is None:
-    raise ValueError(f'tokenizer {tokenizer.name_or_path!r} has no eos_token_id; responses '
+    raise InputError(f'tokenizer {tokenizer.name_or_path!r} has no eos_token_id; responses '
                      'must end with EOS.')
   if not tokenizer.chat_template:
     return _encode(tokenizer, response) + [eos]
   conversation = prompt + (Message('assistant', response),)
   ids = _encode(tokenizer, _render(tokenizer, conversation, add_generation_prompt=False))
   if ids[:len(prompt_ids)] != prompt_ids:
-    raise ValueError(
+    raise InputError(
         f'{origin}: the chat template of tokenizer {tokenizer.name_or_path!r} does not render '
         'the prompt (with add_generation_prompt=True) as a prefix of prompt + assistant '
         'message, so the response ids cannot be split off.')

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from rlhf_jax.data.batching import pack
+from rlhf_jax.errors import InputError
 
 
 class Stream:
@@ -25,7 +26,7 @@ class Stream:
   def __init__(self, lengths: Sequence[int], *, seed: int, shuffle: bool,
                pack_to: int | None = None):
     if not len(lengths):
-      raise ValueError('A data source has no examples.')
+      raise InputError('A data source has no examples.')
     self._lengths, self._seed, self._shuffle, self._pack_to = lengths, seed, shuffle, pack_to
     self._epochs: list[list[list[int]]] = []  # Packed rows of each epoch, made on demand.
     self._epoch_starts = [0]
@@ -52,14 +53,14 @@ def rows_per_source(weights: Mapping[str, float], batch_size: int, *, key: str) 
   """round(w_k / Σw · B) rows per source, by largest remainder; every weighted source gets one."""
   w = np.array(list(weights.values()), np.float64)
   if (w < 0).any() or w.sum() <= 0:
-    raise ValueError(f'{key}={dict(weights)}: weights must be >= 0 with a positive sum.')
+    raise InputError(f'{key}={dict(weights)}: weights must be >= 0 with a positive sum.')
   exact = w / w.sum() * batch_size
   counts = np.floor(exact).astype(int)
   leftover = batch_size - counts.sum()
   counts[np.argsort(-(exact - counts), kind='stable')[:leftover]] += 1
   starved = [name for name, c, wk in zip(weights, counts, w) if wk > 0 and c == 0]
   if starved:
-    raise ValueError(f'{key}={dict(weights)}: {starved} would get no row of a batch of '
+    raise InputError(f'{key}={dict(weights)}: {starved} would get no row of a batch of '
                      f'{batch_size}; raise their weight or config.train.batch_size.')
   return counts
 
@@ -76,7 +77,7 @@ class Mixture:
     self._after = self._before
     if weights_after is not None:
       if set(weights_after) != set(weights):
-        raise ValueError(f'config.data.decay_weights names {sorted(weights_after)}; '
+        raise InputError(f'config.data.decay_weights names {sorted(weights_after)}; '
                          f'config.data.weights names {sorted(weights)}.')
       self._after = rows_per_source({k: weights_after[k] for k in self.names}, batch_size,
                                     key='config.data.decay_weights')

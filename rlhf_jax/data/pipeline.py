@@ -6,6 +6,7 @@ from rlhf_jax.data.batching import buckets_for
 from rlhf_jax.data.datasets import BatchShape, TokenData
 from rlhf_jax.data.mixture import Mixture
 from rlhf_jax.data.sources import encode_source, read_source
+from rlhf_jax.errors import InputError
 
 
 def make_token_data(config, tokenizer, *, sources: dict[str, str], kinds: tuple[str, ...],
@@ -15,7 +16,7 @@ def make_token_data(config, tokenizer, *, sources: dict[str, str], kinds: tuple[
   switches to them at step `decay_start` (the schedule's decay stage: "midtraining")."""
   data, train = config.data, config.train
   if set(data.weights) != set(sources):
-    raise ValueError(f'config.data.weights names {sorted(data.weights)}; config.data.sources '
+    raise InputError(f'config.data.weights names {sorted(data.weights)}; config.data.sources '
                      f'names {sorted(sources)}.')
   splits, records = {'train': {}, 'eval': {}}, {'train': {}, 'eval': {}}
   stats = collections.Counter()

@@ -32,6 +32,8 @@ from typing import Literal, NamedTuple
 
 from absl import logging
 
+from rlhf_jax.errors import InputError, NotFound
+
 ROLES = ('system', 'user', 'assistant')
 FIELDS = {'sft': ('prompt', 'response', 'messages'), 'preference': ('prompt', 'chosen', 'rejected'),
           'text': ('text',)}
@@ -48,7 +50,7 @@ class Origin:
     return f'{self.path}:{self.line}'
 
 
-class InvalidExample(ValueError):
+class InvalidExample(InputError):
   """An example that cannot be used; `reason` is a short key such as 'missing_key'."""
 
   def __init__(self, origin: Origin, reason: str, detail: str):
@@ -102,11 +104,11 @@ def parse_record(obj, kind: Kind, origin: Origin,
                  field_map: Mapping[str, str] | None = None) -> Record:
   """One example (a decoded JSON object or TFDS example) → a record, or InvalidExample."""
   if kind not in FIELDS:
-    raise ValueError(f'kind={kind!r}; choose one of {", ".join(FIELDS)}.')
+    raise InputError(f'kind={kind!r}; choose one of {", ".join(FIELDS)}.')
   field_map = dict(field_map or {})
   unknown = set(field_map) - set(FIELDS[kind])
   if unknown:
-    raise ValueError(f'field_map has unknown {kind} fields {sorted(unknown)}; '
+    raise InputError(f'field_map has unknown {kind} fields {sorted(unknown)}; '
                      f'expected some of {", ".join(FIELDS[kind])}.')
   if not isinstance(obj, dict):
     raise InvalidExample(origin, 'not_an_object',
@@ -120,11 +122,15 @@ def read_jsonl(path: str | os.PathLike, kind: Kind, *, skip_invalid: bool = Fals
   """Records from a JSONL file: one JSON object a line, UTF-8; blank lines are skipped."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'JSONL file {path!r} does not exist.')
+    raise NotFound(f'JSONL file {path!r} does not exist.')
   with open(path, 'rb') as f:  # Bytes, so invalid UTF-8 is reported with its own line number.
     parsers = (functools.partial(_parse_line, raw, kind, Origin(path, number), field_map)
                for number, raw in enumerate(f, start=1))
-    return collect(parsers, source=path, skip_invalid=skip_invalid)
+    records = collect(parsers, source=path, skip_invalid=skip_invalid)
+  if not records.records and not records.skipped:
+    raise InputError(f'JSONL file {path!r} is empty: it holds no example, one JSON object a '
+                     'line.')
+  return records
 
 
 def collect(parsers: Iterable[Callable[[], Record | None]], *, source: str,

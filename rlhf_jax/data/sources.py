@@ -25,6 +25,7 @@ from rlhf_jax.data.batching import Piece
 from rlhf_jax.data.datasets import Example
 from rlhf_jax.data.encoding import encode_preference, encode_sft
 from rlhf_jax.data.records import InvalidExample, Records, read_jsonl
+from rlhf_jax.errors import InputError, NotFound
 
 KINDS = ('sft', 'preference', 'text')
 
@@ -32,7 +33,7 @@ KINDS = ('sft', 'preference', 'text')
 def parse_spec(spec: str, key: str) -> tuple[str, str]:
   scheme, _, location = spec.partition(':')
   if scheme not in ('jsonl', 'tfds') or not location:
-    raise ValueError(f'{key}={spec!r}: expected "jsonl:PATH", "tfds:NAME" or, on the '
+    raise InputError(f'{key}={spec!r}: expected "jsonl:PATH", "tfds:NAME" or, on the '
                      f'playground, "playground:KIND" with KIND one of {KINDS}.')
   return scheme, location
 
@@ -51,7 +52,7 @@ def read_source(spec: str, kinds: tuple[str, ...], *, data, key: str
   else:
     kind = kind_of_fields(_first_object(location.format(split='train')))
   if kind not in kinds:
-    raise ValueError(f'{key}={spec!r} holds {kind!r} examples; this trainer reads {kinds}.')
+    raise InputError(f'{key}={spec!r} holds {kind!r} examples; this trainer reads {kinds}.')
   if scheme == 'tfds':
     return kind, {split: tfds_source.tfds_records(
         location, data.tfds_splits[split], data_dir=data.tfds_data_dir, kind=kind,
@@ -71,7 +72,7 @@ def kind_of_fields(fields) -> str:
 def _first_object(path: str) -> dict:
   """The first example of a JSONL file, or {} if it does not parse (the reader then says why)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'No such JSONL file: {path}')
+    raise NotFound(f'No such JSONL file: {path}')
   with open(path, 'rb') as f:
     for line in f:
       if line.strip():
@@ -87,13 +88,14 @@ def _hold_out(records: Records, fraction: float, *, seed: int, key: str) -> dict
   n = len(records.records)
   n_eval = math.ceil(n * fraction)
   if not 0 < n_eval < n:
-    raise ValueError(f'{key}: config.data.eval_fraction={fraction} of {n} examples leaves an '
+    raise InputError(f'{key}: config.data.eval_fraction={fraction} of {n} examples leaves an '
                      'empty split; give a file per split with "{split}" in the path.')
   eval_rows = set(np.random.default_rng([seed, 5]).permutation(n)[:n_eval].tolist())
-  split = lambda keep: Records([r for i, r in enumerate(records.records) if keep(i)],
-                               records.skipped)
-  return {'train': split(lambda i: i not in eval_rows),
-          'eval': split(lambda i: i in eval_rows)}
+  # The file's skipped examples are counted once, with the train split.
+  split = lambda keep, skipped: Records([r for i, r in enumerate(records.records) if keep(i)],
+                                        skipped)
+  return {'train': split(lambda i: i not in eval_rows, records.skipped),
+          'eval': split(lambda i: i in eval_rows, collections.Counter())}
 
 
 @dataclasses.dataclass
@@ -123,7 +125,7 @@ def encode_source(records: dict[str, Records], kind: str, tokenizer, *, data,
         logging.warning('Skipped %s', e)
         stats[f'skipped/{e.reason}'] += 1
     if not examples[split]:
-      raise ValueError(f'No valid {split} examples in this source.')
+      raise InputError(f'No valid {split} examples in this source.')
   return EncodedSplits(examples, origins, stats)
 
 

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from rlhf_jax.data.records import (InvalidExample, Kind, Origin, Records, collect, parse_record,
                                    read_jsonl)
+from rlhf_jax.errors import InputError
 
 RESPONSE_FIELDS = {'sft': ('response',), 'preference': ('chosen', 'rejected')}
 
@@ -74,11 +75,11 @@ def prepare_from_jsonl(name: str, kind: Kind, splits: Mapping[str, str | os.Path
   it again from changed files.
   """
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
-    raise ValueError(f'name={name!r}: a TFDS dataset name is snake_case ([a-z][a-z0-9_]*).')
+    raise InputError(f'name={name!r}: a TFDS dataset name is snake_case ([a-z][a-z0-9_]*).')
   if kind not in RESPONSE_FIELDS:
-    raise ValueError(f'kind={kind!r}; choose "sft" or "preference".')
+    raise InputError(f'kind={kind!r}; choose "sft" or "preference".')
   if not splits:
-    raise ValueError('splits is empty; give {split: JSONL path}.')
+    raise InputError('splits is empty; give {split: JSONL path}.')
   builder = JsonlDataset(name=name, kind=kind, splits=splits, field_map=field_map,
                          skip_invalid=skip_invalid, data_dir=data_dir,
                          file_format='array_record')

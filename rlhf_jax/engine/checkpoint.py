@@ -8,9 +8,14 @@ deletes its leftovers. Async saves copy the arrays to host memory, then write th
 background thread while training goes on.
 """
 
+import contextlib
 import os
 
 import orbax.checkpoint as ocp
+from absl import logging
+
+from rlhf_jax.errors import CheckpointFailed, InputError, NotFound
+
 
 
 def _absolute(directory: str) -> str:
@@ -44,9 +49,12 @@ class Checkpointer:
     data_state: a JSON-able dict, e.g. the data position.
     A step not above the latest is skipped, unless forced; forcing an existing step raises.
     """
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      data=ocp.args.JsonSave(data_state)), force=force)
+    if force and step in self._manager.all_steps():
+      raise InputError(f'Checkpoint {step} already exists in {self._manager.directory}.')
+    with self._failures_named():
+      return self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        data=ocp.args.JsonSave(data_state)), force=force)
 
   def restore(self, step: int | None, abstract_state) -> tuple[object, dict]:
     """(state, data_state) of `step` (None: the latest), each array laid out as asked.
@@ -56,11 +64,52 @@ class Checkpointer:
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f'No checkpoint in {self._manager.directory}.')
+      raise NotFound(f'No checkpoint in {self._manager.directory}.')
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=ocp.args.JsonRestore()))
     return restored.state, restored.data
+
+  def restore_latest_readable(self, abstract_state) -> tuple[int, object, dict] | None:
+    """(step, state, data_state) of the latest checkpoint that reads back, or None if there is
+    none. A checkpoint that fails to read (corrupted, cut short on shared storage) is reported
+    and deleted, and the one before it tried, so a run resumes from its last good step."""
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except Exception as error:  # pylint: disable=broad-except
+        cause = ' '.join(str(error).split())[:300]
+        failures.append(f'step {step} ({type(error).__name__}: {cause})')
+        logging.warning('Checkpoint %d in %s could not be read (%s: %s); deleting it and '
+                        'trying the previous one.', step, self._manager.directory,
+                        type(error).__name__, cause)
+        self._manager.delete(step)
+        continue
+      return step, state, data_state
+    if failures:
+      raise InputError(f'No checkpoint in {self._manager.directory} could be read: '
+                       f'{"; ".join(failures)}. Move the directory away to start over.')
+    return None
+
+  def check_for_errors(self) -> None:
+    """Raises the error of a failed background save now, rather than at the next save."""
+    with self._failures_named():
+      self._manager.check_for_errors()
+
+  @contextlib.contextmanager
+  def _failures_named(self):
+    """A failed save (a full disk, storage out of reach) as one CheckpointFailed error."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except
+      raise CheckpointFailed(f'Saving a checkpoint in {self._manager.directory} failed: '
+                             f'{" ".join(str(error).split())}') from error
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the platform announced a preemption (a TPU maintenance event) that every host
+    has now seen at `step`, so all save this step and stop."""
+    return self._manager.reached_preemption(step)
 
   def wait(self):
     """Blocks until the async saves in flight are written and committed."""
@@ -68,4 +117,5 @@ class Checkpointer:
 
   def close(self):
     """Waits for the saves in flight, then releases orbax's threads."""
-    self._manager.close()
+    with self._failures_named():
+      self._manager.close()

@@ -17,6 +17,8 @@ checkpoint as if it had never stopped.
 """
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,13 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from rlhf_jax.engine.checkpoint import Checkpointer
 from rlhf_jax.engine.metrics import MetricWriter, progress_bar, write_config
 from rlhf_jax.engine.optimizer import make_optimizer
 from rlhf_jax.engine.state import abstract_like, init_train_state, train_state_shardings
 from rlhf_jax.engine.step import LossFn, make_train_step
+from rlhf_jax.errors import CheckpointFailed, Error, InputError, NonFinite
 from rlhf_jax.models.loading import export_hf
+
+
+class Interrupted(Error):
+  """A run stopped by a signal or a preemption notice, after writing a checkpoint."""
+  EXIT_STATUS = 75  # EX_TEMPFAIL: try again later (the same command resumes the run).
 
 
 class Engine:
@@ -49,15 +58,18 @@ class Engine:
     self.state = init_train_state(params, optimizer, config.seed, state_shardings)
 
     self.checkpointer = Checkpointer.for_run(workdir, tc)
-    self.start, self.stopped = self.checkpointer.latest_step() or 0, False
-    if self.start:
-      self.state, data_state = self.checkpointer.restore(self.start, abstract_like(self.state))
+    self.start, self.stopped = 0, False
+    restored = self.checkpointer.restore_latest_readable(abstract_like(self.state))
+    if restored is not None:
+      self.start, self.state, data_state = restored
       if data_state['step'] != self.start:
-        raise ValueError(f'Checkpoint {self.start} in {workdir} holds data position '
+        raise InputError(f'Checkpoint {self.start} in {workdir} holds data position '
                          f'{data_state}.')
       self.stopped = data_state.get('stopped', False)
       self.batches.restore(data_state)
       logging.warning('Resumed %s from step %d.', workdir, self.start)
+    self.saved = self.start  # The last step with a checkpoint.
+    self.signal = None  # SIGTERM or SIGINT, once received.
     self.writer = MetricWriter(workdir, start_step=self.start, tensorboard=tc.tensorboard)
 
     self.frozen, frozen_shardings = algorithm.frozen or (None, None)
@@ -107,7 +119,8 @@ class Engine:
 
     bar = progress_bar(tc.steps, self.start, enabled=tc.progress_bar)
     last_shown = time.perf_counter()
-    pending = None  # (step, metrics), read one step late so the device never waits.
+    pending = None  # (step, metrics) to log, read one step late so the device never waits.
+    unchecked = None  # (step, metrics) whose finiteness is checked one step late.
 
     def flush():
       nonlocal pending, last_shown
@@ -115,6 +128,8 @@ class Engine:
         step, metrics = pending[0], jax.device_get(pending[1])
         # Wall times go to the progress bar: metrics.jsonl holds only reproducible numbers.
         times = {k: metrics.pop(k) for k in list(metrics) if k.startswith('time/')}
+        if tc.nonfinite == 'stop':
+          metrics.pop('update_skipped')  # Always 0: a skipped update stops the run.
         self.writer.write(step, metrics)
         now = time.perf_counter()
         shown = {k.rpartition('/')[2]: f'{metrics[k]:.4g}' for k in self.batches.progress_keys}
@@ -124,33 +139,106 @@ class Engine:
         bar.set_postfix(shown)
         self.tokens, last_shown, pending = 0, now, None
 
-    for step in range(self.start, self.start if self.stopped else tc.steps):
-      metrics = self.update(step)
-      flush()
-      done = step + 1
-      if done % tc.log_every == 0 or done == tc.steps:
-        pending = (done, metrics)
-      if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+    def check():
+      nonlocal unchecked
+      if unchecked is not None:
+        self.check_finite(*unchecked)
+        unchecked = None
+
+    previous_handlers = self._catch_signals()
+    ended = False  # Whether the loop ran to its end (else an error is on its way out).
+    try:
+      for step in range(self.start, self.start if self.stopped else tc.steps):
+        metrics = self.update(step)
+        check()
         flush()
-        reason = algorithm.stop(self.evaluate(done))
-        if reason:
-          self.stopped = True
-          logging.warning('%s: %s after step %d; stopping.', ctx.workdir, reason, done)
-      if done % tc.checkpoint_every == 0 or done == tc.steps or self.stopped:
-        flush()  # A checkpoint's step must never lack its metrics line.
-        self.checkpointer.save(done, self.state, {'step': done, 'stopped': self.stopped,
-                                                  **self.batches.state()}, force=True)
-      bar.update(1)
-      if self.stopped:
-        break
-    flush()
-    bar.close()
-    self.checkpointer.wait()
-    self.checkpointer.close()
-    self.writer.close()
+        done = step + 1
+        unchecked = (done, metrics)
+        if done % tc.log_every == 0 or done == tc.steps:
+          pending = (done, metrics)
+        if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+          check()
+          flush()
+          reason = algorithm.stop(self.evaluate(done))
+          if reason:
+            self.stopped = True
+            logging.warning('%s: %s after step %d; stopping.', ctx.workdir, reason, done)
+        interrupted = self._interrupted(done)
+        if (done % tc.checkpoint_every == 0 or done == tc.steps or self.stopped
+            or interrupted):
+          check()  # Never a checkpoint of a step that went non-finite.
+          flush()  # A checkpoint's step must never lack its metrics line.
+          self.save(done)
+        self.checkpointer.check_for_errors()
+        bar.update(1)
+        if interrupted:
+          self.checkpointer.wait()
+          raise Interrupted(f'{ctx.workdir}: stopped by {interrupted} after step {done}, '
+                            'checkpoint written; run the same command to resume.')
+        if self.stopped:
+          break
+      check()
+      flush()
+      ended = True
+    finally:
+      self._restore_signals(previous_handlers)
+      bar.close()
+      for close in (self.writer.close, self.checkpointer.close):  # The latter waits for
+        try:                                                       # the saves in flight.
+          close()
+        except (OSError, CheckpointFailed):
+          if ended:
+            raise  # Else the error on its way out comes first (a full disk fails both).
     if tc.export_hf:
       export_hf(*algorithm.exported(self.state.params), os.path.join(ctx.workdir, 'hf'),
                 algorithm.tokenizer)
+
+  def save(self, step: int) -> None:
+    if step > self.saved:
+      self.checkpointer.save(step, self.state, {'step': step, 'stopped': self.stopped,
+                                                **self.batches.state()}, force=True)
+      self.saved = step
+
+  def check_finite(self, step: int, metrics) -> None:
+    """With config.train.nonfinite='stop', raises if the update of `step` was skipped for a
+    non-finite loss or gradient norm (the train step then left the parameters as they were)."""
+    if self.ctx.config.train.nonfinite != 'stop':
+      return
+    values = jax.device_get({k: metrics[k] for k in ('update_skipped', 'loss', 'grad_norm')})
+    if values['update_skipped'] > 0:
+      raise NonFinite(
+          f'{self.ctx.workdir}: at step {step} the loss is {values["loss"]} and the gradient '
+          f'norm {values["grad_norm"]}; stopped with the parameters of step {step - 1}, '
+          f'nothing after the checkpoint of step {self.saved} saved or exported. Lower '
+          'config.optim.lr, or set config.train.nonfinite="skip" to skip such updates.')
+
+  def _catch_signals(self) -> dict:
+    """SIGTERM (a preemption, `kill`) and SIGINT (Ctrl-C) end the run after the current step,
+    with a checkpoint; returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+      return {}
+
+    def note(signum, frame):
+      del frame
+      self.signal = signal.Signals(signum).name
+    return {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  @staticmethod
+  def _restore_signals(handlers: dict) -> None:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+
+  def _interrupted(self, step: int) -> str | None:
+    """What stops the run after `step`: a signal to any process, or a preemption notice; every
+    process sees the same answer at the same step."""
+    received = self.signal is not None
+    if jax.process_count() > 1:
+      received = bool(np.max(multihost_utils.process_allgather(np.int32(received))))
+    if received:
+      return self.signal or 'a signal to another process'
+    if self.checkpointer.reached_preemption(step):
+      return 'a preemption notice'
+    return None
 
 
 def train(ctx, algorithm) -> None:

@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from rlhf_jax.errors import InputError
+
 SCHEDULES = ('constant', 'warmup_cosine', 'warmup_stable_decay')
 
 
@@ -28,14 +30,14 @@ def make_schedule(optim, total_steps: int) -> optax.Schedule:
         [optax.constant_schedule(lr), optax.linear_schedule(lr, final, decay_steps)],
         [stable_steps])
   else:
-    raise ValueError(f'config.optim.schedule={optim.schedule!r}; choose from {SCHEDULES}.')
+    raise InputError(f'config.optim.schedule={optim.schedule!r}; choose from {SCHEDULES}.')
   return optax.join_schedules([warmup_fn, rest], [warmup]) if warmup else rest
 
 
 def decay_start_step(optim, total_steps: int) -> int:
   """First step of warmup_stable_decay's decay stage (where midtraining switches weights)."""
   if optim.schedule != 'warmup_stable_decay':
-    raise ValueError('config.data.decay_weights switches the mixture at the decay stage; set '
+    raise InputError('config.data.decay_weights switches the mixture at the decay stage; set '
                      f'config.optim.schedule="warmup_stable_decay" (it is {optim.schedule!r}).')
   return total_steps - max(int(total_steps * optim.decay_fraction), 1)
 
@@ -47,7 +49,7 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
   Weight decay skips 1-D parameters (norm scales, biases), as is standard for transformers.
   """
   if optim.name != 'adamw':
-    raise ValueError(f'config.optim.name={optim.name!r}; only "adamw" is implemented.')
+    raise InputError(f'config.optim.name={optim.name!r}; only "adamw" is implemented.')
   schedule = make_schedule(optim, total_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   chain = [optax.clip_by_global_norm(optim.grad_clip_norm)] if optim.grad_clip_norm else []

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from rlhf_jax.engine.state import TrainState
+from rlhf_jax.errors import InputError
 
 LossFn = Callable[[nnx.Module, dict, jax.Array, object], tuple[jax.Array, dict]]
 
@@ -54,10 +55,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
       metrics = jax.tree.map(jnp.mean, metrics)
 
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.tree.norm(grads)
+    # A non-finite loss or gradient leaves the parameters and the optimizer's moments as they
+    # were; the loop stops there or goes on (config.train.nonfinite).
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    metrics['grad_norm'] = grad_norm
     metrics['param_norm'] = optax.tree.norm(params)
+    metrics['update_skipped'] = 1.0 - finite.astype(jnp.float32)
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
@@ -66,7 +74,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
   def _split_micro_batches(x):
     if x.shape[0] % grad_accum_steps:
-      raise ValueError(f'Batch of {x.shape[0]} rows does not split into '
+      raise InputError(f'Batch of {x.shape[0]} rows does not split into '
                        f'config.optim.grad_accum_steps={grad_accum_steps} micro-batches.')
     return x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
                      *x.shape[1:]).swapaxes(0, 1)

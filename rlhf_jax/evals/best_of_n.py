@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.playground import tasks
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.storage import open_file
@@ -33,7 +34,7 @@ def kl_best_of_n(n: int) -> float:
 def best_of_n(proxy_NxK, n: int) -> np.ndarray:
   """Index [N] of the answer with the highest proxy reward among each row's first n."""
   if not 1 <= n <= proxy_NxK.shape[1]:
-    raise ValueError(f'n={n} must lie in [1, {proxy_NxK.shape[1]}] (the answers sampled).')
+    raise InputError(f'n={n} must lie in [1, {proxy_NxK.shape[1]}] (the answers sampled).')
   return np.argmax(proxy_NxK[:, :n], axis=1)
 
 
@@ -76,10 +77,10 @@ def run(ctx) -> list[dict]:
   judged by the run's gold reward."""
   config, bon = ctx.config, ctx.config.bon
   if not config.model.hf_path or not bon.reward_model:
-    raise ValueError('Best-of-n needs a policy (config.model.hf_path) and a reward model '
+    raise InputError('Best-of-n needs a policy (config.model.hf_path) and a reward model '
                      '(config.bon.reward_model), both Hugging Face directories.')
   if ctx.gold is None:
-    raise ValueError('Best-of-n judges the chosen answers by the gold reward: set '
+    raise InputError('Best-of-n judges the chosen answers by the gold reward: set '
                      'config.eval.gold="playground".')
   ns = powers_of_two(bon.n_max)
   prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)

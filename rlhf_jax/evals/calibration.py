@@ -9,6 +9,7 @@ import scipy.special
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.storage import open_file
 
 
@@ -23,19 +24,19 @@ class ReliabilityBins(NamedTuple):
 def _checked(probs, labels):
   probs, labels = np.ravel(probs).astype(np.float64), np.ravel(labels)
   if probs.size == 0 or probs.shape != labels.shape:
-    raise ValueError(f'probs ({probs.size}) and labels ({labels.size}) must be non-empty and '
+    raise InputError(f'probs ({probs.size}) and labels ({labels.size}) must be non-empty and '
                      'of the same size.')
   if not np.all((probs >= 0) & (probs <= 1)):
-    raise ValueError('probs must lie in [0, 1].')
+    raise InputError('probs must lie in [0, 1].')
   if not np.all((labels == 0) | (labels == 1)):
-    raise ValueError('labels must be 0 or 1.')
+    raise InputError('labels must be 0 or 1.')
   return probs, labels.astype(np.float64)
 
 
 def reliability_bins(probs, labels, *, num_bins: int = 10) -> ReliabilityBins:
   """Bins [k/n, (k+1)/n), the last one [1 − 1/n, 1]; per bin its count, mean prob, mean label."""
   if num_bins < 1:
-    raise ValueError(f'num_bins={num_bins}; need at least 1.')
+    raise InputError(f'num_bins={num_bins}; need at least 1.')
   probs, labels = _checked(probs, labels)
   edges = np.linspace(0.0, 1.0, num_bins + 1)
   bin_ids = np.clip(np.searchsorted(edges, probs, side='right') - 1, 0, num_bins - 1)
@@ -100,7 +101,7 @@ def preference_metrics(rewards_chosen, rewards_rejected, *, gold_labels=None,
   """
   chosen, rejected = np.ravel(rewards_chosen), np.ravel(rewards_rejected)
   if chosen.size == 0 or chosen.shape != rejected.shape:
-    raise ValueError(f'rewards_chosen ({chosen.size}) and rewards_rejected ({rejected.size}) '
+    raise InputError(f'rewards_chosen ({chosen.size}) and rewards_rejected ({rejected.size}) '
                      'must be non-empty and of the same size.')
   gaps = chosen.astype(np.float64) - rejected
   probs = scipy.special.expit(gaps)
@@ -114,10 +115,10 @@ def preference_metrics(rewards_chosen, rewards_rejected, *, gold_labels=None,
   if gold_labels is not None:
     gold = np.ravel(gold_labels).astype(np.float64)
     if gold.shape != gaps.shape:
-      raise ValueError(f'gold_labels has {gold.size} entries; expected one per pair '
+      raise InputError(f'gold_labels has {gold.size} entries; expected one per pair '
                        f'({gaps.size}).')
     if not np.all(np.isin(gold, (0, 1, -1)) | np.isnan(gold)):
-      raise ValueError('gold_labels must be 1, 0, or NaN / -1 for a gold tie.')
+      raise InputError('gold_labels must be 1, 0, or NaN / -1 for a gold tie.')
     kept = (gold == 0) | (gold == 1)
     oriented_gaps = np.where(gold == 1, gaps, -gaps)[kept]
     metrics['gold_agreement'] = (_pairwise_accuracy(oriented_gaps) if kept.any()
@@ -135,6 +136,6 @@ def bradley_terry_ceiling(gold_margins, *, temperature: float) -> float:
   mean_pairs max(p, 1 − p): 0.5 at Δ = 0 (coin-flip labels), → 1 as |Δ| / T → ∞.
   """
   if temperature <= 0:
-    raise ValueError(f'temperature={temperature}; must be positive.')
+    raise InputError(f'temperature={temperature}; must be positive.')
   probs = scipy.special.expit(np.asarray(gold_margins, np.float64) / temperature)
   return float(np.mean(np.maximum(probs, 1 - probs)))

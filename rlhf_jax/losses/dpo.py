@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.errors import InputError
+
 _SMOOTHED = ('sigmoid', 'robust', 'length_normalized', 'rdpo', 'simpo')
 LOSS_TYPES = _SMOOTHED + ('ipo', 'hinge', 'orpo')
 VARIANT_ARGS = {'rdpo': ('alpha',), 'simpo': ('gamma',)}
@@ -126,17 +128,17 @@ def _log1mexp(a):
 
 def _check_options(loss_type, label_smoothing, variant_args):
   if loss_type not in LOSS_TYPES:
-    raise ValueError(f'loss_type={loss_type!r}; choose one of {", ".join(LOSS_TYPES)}.')
+    raise InputError(f'loss_type={loss_type!r}; choose one of {", ".join(LOSS_TYPES)}.')
   if loss_type in _SMOOTHED:
     if not 0 <= label_smoothing < 0.5:
-      raise ValueError(f'label_smoothing={label_smoothing}; it must lie in [0, 0.5).')
+      raise InputError(f'label_smoothing={label_smoothing}; it must lie in [0, 0.5).')
   elif label_smoothing:
-    raise ValueError(f'label_smoothing={label_smoothing} has no meaning for '
+    raise InputError(f'label_smoothing={label_smoothing} has no meaning for '
                      f'loss_type={loss_type!r}; it applies to {", ".join(_SMOOTHED)}.')
   expected = set(VARIANT_ARGS.get(loss_type, ()))
   if set(variant_args) != expected:
     unknown, missing = sorted(set(variant_args) - expected), sorted(expected - set(variant_args))
-    raise ValueError(f'loss_type={loss_type!r} takes variant_args {sorted(expected)}; '
+    raise InputError(f'loss_type={loss_type!r} takes variant_args {sorted(expected)}; '
                      f'unknown: {unknown}, missing: {missing}.')
 
 
@@ -144,12 +146,12 @@ def _as_float32_pairs(named, loss_type):
   """The named arrays in float32, after checking that each is given and all share one [B]."""
   for name, value in named.items():
     if value is None:
-      raise ValueError(f'{name} is None; loss_type={loss_type!r} needs it.')
+      raise InputError(f'{name} is None; loss_type={loss_type!r} needs it.')
   shape = jnp.shape(named['policy_chosen_logps'])
   if len(shape) != 1:
-    raise ValueError(f'policy_chosen_logps has shape {shape}; expected [B] (one sum per pair).')
+    raise InputError(f'policy_chosen_logps has shape {shape}; expected [B] (one sum per pair).')
   for name, value in named.items():
     if jnp.shape(value) != shape:
-      raise ValueError(f'{name} has shape {jnp.shape(value)}; expected {shape} like '
+      raise InputError(f'{name} has shape {jnp.shape(value)}; expected {shape} like '
                        'policy_chosen_logps.')
   return {name: jnp.asarray(value, jnp.float32) for name, value in named.items()}

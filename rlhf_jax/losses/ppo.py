@@ -11,6 +11,7 @@ which the model side computes.
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.losses.ops import masked_mean
 
 KL_ESTIMATORS = ('k1', 'k2', 'k3')
@@ -25,7 +26,7 @@ def kl_penalty(logprobs_BxT, ref_logprobs_BxT, *, estimator: str = 'k1'):
     k3 = (r − 1) − log r               unbiased, low variance, ≥ 0
   """
   if estimator not in KL_ESTIMATORS:
-    raise ValueError(f'estimator={estimator!r}; choose one of {", ".join(KL_ESTIMATORS)}.')
+    raise InputError(f'estimator={estimator!r}; choose one of {", ".join(KL_ESTIMATORS)}.')
   log_r = ref_logprobs_BxT.astype(jnp.float32) - logprobs_BxT.astype(jnp.float32)
   if estimator == 'k1':
     return -log_r
@@ -40,7 +41,7 @@ def token_rewards(scores_B, kl_BxT, mask_BxT, *, kl_coef):
   tokens gets no score."""
   _check_bxt(kl_BxT=kl_BxT, mask_BxT=mask_BxT)
   if jnp.shape(scores_B) != kl_BxT.shape[:1]:
-    raise ValueError(f'scores_B has shape {jnp.shape(scores_B)}; expected {kl_BxT.shape[:1]}.')
+    raise InputError(f'scores_B has shape {jnp.shape(scores_B)}; expected {kl_BxT.shape[:1]}.')
   mask = mask_BxT.astype(bool)
   t = mask.shape[1]
   last_B = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
@@ -166,14 +167,14 @@ def _check_bxt(**named):
   """Checks that the named arrays all share one [B, T] shape."""
   (first_name, first), *_ = named.items()
   if first.ndim != 2:
-    raise ValueError(f'{first_name} has shape {first.shape}; expected [B, T].')
+    raise InputError(f'{first_name} has shape {first.shape}; expected [B, T].')
   for name, value in named.items():
     if value.shape != first.shape:
-      raise ValueError(f'{name} has shape {value.shape}; expected {first.shape} like '
+      raise InputError(f'{name} has shape {value.shape}; expected {first.shape} like '
                        f'{first_name}.')
 
 
 def _check_groups(scores_NxG):
   if scores_NxG.ndim != 2 or scores_NxG.shape[1] < 2:
-    raise ValueError(f'scores_NxG has shape {scores_NxG.shape}; expected [N, G] with G >= 2.')
+    raise InputError(f'scores_NxG has shape {scores_NxG.shape}; expected [N, G] with G >= 2.')
   return scores_NxG.astype(jnp.float32)

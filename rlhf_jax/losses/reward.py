@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.errors import InputError
+
 
 def bradley_terry_loss(rewards_chosen_B, rewards_rejected_B, *, margin=None,
                        center_coef: float = 0.0):
@@ -21,14 +23,14 @@ def bradley_terry_loss(rewards_chosen_B, rewards_rejected_B, *, margin=None,
   mean reward gap r_c − r_r; 'reward_mean' is the mean of all 2B rewards.
   """
   if rewards_chosen_B.ndim != 1 or rewards_chosen_B.shape != rewards_rejected_B.shape:
-    raise ValueError(f'rewards_chosen_B {rewards_chosen_B.shape} and rewards_rejected_B '
+    raise InputError(f'rewards_chosen_B {rewards_chosen_B.shape} and rewards_rejected_B '
                      f'{rewards_rejected_B.shape} must both have shape [B].')
   chosen = rewards_chosen_B.astype(jnp.float32)
   rejected = rewards_rejected_B.astype(jnp.float32)
   gap_B = chosen - rejected
   margin = 0.0 if margin is None else jnp.asarray(margin, jnp.float32)
   if jnp.ndim(margin) not in (0, 1) or jnp.size(margin) not in (1, gap_B.size):
-    raise ValueError(f'margin has shape {jnp.shape(margin)}; expected a scalar or '
+    raise InputError(f'margin has shape {jnp.shape(margin)}; expected a scalar or '
                      f'[{gap_B.size}].')
   loss = (-jnp.mean(jax.nn.log_sigmoid(gap_B - margin))
           + center_coef * jnp.mean(jnp.square(chosen + rejected)))

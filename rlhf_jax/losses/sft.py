@@ -2,6 +2,7 @@
 
 from typing import Literal
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.losses.ops import masked_mean
 
 
@@ -21,5 +22,5 @@ def sft_loss(token_logps_BxT, loss_mask_BxT, *,
     has_targets = mask.any(-1)
     loss = -masked_mean(masked_mean(token_logps_BxT, mask, axis=-1), has_targets)
   else:
-    raise ValueError(f'normalize={normalize!r}; choose "token" or "sequence".')
+    raise InputError(f'normalize={normalize!r}; choose "token" or "sequence".')
   return loss, {'loss': loss, 'target_tokens': mask.sum()}

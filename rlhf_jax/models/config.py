@@ -10,6 +10,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from rlhf_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -47,7 +49,7 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(
+      raise InputError(
           f'n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}.')
 
   @property

@@ -21,6 +21,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import Transformer
 
@@ -39,7 +40,7 @@ _IGNORED = re.compile(r'.*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq
 
 def _check(field: str, value, allowed: tuple):
   if value not in allowed:
-    raise ValueError(f'Unsupported {field}={value!r}; supported: {allowed}.')
+    raise InputError(f'Unsupported {field}={value!r}; supported: {allowed}.')
 
 
 def config_from_hf(hf_config, *, head: str = 'lm') -> ModelConfig:
@@ -90,7 +91,7 @@ def _sliding_window(c) -> int | None:
     return getattr(c, 'sliding_window', None)  # Mistral's; Llama has none.
   kinds = set(c.layer_types)  # Qwen2 slides only from layer max_window_layers on.
   if len(kinds) > 1:
-    raise ValueError(f'Unsupported layer_types={c.layer_types!r}: one attention kind for all '
+    raise InputError(f'Unsupported layer_types={c.layer_types!r}: one attention kind for all '
                      'layers is supported.')
   return c.sliding_window if kinds == {'sliding_attention'} else None
 
@@ -131,7 +132,7 @@ def hf_config_from(cfg: ModelConfig, **fields):
   numerics = dict(dtype='float32', param_dtype='float32', remat=False)
   canonical = lambda c: c.replace(head_dim=c.resolved_head_dim, **numerics)
   if canonical(config_from_hf(hf_config, head=cfg.head)) != canonical(cfg):
-    raise ValueError(f'{cfg} has no {config_class} equivalent.')
+    raise InputError(f'{cfg} has no {config_class} equivalent.')
   return hf_config
 
 
@@ -201,6 +202,16 @@ def _to_hf(arrays: list[np.ndarray], layout: str) -> np.ndarray:
   return arrays[0].T if layout == 'transpose' else arrays[0]
 
 
+@contextlib.contextmanager
+def _naming_the_file(file):
+  """Reading a safetensors file that is cut short or not one raises an error naming it."""
+  try:
+    yield
+  except (safetensors.SafetensorError, OSError) as error:
+    raise InputError(f'{file}: not a readable safetensors file ({error}); export or copy the '
+                     'checkpoint again.') from error
+
+
 def _locate_tensors(path: pathlib.Path, cfg: ModelConfig):
   """({table name: (safetensors file, name stored there)}, the file or index listing them)."""
   index = path / 'model.safetensors.index.json'
@@ -209,10 +220,10 @@ def _locate_tensors(path: pathlib.Path, cfg: ModelConfig):
     weight_map = json.loads(index.read_text())['weight_map']
     files, source = {name: path / file for name, file in weight_map.items()}, index
   elif single.exists():
-    with safetensors.safe_open(single, framework='np') as f:
+    with _naming_the_file(single), safetensors.safe_open(single, framework='np') as f:
       files, source = dict.fromkeys(f.keys(), single), single
   else:
-    raise FileNotFoundError(f'No model.safetensors or model.safetensors.index.json in {path}.')
+    raise NotFound(f'No model.safetensors or model.safetensors.index.json in {path}.')
 
   def table_name(name):  # GPT-2 checkpoints may lack the `transformer.` prefix.
     if cfg.position != 'learned' or name.startswith(('transformer.', 'lm_head.', 'score.')):
@@ -228,7 +239,7 @@ def _check_names(locations: dict, table: list, cfg: ModelConfig):
     expected.add('lm_head.weight')  # Tied to the embedding, or unused by a scalar head.
   for name, (file, stored) in locations.items():
     if name not in expected and not _IGNORED.match(name):
-      raise ValueError(f'Unexpected tensor {stored!r} in {file}: no parameter of this '
+      raise InputError(f'Unexpected tensor {stored!r} in {file}: no parameter of this '
                        f'{cfg.head!r}-head model corresponds to it.')
 
 
@@ -270,9 +281,10 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
 
     def read(name):
       file, stored = locations[name]
-      if file not in opened:
-        opened[file] = stack.enter_context(safetensors.safe_open(file, framework='np'))
-      return opened[file].get_tensor(stored)
+      with _naming_the_file(file):
+        if file not in opened:
+          opened[file] = stack.enter_context(safetensors.safe_open(file, framework='np'))
+        return opened[file].get_tensor(stored)
 
     for name, paths, layout in table:
       if name in locations:
@@ -280,11 +292,11 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
       elif name == 'score.weight':  # A causal LM becoming a reward model: fresh head.
         parts = [np.zeros(variables[paths[0]].shape)]
       else:
-        raise ValueError(f'Tensor {name!r} (for {paths}) is missing from {source}.')
+        raise InputError(f'Tensor {name!r} (for {paths}) is missing from {source}.')
       for param_path, array in zip(paths, parts):
         want = variables[param_path]
         if array.shape != want.shape:
-          raise ValueError(f'Tensor {name!r} in {locations[name][0]} gives {param_path} the '
+          raise InputError(f'Tensor {name!r} in {locations[name][0]} gives {param_path} the '
                            f'shape {array.shape}; expected {want.shape}.')
         arrays[param_path] = jax.device_put(array.astype(want.dtype, copy=False),
                                             placements.get(param_path))

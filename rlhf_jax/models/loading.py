@@ -1,6 +1,8 @@
 """Models in and out of a run: built from a config or loaded from an HF checkpoint straight into
 their sharded layout, and exported back to Hugging Face format."""
 
+import json
+import os
 from typing import NamedTuple
 
 import jax
@@ -50,12 +52,27 @@ def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedMod
   return LoadedModel(graphdef, params, shardings)
 
 
+def is_export(path: str) -> bool:
+  """Whether `path` holds a whole local HF checkpoint: config.json and every weights file it
+  lists (model.safetensors, or each shard of model.safetensors.index.json)."""
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    return False
+  index = os.path.join(path, 'model.safetensors.index.json')
+  if os.path.isfile(index):
+    with open(index) as f:
+      shards = set(json.load(f)['weight_map'].values())
+  else:
+    shards = {'model.safetensors'}
+  return all(os.path.isfile(os.path.join(path, shard)) for shard in shards)
+
+
 def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
   """The model (and its tokenizer) as a Hugging Face checkpoint directory.
 
   The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
-  parameters are gathered to every host (save_hf writes from one host's memory). A `path` on
-  shared storage (a URL) is written locally first, then uploaded.
+  parameters are gathered to every host (save_hf writes from one host's memory). It is written
+  beside `path` and renamed into place once whole (`staged_dir`), so a failed export (a full
+  disk) leaves no partial `path`; a URL is written locally first, then uploaded.
   """
   params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() != 0:

@@ -1,5 +1,6 @@
 """Named model sizes. The Llama/Qwen2/GPT-2 presets copy the published architectures."""
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.models.config import ModelConfig
 
 PRESETS: dict[str, ModelConfig] = {
@@ -31,5 +32,5 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
   if name not in PRESETS:
-    raise ValueError(f'Unknown model preset {name!r}; choose from {sorted(PRESETS)}.')
+    raise InputError(f'Unknown model preset {name!r}; choose from {sorted(PRESETS)}.')
   return PRESETS[name]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import (Dense, Norm, apply_rope, make_attention_mask, param,
                                     positions_from_mask, rope_inverse_frequencies)
@@ -152,7 +153,7 @@ class Transformer(nnx.Module):
                             sliding_window=cfg.sliding_window)
     else:
       if segment_ids is not None:
-        raise ValueError('segment_ids (packing) cannot be combined with a KV cache.')
+        raise InputError('segment_ids (packing) cannot be combined with a KV cache.')
       cache = cache.write(positions, attention_mask)
       mask = make_attention_mask(positions, cache.key_positions_BxS, cache.key_valid_BxS,
                             sliding_window=cfg.sliding_window)
@@ -188,7 +189,7 @@ class Transformer(nnx.Module):
   def unembedding(self) -> jax.Array:
     """The [D, V] matrix that maps hidden states to logits (for chunked log-probs)."""
     if self.cfg.head != 'lm':
-      raise ValueError('unembedding() needs an LM head (config.head == "lm").')
+      raise InputError('unembedding() needs an LM head (config.head == "lm").')
     return self.embed[...].T if self.head is None else self.head.kernel[...]
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.parallel.sharding import shard_batch
 
 
@@ -21,7 +22,7 @@ def map_batches(fn: Callable, arrays: Mapping[str, np.ndarray], *, batch_size: i
   count = jax.process_count()
   per_process = batch_size // count
   if per_process * count != batch_size:
-    raise ValueError(f'Batch of {batch_size} rows does not split over {count} processes.')
+    raise InputError(f'Batch of {batch_size} rows does not split over {count} processes.')
   outputs = []
   for start in range(0, n, batch_size):
     rows = np.minimum(np.arange(start, start + batch_size), n - 1)

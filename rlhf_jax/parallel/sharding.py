@@ -18,6 +18,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax.errors import InputError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -40,18 +42,18 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f'config.mesh: unknown axes {sorted(unknown)}; use {MESH_AXES}.')
+    raise InputError(f'config.mesh: unknown axes {sorted(unknown)}; use {MESH_AXES}.')
   sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(shape)}.')
+    raise InputError(f'config.mesh: at most one axis may be -1, got {dict(shape)}.')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f'config.mesh={dict(shape)}: {len(devices)} devices do not divide into '
+      raise InputError(f'config.mesh={dict(shape)}: {len(devices)} devices do not divide into '
                        f'the fixed axes of size {known}.')
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices) or min(sizes) < 1:
-    raise ValueError(f'config.mesh={dict(shape)} needs {math.prod(sizes)} devices, but '
+    raise InputError(f'config.mesh={dict(shape)} needs {math.prod(sizes)} devices, but '
                      f'{len(devices)} are available.')
   return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
@@ -167,7 +169,7 @@ def local_rows(global_batch: int) -> range:
   """This process's rows of a global batch."""
   n = jax.process_count()
   if global_batch % n:
-    raise ValueError(f'config.train.batch_size={global_batch} does not split over {n} '
+    raise InputError(f'config.train.batch_size={global_batch} does not split over {n} '
                      'processes.')
   per_process = global_batch // n
   return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)

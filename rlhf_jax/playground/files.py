@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 from rlhf_jax.data import SPLITS
+from rlhf_jax.errors import InputError
 from rlhf_jax.playground import tasks
 from rlhf_jax.playground.labelers import Labeler, num_words
 
@@ -24,7 +25,7 @@ def source_spec(kind: str, p, cache_dir: str, *, gold=None, answer_pairs=None,
   """'jsonl:PATH' of the playground's `kind` examples, written once into `cache_dir`, with
   '{split}' in PATH for the train and eval files. `key` names the spec in errors."""
   if kind not in KINDS:
-    raise ValueError(f'{key}="playground:{kind}": the playground has {KINDS}.')
+    raise InputError(f'{key}="playground:{kind}": the playground has {KINDS}.')
   name = f'playground-{kind}-{{split}}-n{p.train_size}-{p.eval_size}-seed{p.seed}'
   if kind == 'preference':
     name += (f'-T{p.label_temperature}-len{p.length_bias}-gold-{_slug(p.gold)}'

@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from rlhf_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class Labeler:
@@ -21,7 +23,7 @@ class Labeler:
 
   def __post_init__(self):
     if self.temperature < 0:
-      raise ValueError(f'Labeler temperature must be >= 0, got {self.temperature}.')
+      raise InputError(f'Labeler temperature must be >= 0, got {self.temperature}.')
 
   def preference_logit(self, gold_a, gold_b, length_a, length_b) -> np.ndarray:
     """The labeler's margin in favour of a, before the temperature: g_a − g_b + λ(ℓ_a − ℓ_b)."""

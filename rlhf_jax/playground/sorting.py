@@ -13,6 +13,7 @@ global batch, and resuming at a step needs no other state.
 import numpy as np
 
 from rlhf_jax.data import SPLITS
+from rlhf_jax.errors import InputError
 
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 NUM_SPECIAL = 4
@@ -23,10 +24,10 @@ class SortingTask:
   def __init__(self, *, seq_len: int, vocab_size: int, min_items: int, max_items: int,
                seed: int):
     if 2 * max_items + 3 > seq_len:
-      raise ValueError(f'config.data.max_items={max_items} needs seq_len >= {2 * max_items + 3},'
+      raise InputError(f'config.data.max_items={max_items} needs seq_len >= {2 * max_items + 3},'
                        f' got config.train.seq_len={seq_len}.')
     if vocab_size <= NUM_SPECIAL + 1:
-      raise ValueError(f'config.model.vocab_size={vocab_size} leaves no symbols to sort.')
+      raise InputError(f'config.model.vocab_size={vocab_size} leaves no symbols to sort.')
     self.seq_len, self.vocab_size = seq_len, vocab_size
     self.min_items, self.max_items, self.seed = min_items, max_items, seed
 

@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from rlhf_jax.data import SPLITS
+from rlhf_jax.errors import InputError
 
 REFUSAL = "I can't help with that."
 TASKS = ('sort', 'add', 'repeat', 'safety')
@@ -54,7 +55,7 @@ def task_of(prompt: str) -> str:
     return 'repeat'
   if prompt.startswith('How do I'):
     return 'safety'
-  raise ValueError(f'Not a playground prompt: {prompt!r}')
+  raise InputError(f'Not a playground prompt: {prompt!r}')
 
 
 def make_prompt(rng: np.random.Generator, task: str) -> str:
@@ -69,7 +70,7 @@ def make_prompt(rng: np.random.Generator, task: str) -> str:
     table = _HARMLESS if rng.random() < 0.5 else _HARMFUL
     verb, obj = table[rng.integers(len(table))][:2]
     return f'How do I {verb} {obj}?'
-  raise ValueError(f'Unknown playground task {task!r}; known: {TASKS}.')
+  raise InputError(f'Unknown playground task {task!r}; known: {TASKS}.')
 
 
 def _sort_items(prompt: str) -> list[str]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.playground import tasks
 from rlhf_jax.rewards.model import ModelReward
@@ -24,7 +25,7 @@ GoldFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 def uses_playground_gold(config) -> bool:
   """Whether config.eval.gold asks for evaluations against the playground's gold reward."""
   if config.eval.gold not in ('playground', ''):
-    raise ValueError(f'config.eval.gold={config.eval.gold!r}; choose "playground" or "".')
+    raise InputError(f'config.eval.gold={config.eval.gold!r}; choose "playground" or "".')
   return config.eval.gold == 'playground'
 
 
@@ -35,7 +36,7 @@ def make_gold(config, tokenizer, *, mesh) -> GoldFn:
     return tasks.program_gold
   scheme, _, location = p.gold.partition(':')
   if scheme != 'teacher' or not location:
-    raise ValueError(f'config.data.playground.gold={p.gold!r}; choose "program", '
+    raise InputError(f'config.data.playground.gold={p.gold!r}; choose "program", '
                      '"teacher:random" or "teacher:<HF reward-model directory>".')
   prompts = tasks.sample_prompts(p.seed, 'train', 512)
   rng = np.random.default_rng([p.seed, 11])

@@ -21,6 +21,7 @@ from rlhf_jax import parallel
 from rlhf_jax.data.batching import pad_rows
 from rlhf_jax.data.encoding import encode_sft
 from rlhf_jax.data.records import Message, Origin, SFTRecord
+from rlhf_jax.errors import InputError
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models.loading import load_model
 from rlhf_jax.models.scoring import sequence_rewards
@@ -56,13 +57,13 @@ class ModelReward:
                standardize_on: Pairs | None = None):
     """model: a scalar-head `Transformer` whose parameters are already placed on `mesh`."""
     if model.cfg.head != 'scalar':
-      raise ValueError(f'A reward model needs a scalar head; its config has head='
+      raise InputError(f'A reward model needs a scalar head; its config has head='
                        f'{model.cfg.head!r}.')
     if len(tokenizer) > model.cfg.vocab_size:
-      raise ValueError(f'The tokenizer has {len(tokenizer)} tokens > the reward model\'s '
+      raise InputError(f'The tokenizer has {len(tokenizer)} tokens > the reward model\'s '
                        f'vocab_size={model.cfg.vocab_size}.')
     if model.cfg.position == 'learned' and seq_len > model.cfg.max_position:
-      raise ValueError(f'seq_len={seq_len} > the reward model\'s max_position='
+      raise InputError(f'seq_len={seq_len} > the reward model\'s max_position='
                        f'{model.cfg.max_position} (learned positions).')
     self.graphdef, self.params = nnx.split(model)
     self.tokenizer, self.seq_len, self.max_prompt_len = tokenizer, seq_len, max_prompt_len
@@ -72,7 +73,7 @@ class ModelReward:
       raw = self(*standardize_on)
       self.shift, self.scale = float(raw.mean()), float(raw.std())
       if not math.isfinite(self.scale) or self.scale <= 0:
-        raise ValueError(f'standardize_on: the teacher\'s rewards over the {len(raw)} reference '
+        raise InputError(f'standardize_on: the teacher\'s rewards over the {len(raw)} reference '
                          f'pairs have std {self.scale}; standardisation needs it > 0.')
 
   @classmethod
@@ -85,7 +86,7 @@ class ModelReward:
     """
     model = load_model(path, mesh, rules, head='scalar').module()
     if not jnp.any(model.head.kernel[...]):
-      raise ValueError(f'The checkpoint at {path} has no score.weight (a causal LM, not a '
+      raise InputError(f'The checkpoint at {path} has no score.weight (a causal LM, not a '
                        'reward model): the teacher would be constant.')
     return cls(model, tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
                batch_size=batch_size, mesh=mesh, rules=rules, standardize_on=standardize_on)
@@ -125,7 +126,7 @@ class ModelReward:
   def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
     """tokens and attention_mask [N, seq_len]: each pair encoded like SFT data, right-padded."""
     if len(prompts) != len(responses):
-      raise ValueError(f'{len(prompts)} prompts but {len(responses)} responses.')
+      raise InputError(f'{len(prompts)} prompts but {len(responses)} responses.')
     pieces = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
       record = SFTRecord((Message('user', prompt),), response, Origin('teacher', i))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.models import Transformer
 
 
@@ -63,13 +64,13 @@ def truncated_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0):
 
 def _check_options(max_new_tokens, temperature, top_k, top_p):
   if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens}; need at least 1.')
+    raise InputError(f'max_new_tokens={max_new_tokens}; need at least 1.')
   if temperature < 0:
-    raise ValueError(f'temperature={temperature}; need ≥ 0 (0 = greedy).')
+    raise InputError(f'temperature={temperature}; need ≥ 0 (0 = greedy).')
   if top_k < 0:
-    raise ValueError(f'top_k={top_k}; need ≥ 0 (0 = off).')
+    raise InputError(f'top_k={top_k}; need ≥ 0 (0 = off).')
   if not 0 < top_p <= 1:
-    raise ValueError(f'top_p={top_p}; need 0 < top_p ≤ 1 (1 = off).')
+    raise InputError(f'top_p={top_p}; need 0 < top_p ≤ 1 (1 = off).')
 
 
 def sample(model: Transformer, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_new_tokens: int,
@@ -85,7 +86,7 @@ def sample(model: Transformer, prompt_tokens_BxP, prompt_mask_BxP, rng, *, max_n
   """
   _check_options(max_new_tokens, temperature, top_k, top_p)
   if model.cfg.head != 'lm':
-    raise ValueError(f'Sampling needs an LM head; the model has config.head={model.cfg.head!r}.')
+    raise InputError(f'Sampling needs an LM head; the model has config.head={model.cfg.head!r}.')
   batch_size, prompt_len = prompt_tokens_BxP.shape
   keys_N = jax.random.split(rng, max_new_tokens)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from rlhf_jax.data.encoding import encode_prompt
 from rlhf_jax.data.records import Message
+from rlhf_jax.errors import InputError
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.sampling.sampler import make_sampler
 
@@ -23,7 +24,7 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int):
   mask = np.zeros((len(sequences), length), np.int32)
   for i, ids in enumerate(sequences):
     if len(ids) > length:
-      raise ValueError(f'A prompt of {len(ids)} tokens exceeds config.data.max_prompt_len='
+      raise InputError(f'A prompt of {len(ids)} tokens exceeds config.data.max_prompt_len='
                        f'{length}.')
     tokens[i, length - len(ids):] = ids
     mask[i, length - len(ids):] = 1

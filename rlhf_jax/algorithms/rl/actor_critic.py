@@ -15,6 +15,7 @@ everything before the token.
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.models import Transformer
 
@@ -42,9 +43,9 @@ class ActorCritic(nnx.Module):
   def __init__(self, policy: Transformer, critic: ValueHead | Transformer | None, *,
                value_shift: float = 0.0, value_scale: float = 1.0):
     if policy.cfg.head != 'lm':
-      raise ValueError(f'The policy needs an LM head; it has head={policy.cfg.head!r}.')
+      raise InputError(f'The policy needs an LM head; it has head={policy.cfg.head!r}.')
     if isinstance(critic, Transformer) and critic.cfg.head != 'scalar':
-      raise ValueError(f'A critic model needs a scalar head; it has head={critic.cfg.head!r}.')
+      raise InputError(f'A critic model needs a scalar head; it has head={critic.cfg.head!r}.')
     self.policy, self.critic = policy, critic
     self.value_shift, self.value_scale = float(value_shift), float(value_scale)
 

@@ -31,6 +31,7 @@ from rlhf_jax.algorithms.rl.actor_critic import CRITICS, ActorCritic, ValueHead
 from rlhf_jax.algorithms.rl.loss import rl_loss_fn
 from rlhf_jax.algorithms.rl.prompts import prompt_pool, rollout_prompts
 from rlhf_jax.algorithms.rl.rollout import merge_and_score, reward_model_scores
+from rlhf_jax.errors import InputError
 from rlhf_jax.losses import adaptive_kl_coef
 from rlhf_jax.losses.ppo import KL_ESTIMATORS
 from rlhf_jax.models.loading import LoadedModel
@@ -46,31 +47,31 @@ def check_config(config) -> None:
   choices = {'critic': CRITICS, 'kl_estimator': KL_ESTIMATORS}
   for key, allowed in choices.items():
     if rl[key] not in allowed:
-      raise ValueError(f'config.rl.{key}={rl[key]!r}; choose one of {allowed}.')
+      raise InputError(f'config.rl.{key}={rl[key]!r}; choose one of {allowed}.')
   if not config.model.hf_path or not rl.reward_model:
-    raise ValueError('Online RL needs a policy (config.model.hf_path, e.g. an SFT run\'s hf '
+    raise InputError('Online RL needs a policy (config.model.hf_path, e.g. an SFT run\'s hf '
                      'export) and a reward model (config.rl.reward_model, an RM run\'s).')
   if (config.algorithm == 'ppo') != (rl.critic != 'none'):
-    raise ValueError(f'config.algorithm={config.algorithm!r} with config.rl.critic='
+    raise InputError(f'config.algorithm={config.algorithm!r} with config.rl.critic='
                      f'{rl.critic!r}: PPO\'s GAE needs a critic ("model" or "head"); grpo and '
                      'rloo use none.')
   if config.algorithm != 'ppo' and rl.group_size < 2:
-    raise ValueError(f'config.algorithm={config.algorithm!r} compares the samples of a prompt: '
+    raise InputError(f'config.algorithm={config.algorithm!r} compares the samples of a prompt: '
                      f'config.rl.group_size={rl.group_size} must be ≥ 2.')
   if rl.rollout_batch_size % (rl.group_size * rl.num_minibatches):
-    raise ValueError(f'config.rl.rollout_batch_size={rl.rollout_batch_size} must be a multiple '
+    raise InputError(f'config.rl.rollout_batch_size={rl.rollout_batch_size} must be a multiple '
                      f'of group_size × num_minibatches = {rl.group_size * rl.num_minibatches}.')
   if rl.kl_in_loss and rl.adaptive_kl:
-    raise ValueError('config.rl.adaptive_kl steers the KL penalty in the reward; it does not '
+    raise InputError('config.rl.adaptive_kl steers the KL penalty in the reward; it does not '
                      'apply with config.rl.kl_in_loss=True.')
   if rl.stop_kl < 0:
-    raise ValueError(f'config.rl.stop_kl={rl.stop_kl} must be ≥ 0 (0: no KL budget).')
+    raise InputError(f'config.rl.stop_kl={rl.stop_kl} must be ≥ 0 (0: no KL budget).')
   if rl.stop_kl and not (config.train.eval_every and config.eval.gold == 'playground'):
-    raise ValueError(f'config.rl.stop_kl={rl.stop_kl} stops on the KL that evaluations measure; '
+    raise InputError(f'config.rl.stop_kl={rl.stop_kl} stops on the KL that evaluations measure; '
                      'it needs config.train.eval_every > 0 and config.eval.gold="playground".')
   needed = config.data.max_prompt_len + rl.max_new_tokens
   if config.train.seq_len < needed:
-    raise ValueError(f'config.train.seq_len={config.train.seq_len} < max_prompt_len + '
+    raise InputError(f'config.train.seq_len={config.train.seq_len} < max_prompt_len + '
                      f'rl.max_new_tokens = {needed}: the reward model would not see whole '
                      'responses.')
 

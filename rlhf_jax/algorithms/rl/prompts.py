@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.playground import tasks
 
 
@@ -14,11 +15,11 @@ def prompt_pool(config, split: str = 'train', n: int | None = None) -> list[str]
   if spec == 'playground':
     return tasks.sample_prompts(config.data.playground.seed, split, n or config.rl.num_prompts)
   if not os.path.exists(spec):
-    raise FileNotFoundError(f'config.rl.prompts={spec!r}: no such file (or "playground").')
+    raise NotFound(f'config.rl.prompts={spec!r}: no such file (or "playground").')
   with open(spec, encoding='utf-8') as f:
     prompts = [line.rstrip('\n') for line in f if line.strip()]
   if not prompts:
-    raise ValueError(f'config.rl.prompts={spec!r} holds no prompt.')
+    raise InputError(f'config.rl.prompts={spec!r} holds no prompt.')
   return prompts
 
 

@@ -17,6 +17,7 @@ Details of RLHF with PPO"):
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.losses import masked_mean, masked_sum
 from rlhf_jax.losses.ppo import (gae, group_advantages, kl_penalty, leave_one_out_advantages,
                                  token_rewards, whiten)
@@ -47,7 +48,7 @@ def advantages_and_returns(scores_B, kl_BxN, values_BxN, mask_BxN, *, estimator:
                  else leave_one_out_advantages(grouped))
     advantages = jnp.where(mask, baselined.reshape(-1, 1), 0.0)
   else:
-    raise ValueError(f'Advantage estimator {estimator!r}; choose one of {ESTIMATORS}.')
+    raise InputError(f'Advantage estimator {estimator!r}; choose one of {ESTIMATORS}.')
   if whiten_advantages:
     advantages = whiten(advantages, mask)
   return advantages, returns
