@@ -3,8 +3,8 @@
   python -m rlhf_jax.main --config=configs/bon.py:tiny --workdir=runs/bon \
       --config.model.hf_path=runs/sft150/hf --config.bon.reward_model=runs/rm/hf
 
-Writes <workdir>/best_of_n.jsonl (per n = 1, 2, 4, …, n_max: KL_bon = log n − (n−1)/n, the proxy
-and gold rewards of the chosen answers) and best_of_n.png.
+Writes <workdir>/best_of_n.jsonl (per n = 1, 2, 4, …, n_max: KL_bon = log n − (n−1)/n, the
+expected proxy and gold rewards of the chosen answer) and best_of_n.png.
 """
 
 import ml_collections
@@ -13,6 +13,7 @@ from rlhf_jax.config import data_config, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=0, batch_size=32, seq_len=48, lr=0.0),
+    'small': dict(model='small', steps=0, batch_size=64, seq_len=512, lr=0.0),
 }
 
 

@@ -6,18 +6,24 @@
 Stages, each a run in <workdir> that a rerun resumes or skips once finished:
   policy/{pretrain,sft}/   the initial policy π_init (unless config.policy names one)
   proxies/<model>-<N>/     a reward model on N gold-labelled comparisons of π_init's samples
-  bon/                     n_max answers of π_init per held-out prompt, sampled once
-  rl/<proxy>/              PPO against the proxy (no KL penalty by default), evaluated every
-                           few iterations on held-out prompts: gold and proxy reward, KL to π_init;
-                           with a KL budget (config.rl.stop_kl) it stops once the KL reaches it
+  bon/                     per seed, n_max answers of π_init per held-out prompt, sampled once
+  rl/<proxy>/seed<s>/      PPO against the proxy (no KL penalty by default) with config.seed = s,
+                           evaluated every few iterations on held-out prompts: gold and proxy
+                           reward, KL to π_init; with a KL budget (config.rl.stop_kl) it stops
+                           once the KL reaches it
 The proxies, and then the PPO runs, are trained config.workers at a time, each in a process of
-its own.
+its own. Every curve is measured for each of config.seeds (the policy's side: best-of-n's
+answers, PPO's rollouts, minibatch order and evaluation answers; the proxies are shared).
 Then, in <workdir>:
-  measurements.jsonl  one record per measured point: proxy, method (bon | rl), kl, d = √kl,
-                      gold_reward, proxy_reward, the proxy's size and number of comparisons
-  fits.json           R_bon(d) = d(α − βd) and R_RL(d) = d(α − β log d) per proxy: α, β, R²,
-                      the peak (d*, gold gain at d*)
-  plots/{bon,rl,coefficients}.png   Gao et al.'s figure 1 and the coefficients against data
+  measurements.jsonl  one record per run (proxy, seed) and measured point: method (bon | rl),
+                      kl, d = √kl, gold_reward, proxy_reward, the proxy's size and comparisons
+  per_prompt.npz      the same per held-out prompt (analysis.overoptimization.load_runs)
+  fits.json           R_bon(d) = d(α − βd) and R_RL(d) = d(α − β log d) fitted to each proxy's
+                      curve averaged over seeds: α, β, R², the peak (d*, gold gain at d*), with
+                      bootstrap intervals over seeds and prompts, whether it rises and falls;
+                      each seed's fit; whether the proxy on more data peaks later and higher
+  plots/{bon,rl,coefficients}.png   Gao et al.'s figure 1 (seeds, mean, band, fit) and the
+                      coefficients against data
 notebooks/overoptimization.ipynb redraws the plots from a workdir.
 """
 
@@ -29,6 +35,7 @@ import time
 from concurrent import futures
 
 import jax
+import numpy as np
 import safetensors
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -148,107 +155,157 @@ def count_params(hf_dir: str) -> int:
     return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def best_of_n_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
-  """Per proxy and n = 1, 2, 4, … n_max: KL_bon and the chosen answers' gold and proxy reward.
+def best_of_n_runs(experiment, workdir: str, policy: str, proxies) -> list:
+  """Per proxy and seed, the best-of-n curve over n = 1, 2, 4, … n_max: KL_bon, and per prompt
+  the expected gold and proxy reward of the proxy's choice (`best_of_n.expected_rewards`).
 
-  The n_max answers per prompt are sampled once (<workdir>/bon/answers.json) and shared by all
-  proxies, so their curves differ only by the proxy's choices.
+  Seed s is its own n_max answers per prompt, drawn with keys config.seed + s·n_max + j, sampled
+  once (<workdir>/bon/answers_seed<s>.json) and shared by all proxies, so that their curves
+  differ only by the proxies' choices.
   """
-  config = stage_config('bon', experiment, **{'model.hf_path': policy, 'data.tokenizer': policy})
+  config = stage_config('bon', experiment, **{
+      'model.hf_path': policy, 'data.tokenizer': policy,
+      'data.max_prompt_len': experiment.rl.max_prompt_len,
+      'eval.max_new_tokens': experiment.rl.max_new_tokens})  # As PPO's answers.
   ctx = RunContext(config, os.path.join(workdir, 'bon'))
-  prompts = tasks.sample_prompts(config.data.playground.seed, 'eval',
-                                 experiment.bon.num_prompts)
-  path = os.path.join(workdir, 'bon', 'answers.json')
-  if os.path.exists(path):
+  n_max = experiment.bon.n_max
+  prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', experiment.bon.num_prompts)
+  ns = best_of_n.powers_of_two(n_max)
+  answers = {}
+  for seed in experiment.seeds:
+    path = os.path.join(workdir, 'bon', f'answers_seed{seed}.json')
+    if not os.path.exists(path):
+      first = config.seed + seed * n_max
+      sampled = best_of_n.sample_candidates(ctx.load(policy, head='lm'), config, ctx.tokenizer,
+                                            ctx.mesh, prompts, range(first, first + n_max))
+      if jax.process_index() == 0:
+        replace_file(path, json.dumps(sampled))
     with open(path) as f:
-      answers = json.load(f)
-  else:
-    answers = best_of_n.sample_candidates(ctx.load(policy, head='lm', keep=False), config,
-                                          ctx.tokenizer, ctx.mesh, prompts,
-                                          experiment.bon.n_max)
-    if jax.process_index() == 0:
-      replace_file(path, json.dumps(answers))
-  gold = best_of_n.score_candidates(ctx.gold, prompts, answers)
-  records = []
+      answers[seed] = json.load(f)
+  ctx.release(policy, head='lm')
+  gold = {seed: best_of_n.score_candidates(ctx.gold, prompts, a) for seed, a in answers.items()}
+  runs = []
   for proxy in proxies:
-    scores = best_of_n.score_candidates(ctx.reward_model(proxy['path']), prompts, answers)
-    for point in best_of_n.curve(scores, gold, best_of_n.powers_of_two(experiment.bon.n_max)):
-      records.append({**describe(proxy), 'method': 'bon', **point})
-  return records
+    reward = ctx.reward_model(proxy['path'])
+    for seed, seed_answers in answers.items():
+      scores_NxK = best_of_n.score_candidates(reward, prompts, seed_answers)
+      expected = [best_of_n.expected_rewards(scores_NxK, gold[seed], n) for n in ns]
+      runs.append(overoptimization.Run(
+          method='bon', proxy=proxy['proxy'], seed=seed, points=tuple({'n': n} for n in ns),
+          kl_PxI=np.repeat([[best_of_n.kl_best_of_n(n)] for n in ns], len(prompts), axis=1),
+          gold_PxI=np.array([g for _, g in expected]),
+          proxy_PxI=np.array([p for p, _ in expected]), metadata=describe(proxy)))
+  return runs
 
 
 RL_RUN_KEYS = {'steps': 'train.steps', 'eval_every': 'train.eval_every',
-               'eval_prompts': 'eval.num_prompts', 'lr': 'optim.lr'}
+               'eval_prompts': 'eval.num_prompts', 'lr': 'optim.lr',
+               'max_prompt_len': 'data.max_prompt_len'}
 
 
 def ppo_overrides(rl) -> dict:
   """configs/ppo.py's keys set by the experiment's config.rl: its run-level keys (RL_RUN_KEYS)
-  name train/eval/optim entries, every other key is one of the PPO config's config.rl."""
-  return {RL_RUN_KEYS.get(key, f'rl.{key}'): value for key, value in rl.items()}
+  name train/eval/data/optim entries, every other key is one of the PPO config's config.rl.
+  Sequences hold a prompt and an answer (train.seq_len), evaluation answers as long as
+  training's."""
+  return {RL_RUN_KEYS.get(key, f'rl.{key}'): value for key, value in rl.items()} | {
+      'train.seq_len': rl.max_prompt_len + rl.max_new_tokens,
+      'eval.max_new_tokens': rl.max_new_tokens}
 
 
-def rl_records(experiment, workdir: str, policy: str, proxies) -> list[dict]:
-  """Per proxy, PPO against it; a record per evaluation: the Rao–Blackwellised Monte-Carlo KL
-  to π_init on held-out prompts, the gold and the proxy reward of the sampled answers."""
+def rl_runs(experiment, workdir: str, policy: str, proxies) -> list:
+  """Per proxy and seed, PPO against the proxy (<workdir>/rl/<proxy>/seed<s>, config.seed = s:
+  its rollouts, minibatch order and evaluation answers); per evaluation and held-out prompt,
+  the Rao–Blackwellised Monte-Carlo KL to π_init along the sampled answer, its gold and proxy
+  reward (the run's samples/step_<N>.jsonl)."""
   r = experiment.rl
-  stages = [(stage_config('ppo', experiment, **ppo_overrides(r), **{
-      'model.hf_path': policy, 'rl.reward_model': proxy['path'],
-      'train.checkpoint_every': r.eval_every}), os.path.join(workdir, 'rl', proxy['proxy']))
-            for proxy in proxies]
+  stages, labels = [], []
+  for seed in experiment.seeds:  # Seed by seed: side by side, the proxies' runs take alike.
+    for proxy in proxies:
+      stages.append((stage_config('ppo', experiment, **ppo_overrides(r), **{
+          'model.hf_path': policy, 'rl.reward_model': proxy['path'], 'seed': seed,
+          'train.checkpoint_every': r.eval_every}),
+                     os.path.join(workdir, 'rl', proxy['proxy'], f'seed{seed}')))
+      labels.append((proxy, seed))
   run_stages(stages, experiment.workers)
-  records = []
-  for proxy, (_, run_dir) in zip(proxies, stages):
-    for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
-      if 'eval/samples/gold_reward' in m:
-        kl = max(m['eval/samples/kl'], 0.0)  # A sum of KLs ≥ 0, but for float rounding.
-        records.append({**describe(proxy), 'method': 'rl', 'step': m['step'], 'kl': kl,
-                        'd': math.sqrt(kl), 'gold_reward': m['eval/samples/gold_reward'],
-                        'proxy_reward': m['eval/samples/proxy_reward']})
-  return records
+  runs = []
+  for (proxy, seed), (_, run_dir) in zip(labels, stages):
+    steps = [m['step'] for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+             if 'eval/samples/gold_reward' in m]
+    measured = [read_samples(os.path.join(run_dir, 'samples', f'step_{step}.jsonl'))
+                for step in steps]
+    runs.append(overoptimization.Run(
+        method='rl', proxy=proxy['proxy'], seed=seed, points=tuple({'step': t} for t in steps),
+        **{f'{key}_PxI': np.array([m[key] for m in measured]) for key in ('kl', 'gold', 'proxy')},
+        metadata=describe(proxy)))
+  return runs
+
+
+def read_samples(path: str) -> dict[str, np.ndarray]:
+  """An evaluation's per-prompt 'kl', 'gold' and 'proxy' (evals/samples.py writes them)."""
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  return {key: np.array([row[key] for row in rows], np.float64) for key in ('kl', 'gold', 'proxy')}
 
 
 def describe(proxy: dict) -> dict:
-  return {k: v for k, v in proxy.items() if k != 'path'}
+  return {k: v for k, v in proxy.items() if k not in ('path', 'proxy')}
 
 
-def analyse(records: list[dict], workdir: str) -> list[dict]:
-  """measurements.jsonl, fits.json and the plots; returns the fits."""
-  fits = overoptimization.fit_all(records)
+def analyse(runs, workdir: str) -> dict:
+  """measurements.jsonl (a record per run and point), per_prompt.npz (every prompt's
+  measurements), fits.json (`overoptimization.summarize`) and the plots; returns the summary."""
+  summary = overoptimization.summarize(runs)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'measurements.jsonl'), 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records)
+      f.writelines(json.dumps(record) + '\n' for run in runs for record in run.records())
+    overoptimization.save_runs(runs, os.path.join(workdir, 'per_prompt.npz'))
     with open(os.path.join(workdir, 'fits.json'), 'w') as f:
-      json.dump(fits, f, indent=2)
+      json.dump(summary, f, indent=1)
     plots = os.path.join(workdir, 'plots')
     os.makedirs(plots, exist_ok=True)
     for method in overoptimization.METHODS:
-      overoptimization.plot_curves(records, fits, os.path.join(plots, f'{method}.png'),
+      overoptimization.plot_curves(summary, runs, os.path.join(plots, f'{method}.png'),
                                    method=method)
-    overoptimization.plot_coefficients(fits, os.path.join(plots, 'coefficients.png'),
+    overoptimization.plot_coefficients(summary['fits'], os.path.join(plots, 'coefficients.png'),
                                        by='proxy_comparisons')
-  return fits
+  return summary
 
 
-def summary(fits: list[dict]) -> str:
-  """A table of the fits: coefficients, R², the fitted peak and the best measured point."""
-  lines = [f'{"method":6} {"proxy":14} {"α":>7} {"β":>7} {"R²":>6} {"fit: peak d":>11} '
-           f'{"gain":>7} {"measured: best d":>16} {"gain":>7} {"max d":>6}']
-  for f in fits:
-    peak_d = '—' if f['peak_d'] is None else f'{f["peak_d"]:.2f}'
-    peak_gain = '—' if f['peak_gain'] is None else f'{f["peak_gain"]:+.3f}'
-    lines.append(f'{f["method"]:6} {f["proxy"]:14} {f["alpha"]:7.3f} {f["beta"]:7.3f} '
-                 f'{f["r2"]:6.3f} {peak_d:>11} {peak_gain:>7} {f["best_d"]:16.2f} '
-                 f'{f["best_gain"]:+7.3f} {f["max_d"]:6.2f}')
+def _interval(row: dict, key: str) -> str:
+  low, high = ('∞' if v is None else f'{v:.2f}' for v in row['interval'][key])
+  value = '∞' if row[key] is None else f'{row[key]:.2f}'
+  return f'{value} [{low}, {high}]'
+
+
+def summary_table(summary: dict) -> str:
+  """The mean curves' fits with their intervals, each seed's verdict, and the proxy comparisons."""
+  lines = [f'Mean over seeds; [{summary["confidence"]:.0%} bootstrap over seeds and prompts]',
+           f'{"method":6} {"proxy":14} {"seeds":>5} {"α":>20} {"β":>20} {"R²":>5} '
+           f'{"peak d":>20} {"peak gain":>20} {"rises":>5} {"falls":>5} {"seeds ↑↓":>8}']
+  for f in summary['fits']:
+    verdicts = [s['rise_then_fall'] for s in summary['per_seed']
+                if s['method'] == f['method'] and s['proxy'] == f['proxy']]
+    lines.append(f'{f["method"]:6} {f["proxy"]:14} {len(f["seeds"]):5d} '
+                 f'{_interval(f, "alpha"):>20} {_interval(f, "beta"):>20} {f["r2"]:5.2f} '
+                 f'{_interval(f, "peak_d"):>20} {_interval(f, "peak_gain"):>20} '
+                 f'{str(f["rises"]):>5} {str(f["falls"]):>5} '
+                 f'{sum(verdicts):>4d}/{len(verdicts)}')
+  for c in summary['comparisons']:
+    lines.append(f'{c["method"]}: {c["more"]} peaks later than {c["fewer"]} in '
+                 f'{c["later"]:.0%} of replicates, higher in {c["higher"]:.0%}, both in '
+                 f'{c["later_and_higher"]:.0%}; both in {c["seeds_later_and_higher"]} of '
+                 f'{c["seeds"]} seeds')
   return '\n'.join(lines)
 
 
-def run(experiment, workdir: str) -> list[dict]:
+def run(experiment, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   policy = initial_policy(experiment, workdir)
   proxies = train_proxies(experiment, workdir, policy)
-  records = (best_of_n_records(experiment, workdir, policy, proxies)
-             + rl_records(experiment, workdir, policy, proxies))
-  return analyse(records, workdir)
+  runs = (best_of_n_runs(experiment, workdir, policy, proxies)
+          + rl_runs(experiment, workdir, policy, proxies))
+  return analyse(runs, workdir)
 
 
 def main(argv):
@@ -257,9 +314,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
   workdir = flags.FLAGS.workdir
-  fits = run(flags.FLAGS.config, workdir)
-  print(summary(fits))
-  print(f'{workdir}: measurements.jsonl, fits.json, plots/ ({time.perf_counter() - start:.0f} s)')
+  print(summary_table(run(flags.FLAGS.config, workdir)))
+  print(f'{workdir}: measurements.jsonl, per_prompt.npz, fits.json, plots/ ({time.perf_counter() - start:.0f} s)')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,8 @@
 """Overoptimization fits (Gao et al. 2022): recovery of known α and β, the peaks, R², the curves
-built from records, the fits of every (proxy, method), and the figures."""
+built from records, the fits of every (proxy, method, seed), the curves averaged over seeds with
+bootstrap intervals, and the figures."""
 
+import dataclasses
 import math
 import random
 import warnings
@@ -9,8 +11,9 @@ import numpy as np
 import pytest
 import scipy.special
 
-from rlhf_jax.analysis.overoptimization import (fit, fit_all, fit_bon, fit_rl, measurements_to_curves,
-                                            plot_coefficients, plot_curves)
+from rlhf_jax.analysis.overoptimization import (Run, fit, fit_all, fit_bon, fit_rl, load_runs,
+                                                measurements_to_curves, plot_coefficients,
+                                                plot_curves, save_runs, summarize)
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -118,26 +121,35 @@ def test_measurements_to_curves_sorts_and_measures_gains_from_kl_zero():
       _record('large', 'bon', 0.25, 0.30, -0.5, n=2, proxy_params=1e7),
   ]
   curves = measurements_to_curves(records, method='bon')
-  assert list(curves) == ['small', 'large']
-  small = curves['small']
+  assert list(curves) == [('small', 0), ('large', 0)]  # No 'seed': seed 0.
+  small = curves['small', 0]
   np.testing.assert_allclose(small['kl'], [0.0, 0.19, 0.64])
   np.testing.assert_allclose(small['d'], [0.0, math.sqrt(0.19), 0.8])
   np.testing.assert_allclose(small['gold_reward'], [0.50, 0.75, 0.70])
   np.testing.assert_allclose(small['gain'], [0.0, 0.25, 0.20])
   np.testing.assert_allclose(small['proxy_gain'], [0.0, 0.1, 0.3], atol=1e-12)
   assert small['metadata'] == {'proxy_params': 1e6}  # n differs per point: left out.
-  np.testing.assert_allclose(curves['large']['gain'], [0.0, 0.2])
-  np.testing.assert_allclose(curves['large']['d'], [0.0, 0.5])
+  np.testing.assert_allclose(curves['large', 0]['gain'], [0.0, 0.2])
+  np.testing.assert_allclose(curves['large', 0]['d'], [0.0, 0.5])
+  # Seeds are runs of their own, each with its own initial policy's measurement.
+  seeded = measurements_to_curves([_record('p', 'bon', 0.0, 0.5, 1.0, seed=0),
+                                   _record('p', 'bon', 0.0, 0.6, 1.0, seed=1),
+                                   _record('p', 'bon', 0.25, 0.9, 1.0, seed=1),
+                                   _record('p', 'bon', 0.25, 0.7, 1.0, seed=0)], method='bon')
+  assert list(seeded) == [('p', 0), ('p', 1)]
+  np.testing.assert_allclose(seeded['p', 0]['gain'], [0.0, 0.2])
+  np.testing.assert_allclose(seeded['p', 1]['gain'], [0.0, 0.3])
+  assert seeded['p', 1]['metadata'] == {}
   # An estimated KL a rounding error below 0 still marks the initial policy; d clips it at 0.
   rl = measurements_to_curves([_record('p', 'rl', -1e-9, 1.0, 0.0),
                                _record('p', 'rl', 0.25, 1.5, 1.0)], method='rl')
-  np.testing.assert_allclose(rl['p']['d'], [0.0, 0.5])
+  np.testing.assert_allclose(rl['p', 0]['d'], [0.0, 0.5])
 
 
 def test_measurements_to_curves_rejects_curves_without_kl_zero_and_bad_records():
   records = [_record('a', 'bon', 0.0, 0.5, 2.0), _record('b', 'bon', 0.19, 0.6, 2.1),
              _record('b', 'bon', 0.64, 0.7, 2.2)]
-  with pytest.raises(ValueError, match="'b'"):
+  with pytest.raises(ValueError, match="'b', seed 0"):
     measurements_to_curves(records, method='bon')
   with pytest.raises(ValueError, match=r"records\[1\] lacks \['gold_reward'\]"):
     measurements_to_curves([records[0], {'proxy': 'a', 'method': 'bon', 'kl': 0.1,
@@ -172,7 +184,7 @@ def test_fit_all_fits_each_proxy_and_method_and_keeps_metadata():
     assert f['r2'] == pytest.approx(1.0, abs=1e-12)
     assert f['proxy_params'] == (1e6 if f['proxy'] == 'small' else 1e7)
     assert f['proxy_comparisons'] == 1000
-    assert 'step' not in f
+    assert 'step' not in f and f['seed'] == 0
     assert f['gold_init'] == pytest.approx(0.3)
     assert f['max_d'] == pytest.approx(2.0) and f['num_points'] == 5
     grid = np.array([0.0, 0.4, 0.9, 1.3, 2.0])
@@ -180,18 +192,131 @@ def test_fit_all_fits_each_proxy_and_method_and_keeps_metadata():
                                    else scipy.special.xlogy(grid, grid))
     assert f['best_d'] == pytest.approx(grid[np.argmax(gains)])
     assert f['best_gain'] == pytest.approx(gains.max())
+    assert f['final_gain'] == pytest.approx(gains[-1])
+    # Peaks inside (0, 2): bon 1.0, 3.0 (beyond), RL e^0.5 = 1.65, e^3.5 = 33 (beyond).
+    assert f['rise_then_fall'] == (f['proxy'] == 'small')
+
+
+def _gain(method, alpha, beta, d):
+  return alpha * d - beta * (d**2 if method == 'bon' else scipy.special.xlogy(d, d))
+
+
+def _runs(coefficients, *, seeds=(0, 1, 2), num_prompts=50, noise=0.0, seed_scale=None,
+          d=(0.0, 0.4, 0.9, 1.3, 2.0, 2.6)):
+  """Runs whose mean gold gain per prompt follows the forms exactly; noise: per prompt and
+  point (a normal of that std); seed_scale: the gain of seed s multiplied by seed_scale[s]."""
+  rng = np.random.default_rng(0)
+  d = np.array(d)
+  runs = []
+  for (proxy, method), (alpha, beta) in coefficients.items():
+    for s in seeds:
+      scale = 1.0 if seed_scale is None else seed_scale[s]
+      gold = 0.3 + scale * _gain(method, alpha, beta, d)[:, None] + rng.normal(
+          0.0, noise, (len(d), num_prompts))
+      gold -= (gold[:1] - 0.3)  # Every prompt starts at 0.3: the gains are exactly per prompt.
+      runs.append(Run(method=method, proxy=proxy, seed=s,
+                      kl_PxI=np.repeat(d[:, None]**2, num_prompts, 1), gold_PxI=gold,
+                      proxy_PxI=1.0 + np.repeat(d[:, None], num_prompts, 1),
+                      points=tuple({'step': i} for i in range(len(d))),
+                      metadata={'proxy_comparisons': 1000 if proxy == 'small' else 8000}))
+  return runs
+
+
+COEFFICIENTS = {('small', 'bon'): (1.0, 0.5), ('small', 'rl'): (0.6, 0.4),
+                ('large', 'bon'): (1.5, 0.5), ('large', 'rl'): (0.9, 0.4)}
+
+
+def test_without_noise_the_intervals_are_the_exact_fit():
+  summary = summarize(_runs(COEFFICIENTS), num_resamples=50)
+  assert [(f['method'], f['proxy']) for f in summary['fits']] == [
+      ('bon', 'small'), ('bon', 'large'), ('rl', 'small'), ('rl', 'large')]
+  for f in summary['fits']:
+    alpha, beta = COEFFICIENTS[f['proxy'], f['method']]
+    assert f['alpha'] == pytest.approx(alpha) and f['beta'] == pytest.approx(beta)
+    assert f['r2'] == pytest.approx(1.0)
+    for key, (low, high) in f['interval'].items():
+      assert low == pytest.approx(f[key]) and high == pytest.approx(f[key]), key
+    assert f['seeds'] == [0, 1, 2] and f['num_prompts'] == 50
+    assert f['gold_init'] == pytest.approx(0.3)
+    assert f['proxy_comparisons'] in (1000, 8000)
+    np.testing.assert_allclose(f['curve']['gain_low'], f['curve']['gain'])
+  peaks = {(f['method'], f['proxy']): (f['peak_d'], f['rises'], f['falls'])
+           for f in summary['fits']}
+  assert peaks['bon', 'small'] == (pytest.approx(1.0), True, True)  # α/(2β)
+  assert peaks['bon', 'large'] == (pytest.approx(1.5), True, True)
+  assert peaks['rl', 'small'] == (pytest.approx(math.exp(0.5)), True, True)  # e^(α/β − 1)
+  assert peaks['rl', 'large'][0] == pytest.approx(math.exp(1.25))  # 3.5: beyond d = 2.6.
+  assert peaks['rl', 'large'][1:] == (True, False)
+  assert len(summary['per_seed']) == 12
+  assert all(row['seed'] in (0, 1, 2) for row in summary['per_seed'])
+  for c in summary['comparisons']:
+    assert (c['fewer'], c['more']) == ('small', 'large')
+    assert c['later'] == c['higher'] == c['later_and_higher'] == 1.0
+    assert c['seeds_later_and_higher'] == c['seeds'] == 3
+
+
+def test_the_intervals_cover_the_truth_and_the_spread_of_seeds():
+  noisy = summarize(_runs(COEFFICIENTS, num_prompts=200, noise=0.3), num_resamples=300)
+  for f in noisy['fits']:
+    alpha, beta = COEFFICIENTS[f['proxy'], f['method']]
+    for key, truth in (('alpha', alpha), ('beta', beta)):
+      low, high = f['interval'][key]
+      assert low < f[key] < high and low < truth < high, (f['method'], f['proxy'], key)
+  # Seeds that scale the gain by 0.5, 1 and 1.5 (no prompt noise): the mean scales it by 1 and
+  # the interval spans what a resample of three seeds can give, never beyond the extremes.
+  spread = summarize(_runs({('p', 'bon'): (1.0, 0.5)}, seed_scale={0: 0.5, 1: 1.0, 2: 1.5}),
+                     num_resamples=400)
+  (f,) = spread['fits']
+  low, high = f['interval']['peak_gain']
+  assert f['peak_gain'] == pytest.approx(0.5)  # α²/(4β)
+  assert 0.25 - 1e-9 <= low < 0.45 and 0.55 < high <= 0.75 + 1e-9
+  assert [row['peak_gain'] for row in spread['per_seed']] == pytest.approx([0.25, 0.5, 0.75])
+
+
+def test_summarize_needs_the_same_prompts_and_seeds_for_every_proxy():
+  runs = _runs(COEFFICIENTS)
+  with pytest.raises(ValueError, match='same prompts'):
+    summarize([r for r in runs if not (r.proxy == 'large' and r.seed == 2)])
+  fewer_prompts = dataclasses.replace(runs[0], kl_PxI=runs[0].kl_PxI[:, :10],
+                                      gold_PxI=runs[0].gold_PxI[:, :10],
+                                      proxy_PxI=runs[0].proxy_PxI[:, :10])
+  with pytest.raises(ValueError, match='same prompts'):
+    summarize([fewer_prompts, *runs[1:]])
+  with pytest.raises(ValueError, match='one label per point'):
+    dataclasses.replace(runs[0], points=runs[0].points[:2])
+
+
+def test_runs_round_trip_through_npz_and_give_records(tmp_path):
+  runs = _runs({('p', 'rl'): (0.6, 0.4)}, seeds=(3, 5), noise=0.1, num_prompts=7)
+  save_runs(runs, str(tmp_path / 'per_prompt.npz'))
+  loaded = load_runs(str(tmp_path / 'per_prompt.npz'))
+  for a, b in zip(runs, loaded, strict=True):
+    assert (a.method, a.proxy, a.seed, a.points, a.metadata) == (
+        b.method, b.proxy, b.seed, b.points, b.metadata)
+    for key in ('kl_PxI', 'gold_PxI', 'proxy_PxI'):
+      np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+  records = runs[1].records()
+  assert [r['step'] for r in records] == list(range(6))
+  assert records[2] == {'proxy': 'p', 'method': 'rl', 'seed': 5, 'proxy_comparisons': 8000,
+                        'step': 2, 'kl': pytest.approx(0.81), 'd': pytest.approx(0.9),
+                        'gold_reward': pytest.approx(runs[1].gold_PxI[2].mean()),
+                        'proxy_reward': pytest.approx(1.9)}
 
 
 def test_plots_write_png_files(tmp_path):
-  records, _ = _synthetic_records()
-  fits = fit_all(records)
+  runs = _runs(COEFFICIENTS, noise=0.1)
+  summary = summarize(runs, num_resamples=20)
   for method in ('bon', 'rl'):
-    path = plot_curves(records, fits, str(tmp_path / f'{method}.png'), method=method)
+    path = plot_curves(summary, runs, str(tmp_path / f'{method}.png'), method=method)
     assert open(path, 'rb').read(8) == PNG_MAGIC
-  path = plot_coefficients(fits, str(tmp_path / 'coefficients.png'))
+  path = plot_coefficients(summary['fits'], str(tmp_path / 'coefficients.png'),
+                           by='proxy_comparisons')
+  assert open(path, 'rb').read(8) == PNG_MAGIC
+  records, _ = _synthetic_records()
+  path = plot_coefficients(fit_all(records), str(tmp_path / 'no_intervals.png'))
   assert open(path, 'rb').read(8) == PNG_MAGIC
   with pytest.raises(ValueError, match="'reward_params'"):
-    plot_coefficients(fits, str(tmp_path / 'x.png'), by='reward_params')
-  with pytest.raises(ValueError, match="proxy 'large'"):
-    without_large = [f for f in fits if f['proxy'] != 'large']
-    plot_curves(records, without_large, str(tmp_path / 'x.png'), method='bon')
+    plot_coefficients(summary['fits'], str(tmp_path / 'x.png'), by='reward_params')
+  with pytest.raises(ValueError, match="no 'rl' fits"):
+    plot_curves({**summary, 'fits': summary['fits'][:2]}, runs, str(tmp_path / 'x.png'),
+                method='rl')

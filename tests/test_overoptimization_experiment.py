@@ -14,6 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,8 +38,11 @@ def test_the_presets_rl_keys_set_keys_of_the_ppo_config(preset):
   assert ppo.train.steps == config.rl.steps and ppo.optim.lr == config.rl.lr
   assert ppo.train.eval_every == config.rl.eval_every
   assert ppo.eval.num_prompts == config.rl.eval_prompts
+  assert ppo.data.max_prompt_len == config.rl.max_prompt_len
+  assert ppo.eval.max_new_tokens == config.rl.max_new_tokens
+  assert ppo.train.seq_len == config.rl.max_prompt_len + config.rl.max_new_tokens
   for key in ('rollout_batch_size', 'num_minibatches', 'ppo_epochs', 'kl_coef', 'critic',
-              'stop_kl'):
+              'stop_kl', 'max_new_tokens'):
     assert ppo.rl[key] == config.rl[key]
 
 
@@ -54,7 +58,7 @@ def micro():
   """(the experiment module with every stage shrunk, the experiment's config)."""
   experiment = load_experiment()
   config = load_config('overoptimization.py:tiny')
-  config.update(pretrain_steps=6, sft_steps=6, progress_bar=False)
+  config.update(pretrain_steps=6, sft_steps=6, progress_bar=False, seeds=(0, 1))
   config.proxies.update(comparisons=(64,), steps=6)
   config.bon.update(n_max=4, num_prompts=16)
   config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3, rollout_batch_size=16,
@@ -100,31 +104,45 @@ def test_stages_run_side_by_side_compute_what_each_computes_alone(micro, tmp_pat
 
 
 def test_the_experiment_writes_measurements_fits_and_plots(run):
-  workdir, fits = run
+  workdir, summary = run
   records = [json.loads(line) for line in (workdir / 'measurements.jsonl').read_text().splitlines()]
-  bon = [r for r in records if r['method'] == 'bon']
-  rl = [r for r in records if r['method'] == 'rl']
-  assert [r['n'] for r in bon] == [1, 2, 4]
-  assert [r['kl'] for r in bon] == pytest.approx([0, np.log(2) - 0.5, np.log(4) - 0.75])
-  assert [r['step'] for r in rl] == [0, 1, 2, 3]
-  assert rl[0]['kl'] == 0  # The policy before any update is the reference.
-  assert all(r['kl'] > 0 for r in rl[1:])  # A sum of KLs, never clipped to 0.
+  for seed in (0, 1):
+    bon = [r for r in records if r['method'] == 'bon' and r['seed'] == seed]
+    rl = [r for r in records if r['method'] == 'rl' and r['seed'] == seed]
+    assert [r['n'] for r in bon] == [1, 2, 4]
+    assert [r['kl'] for r in bon] == pytest.approx([0, np.log(2) - 0.5, np.log(4) - 0.75])
+    assert [r['step'] for r in rl] == [0, 1, 2, 3]
+    assert rl[0]['kl'] == 0  # The policy before any update is the reference.
+    assert all(r['kl'] > 0 for r in rl[1:])  # A sum of KLs, never clipped to 0.
+  # The seeds differ on the policy's side: other answers, other PPO runs.
+  by_seed = [[r['gold_reward'] for r in records if r['method'] == 'rl' and r['seed'] == seed]
+             for seed in (0, 1)]
+  assert by_seed[0] != by_seed[1]
   for r in records:
     assert r['proxy'] == 'policy-64' and r['proxy_comparisons'] == 64
     assert r['proxy_params'] > 0 and 0 <= r['gold_reward'] <= 1
     assert r['d'] == pytest.approx(np.sqrt(r['kl']))
-  assert {(f['method'], f['proxy']) for f in fits} == {('bon', 'policy-64'), ('rl', 'policy-64')}
-  assert json.loads((workdir / 'fits.json').read_text()) == fits
+  runs = overoptimization.load_runs(str(workdir / 'per_prompt.npz'))
+  assert [record for r in runs for record in r.records()] == records
+  assert {r.kl_PxI.shape[1] for r in runs if r.method == 'bon'} == {16}  # bon.num_prompts
+  assert {r.kl_PxI.shape[1] for r in runs if r.method == 'rl'} == {32}  # rl.eval_prompts
+  assert [(f['method'], f['proxy'], f['seeds']) for f in summary['fits']] == [
+      ('bon', 'policy-64', [0, 1]), ('rl', 'policy-64', [0, 1])]
+  for f in summary['fits']:
+    low, high = f['interval']['alpha']
+    assert low <= f['alpha'] <= high
+  assert len(summary['per_seed']) == 4
+  assert json.loads((workdir / 'fits.json').read_text()) == summary
   for name in ('bon', 'rl', 'coefficients'):
     assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_a_rerun_skips_every_finished_stage(run, micro, monkeypatch):
-  workdir, fits = run
+  workdir, summary = run
   experiment, config = micro
   calls = []
   monkeypatch.setattr(experiment.algorithms, 'run', lambda *args: calls.append(args))
-  assert experiment.run(config, str(workdir)) == fits
+  assert experiment.run(config, str(workdir)) == summary
   assert not calls
 
 
@@ -137,6 +155,6 @@ def test_the_notebook_redraws_every_plot_from_the_workdir(run, tmp_path, monkeyp
   for cell in notebook['cells']:
     if cell['cell_type'] == 'code':
       exec(compile(''.join(cell['source']), 'overoptimization.ipynb', 'exec'), namespace)
-  assert namespace['fits'] == json.loads((workdir / 'fits.json').read_text())
+  assert namespace['summary'] == json.loads((workdir / 'fits.json').read_text())
   for name in ('bon', 'rl', 'coefficients'):
     assert (tmp_path / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

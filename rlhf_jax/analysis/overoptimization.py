@@ -9,13 +9,19 @@ follows (Gao et al. 2022)
 
 Both are linear in (α, β) at fixed d, so each is fitted by ordinary least squares, without an
 intercept (R(0) = 0 by construction). Measurements come as records, one per measured point (per n
-for best-of-n, per evaluation step for RL):
+for best-of-n, per evaluation step for RL) of one run (a seed):
 
-    {'proxy': name, 'method': 'bon' | 'rl', 'kl': …, 'gold_reward': …, 'proxy_reward': …, …}
+    {'proxy': name, 'method': 'bon' | 'rl', 'seed': …, 'kl': …, 'gold_reward': …,
+     'proxy_reward': …, …}
+
+or, for intervals, as `Run`s that keep every prompt's measurements: `summarize` fits the curve
+averaged over seeds and bootstraps it over seeds and prompts.
 
 Host-side NumPy: arrays and records in, dicts and PNG files out.
 """
 
+import dataclasses
+import json
 import math
 
 import numpy as np
@@ -27,6 +33,7 @@ from rlhf_jax.errors import InputError
 METHODS = ('bon', 'rl')
 _TITLES = {'bon': 'best-of-n', 'rl': 'RL'}
 _MEASURED = ('proxy', 'method', 'kl', 'gold_reward', 'proxy_reward')
+_RUN_KEYS = ('proxy', 'seed')  # A run is one seed of one proxy's curve.
 
 
 def bon_gain(d, *, alpha: float, beta: float) -> np.ndarray:
@@ -125,81 +132,300 @@ def _shared_fields(records) -> dict:
           if key not in _MEASURED and all(key in r and r[key] == value for r in rest)}
 
 
-def measurements_to_curves(records, *, method: str, kl_atol: float = 1e-6) -> dict[str, dict]:
-  """Per proxy (in order of first appearance), its curve for one method, sorted by KL.
+def measurements_to_curves(records, *, method: str, kl_atol: float = 1e-6
+                           ) -> dict[tuple[str, int], dict]:
+  """Per run (proxy, seed; in order of first appearance), its curve for one method, sorted by KL.
+  A record without a 'seed' is seed 0.
 
-  Returns {proxy: {'kl', 'd', 'gold_reward', 'proxy_reward', 'gain', 'proxy_gain': [N] arrays,
-  'metadata': dict}}: d = √KL, gain = gold reward − its value at the initial policy, proxy_gain
-  likewise. The initial policy is the curve's lowest-KL point, which must have |kl| ≤ kl_atol
-  (best-of-n's n = 1, RL's step 0; an estimated KL may miss 0 by rounding, and d clips it at 0).
-  metadata holds the other fields equal in all the proxy's records (e.g. 'proxy_params');
-  per-point fields such as 'n' or 'step' are left out.
+  Returns {(proxy, seed): {'kl', 'd', 'gold_reward', 'proxy_reward', 'gain', 'proxy_gain': [N]
+  arrays, 'metadata': dict}}: d = √KL, gain = gold reward − its value at the initial policy,
+  proxy_gain likewise. The initial policy is the curve's lowest-KL point, which must have
+  |kl| ≤ kl_atol (best-of-n's n = 1, RL's step 0; an estimated KL may miss 0 by rounding, and d
+  clips it at 0). metadata holds the other fields equal in all the run's records (e.g.
+  'proxy_params'); per-point fields such as 'n' or 'step' are left out.
   """
   _form(method)
   _check_records(records)
   grouped = {}
   for record in records:
     if record['method'] == method:
-      grouped.setdefault(record['proxy'], []).append(record)
+      grouped.setdefault((record['proxy'], record.get('seed', 0)), []).append(record)
   curves = {}
-  for proxy, group in grouped.items():
+  for (proxy, seed), group in grouped.items():
     group = sorted(group, key=lambda r: r['kl'])
     kl_N, gold_N, proxy_N = (np.array([r[key] for r in group], np.float64)
                              for key in ('kl', 'gold_reward', 'proxy_reward'))
     if abs(kl_N[0]) > kl_atol:
-      raise InputError(f'Proxy {proxy!r} ({method}): its lowest kl is {kl_N[0]:g}, not 0; each '
-                       'curve needs the initial policy (kl = 0) as a point to measure gains from.')
-    curves[proxy] = {'kl': kl_N, 'd': np.sqrt(np.maximum(kl_N, 0.0)), 'gold_reward': gold_N,
-                     'proxy_reward': proxy_N, 'gain': gold_N - gold_N[0],
-                     'proxy_gain': proxy_N - proxy_N[0], 'metadata': _shared_fields(group)}
+      raise InputError(f'Proxy {proxy!r}, seed {seed} ({method}): its lowest kl is {kl_N[0]:g}, '
+                       'not 0; each curve needs the initial policy (kl = 0) as a point to '
+                       'measure gains from.')
+    metadata = {k: v for k, v in _shared_fields(group).items() if k not in _RUN_KEYS}
+    curves[proxy, seed] = {'kl': kl_N, 'd': np.sqrt(np.maximum(kl_N, 0.0)), 'gold_reward': gold_N,
+                           'proxy_reward': proxy_N, 'gain': gold_N - gold_N[0],
+                           'proxy_gain': proxy_N - proxy_N[0], 'metadata': metadata}
   return curves
 
 
 def fit_all(records, *, kl_atol: float = 1e-6) -> list[dict]:
-  """One row per (method, proxy) of the records: {'proxy', 'method', **metadata, 'gold_init',
-  'max_d', 'num_points', 'best_d', 'best_gain', **fit}, methods in the order of METHODS, proxies
-  in order of first appearance. gold_init is the gold reward of the initial policy; (best_d,
-  best_gain) the measured point of largest gold gain, next to the fit's peak; metadata as in
+  """One row per (method, proxy, seed) of the records: {'proxy', 'method', 'seed', **metadata,
+  'gold_init', 'max_d', 'num_points', 'best_d', 'best_gain', 'final_gain', 'rise_then_fall',
+  **fit}, methods in the order of METHODS, runs in order of first appearance. gold_init is the
+  gold reward of the initial policy; (best_d, best_gain) the measured point of largest gold gain,
+  next to the fit's peak; final_gain the gain at the largest d; rise_then_fall that the fitted
+  peak gain is > 0 at a d* inside the measured range (0, max_d); metadata as in
   `measurements_to_curves` (e.g. 'proxy_params', 'proxy_comparisons')."""
   rows = []
   for method in METHODS:
-    for proxy, curve in measurements_to_curves(records, method=method, kl_atol=kl_atol).items():
+    curves = measurements_to_curves(records, method=method, kl_atol=kl_atol)
+    for (proxy, seed), curve in curves.items():
       best = int(np.argmax(curve['gain']))
-      rows.append({'proxy': proxy, 'method': method, **curve['metadata'],
+      result = fit(curve['d'], curve['gain'], method=method)
+      rows.append({'proxy': proxy, 'method': method, 'seed': seed, **curve['metadata'],
                    'gold_init': float(curve['gold_reward'][0]), 'max_d': float(curve['d'][-1]),
                    'num_points': len(curve['d']), 'best_d': float(curve['d'][best]),
                    'best_gain': float(curve['gain'][best]),
-                   **fit(curve['d'], curve['gain'], method=method)})
+                   'final_gain': float(curve['gain'][-1]), **result,
+                   'rise_then_fall': _rises_then_falls(result, float(curve['d'][-1]))})
   return rows
 
 
-def plot_curves(records, fits, path: str, *, method: str) -> str:
-  """Writes Gao et al.'s figure 1 for one method as a PNG: rewards against d, one colour per proxy.
+def _rises_then_falls(result: dict, max_d: float) -> bool:
+  return (result['peak_d'] is not None and 0 < result['peak_d'] < max_d
+          and result['peak_gain'] > 0)
 
-  Gold reward solid (points measured), its fitted R(d) dashed, proxy reward dotted on a twin axis.
-  Both are relative to the initial policy (gain and proxy_gain): a Bradley–Terry reward is defined
-  only up to a constant, and its scale is its own, hence the second axis.
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run's curve with every prompt's measurements: per measured point p, in the order
+  measured (the first the initial policy, KL 0), and held-out prompt i (the same prompts at
+  every point):
+
+    kl_PxI     the KL to π_init (best-of-n: its formula, the same for every prompt; RL: the
+               Rao–Blackwellised estimate along the answer to prompt i)
+    gold_PxI, proxy_PxI  the gold and the proxy reward of the answer (best-of-n: expected)
+    points     per point, what labels it ({'n': …} or {'step': …})
+    metadata   what describes the run besides proxy and seed (e.g. 'proxy_comparisons')
+  """
+  method: str
+  proxy: str
+  seed: int
+  kl_PxI: np.ndarray
+  gold_PxI: np.ndarray
+  proxy_PxI: np.ndarray
+  points: tuple[dict, ...]
+  metadata: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    _form(self.method)
+    shapes = {a.shape for a in (self.kl_PxI, self.gold_PxI, self.proxy_PxI)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or len(self.points) != self.kl_PxI.shape[0]:
+      raise InputError(f'Run {self.method}/{self.proxy}/seed {self.seed}: kl, gold and proxy must '
+                       f'be [points, prompts] arrays of one shape with one label per point; got '
+                       f'{sorted(shapes)} and {len(self.points)} labels.')
+
+  def means(self, prompts_I=None) -> dict[str, np.ndarray]:
+    """Per point [P], over the prompts (or the resampled `prompts_I`): 'kl', 'd' = √KL (clipped
+    at 0), 'gold', 'proxy', and 'gain', 'proxy_gain' relative to the first point."""
+    select = slice(None) if prompts_I is None else prompts_I
+    kl_P, gold_P, proxy_P = (a[:, select].mean(1) for a in (self.kl_PxI, self.gold_PxI,
+                                                            self.proxy_PxI))
+    return {'kl': kl_P, 'd': np.sqrt(np.maximum(kl_P, 0.0)), 'gold': gold_P, 'proxy': proxy_P,
+            'gain': gold_P - gold_P[0], 'proxy_gain': proxy_P - proxy_P[0]}
+
+  def records(self) -> list[dict]:
+    """measurements.jsonl's records: one per point, the means over prompts."""
+    means = self.means()
+    return [{'proxy': self.proxy, 'method': self.method, 'seed': self.seed, **self.metadata,
+             **label, 'kl': float(means['kl'][p]), 'd': float(means['d'][p]),
+             'gold_reward': float(means['gold'][p]), 'proxy_reward': float(means['proxy'][p])}
+            for p, label in enumerate(self.points)]
+
+
+def save_runs(runs, path: str) -> None:
+  """Every prompt's measurements of every run, as one .npz (no pickles)."""
+  index = [{'method': r.method, 'proxy': r.proxy, 'seed': r.seed, 'points': list(r.points),
+            'metadata': r.metadata} for r in runs]
+  arrays = {f'{i}/{name}': getattr(r, f'{name}_PxI')
+            for i, r in enumerate(runs) for name in ('kl', 'gold', 'proxy')}
+  with open(path, 'wb') as f:
+    np.savez_compressed(f, index=np.array(json.dumps(index)), **arrays)
+
+
+def load_runs(path: str) -> list[Run]:
+  with np.load(path) as data:
+    return [Run(method=r['method'], proxy=r['proxy'], seed=r['seed'], points=tuple(r['points']),
+                metadata=r['metadata'], **{f'{name}_PxI': data[f'{i}/{name}']
+                                           for name in ('kl', 'gold', 'proxy')})
+            for i, r in enumerate(json.loads(str(data['index'])))]
+
+
+def _mean_curve(runs, seeds_S, prompts_I) -> dict[str, np.ndarray]:
+  """The curve averaged over the runs chosen by seeds_S (indices into runs, repeats allowed), at
+  the points that all of them measured, each run's prompts chosen by prompts_I."""
+  num_points = min(len(r.points) for r in runs)
+  means = [runs[s].means(prompts_I) for s in seeds_S]
+  return {key: np.mean([m[key][:num_points] for m in means], axis=0)
+          for key in ('d', 'gain', 'proxy_gain')}
+
+
+def _curve_statistics(curve: dict, method: str) -> dict:
+  result = fit(curve['d'], curve['gain'], method=method)
+  best = int(np.argmax(curve['gain']))
+  return {**result, 'best_d': float(curve['d'][best]), 'best_gain': float(curve['gain'][best]),
+          'final_gain': float(curve['gain'][-1])}
+
+
+_INTERVAL_KEYS = ('alpha', 'beta', 'peak_d', 'peak_gain', 'best_gain', 'final_gain')
+
+
+def summarize(runs, *, num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+              ) -> dict:
+  """The curves averaged over seeds, their fits and bootstrap intervals over seeds and prompts.
+
+  Per (method, proxy) the mean curve averages the runs' (d, gain, proxy_gain) point by point
+  over the points every seed measured (best-of-n: each n; RL: each evaluation step). A
+  bootstrap replicate draws the seeds with replacement, then the prompts with replacement (the
+  same draw for every run of a method, so that proxies are compared on the same prompts and
+  seeds), and recomputes the mean curve, its fit and its peak; intervals are the replicates'
+  percentiles (a peak that does not exist, β ≤ 0, counts as beyond every d: +inf).
+
+  Returns {'fits': a row per (method, proxy) with the mean curve's fit (`fit`), its best and
+  final measured gain, 'interval': {key: [low, high]} for α, β, peak_d, peak_gain, best_gain and
+  final_gain, 'rises' (the interval of peak_gain lies above 0) and 'falls' (that of peak_d lies
+  inside (0, max_d)), 'curve' (the mean curve and the interval of its gain at each point);
+  'per_seed': `fit_all` of every run's records; 'comparisons': per method, for each proxy and
+  the next by comparisons, the share of replicates in which the better-data proxy peaks later,
+  higher, and both, and in how many seeds both hold}.
+  """
+  runs = list(runs)
+  if not runs:
+    raise InputError('summarize needs at least one run.')
+  rng = np.random.default_rng(seed)
+  low_q, high_q = (1 - confidence) / 2, (1 + confidence) / 2
+  groups, prompt_draws, seed_draws = {}, {}, {}
+  for r in runs:
+    groups.setdefault((r.method, r.proxy), []).append(r)
+  for method in METHODS:
+    method_groups = [g for (m, _), g in groups.items() if m == method]
+    if not method_groups:
+      continue
+    sizes = {r.kl_PxI.shape[1] for g in method_groups for r in g}
+    seed_sets = {tuple(sorted(r.seed for r in g)) for g in method_groups}
+    if len(sizes) > 1 or len(seed_sets) > 1 or any(len(set(s)) < len(s) for s in seed_sets):
+      raise InputError(f'The {method} runs must measure the same prompts and the same distinct '
+                       f'seeds for every proxy (to resample both alike); got prompts '
+                       f'{sorted(sizes)} and seeds {sorted(seed_sets)}.')
+    (num_prompts,), (seeds,) = sizes, seed_sets
+    # One draw of seeds and of prompts per replicate, shared by the method's proxies.
+    prompt_draws[method] = rng.integers(0, num_prompts, (num_resamples, num_prompts))
+    seed_draws[method] = rng.integers(0, len(seeds), (num_resamples, len(seeds)))
+  rows, replicates = [], {}
+  for (method, proxy), group in sorted(groups.items(), key=lambda kv: METHODS.index(kv[0][0])):
+    group = sorted(group, key=lambda r: r.seed)
+    curve = _mean_curve(group, np.arange(len(group)), None)
+    point = _curve_statistics(curve, method)
+    samples, gains_BxP = [], []
+    for b in range(num_resamples):
+      replicate = _mean_curve(group, seed_draws[method][b], prompt_draws[method][b])
+      samples.append(_curve_statistics(replicate, method))
+      gains_BxP.append(replicate['gain'])
+    replicates[method, proxy] = samples
+    interval = {}
+    for key in _INTERVAL_KEYS:
+      values = np.array([math.inf if x[key] is None else x[key] for x in samples])
+      interval[key] = [float(np.quantile(values, q, method='inverted_cdf'))
+                       for q in (low_q, high_q)]
+    band = np.quantile(np.array(gains_BxP), [low_q, high_q], axis=0, method='inverted_cdf')
+    max_d = float(curve['d'][-1])
+    rows.append({'proxy': proxy, 'method': method, **group[0].metadata,
+                 'seeds': [r.seed for r in group], 'num_prompts': group[0].kl_PxI.shape[1],
+                 'gold_init': float(np.mean([r.means()['gold'][0] for r in group])),
+                 'max_d': max_d, 'num_points': len(curve['d']), **point,
+                 'interval': interval, 'rises': interval['peak_gain'][0] > 0,
+                 'falls': 0 < interval['peak_d'][0] and interval['peak_d'][1] < max_d,
+                 'curve': {'d': curve['d'].tolist(), 'gain': curve['gain'].tolist(),
+                           'proxy_gain': curve['proxy_gain'].tolist(),
+                           'gain_low': band[0].tolist(), 'gain_high': band[1].tolist()}})
+  records = [record for r in runs for record in r.records()]
+  per_seed = fit_all(records)
+  return {'confidence': confidence, 'num_resamples': num_resamples, 'fits': _finite(rows),
+          'per_seed': per_seed,
+          'comparisons': _comparisons(rows, replicates, per_seed)}
+
+
+def _comparisons(rows, replicates, per_seed) -> list[dict]:
+  """Per method, each proxy against the next by number of comparisons (the same model)."""
+  out = []
+  for method in METHODS:
+    ranked = sorted((r for r in rows if r['method'] == method and 'proxy_comparisons' in r),
+                    key=lambda r: r['proxy_comparisons'])
+    for fewer, more in zip(ranked, ranked[1:]):
+      pairs = list(zip(replicates[method, fewer['proxy']], replicates[method, more['proxy']]))
+      later = [_peak(b, 'peak_d') > _peak(a, 'peak_d') for a, b in pairs]
+      higher = [_peak(b, 'peak_gain') > _peak(a, 'peak_gain') for a, b in pairs]
+      by_seed = {(f['proxy'], f['seed']): f for f in per_seed if f['method'] == method}
+      seeds = sorted({seed for proxy, seed in by_seed if proxy == fewer['proxy']}
+                     & {seed for proxy, seed in by_seed if proxy == more['proxy']})
+      both_in_seed = [
+          _peak(by_seed[more['proxy'], s], 'peak_d') > _peak(by_seed[fewer['proxy'], s], 'peak_d')
+          and _peak(by_seed[more['proxy'], s], 'peak_gain')
+          > _peak(by_seed[fewer['proxy'], s], 'peak_gain') for s in seeds]
+      out.append({'method': method, 'fewer': fewer['proxy'], 'more': more['proxy'],
+                  'later': float(np.mean(later)), 'higher': float(np.mean(higher)),
+                  'later_and_higher': float(np.mean(np.logical_and(later, higher))),
+                  'seeds_later_and_higher': int(sum(both_in_seed)), 'seeds': len(seeds)})
+  return out
+
+
+def _peak(statistics: dict, key: str) -> float:
+  """A fit's peak_d or peak_gain, +inf where there is no peak (β ≤ 0: R grows without bound)."""
+  return math.inf if statistics[key] is None else statistics[key]
+
+
+def _finite(rows):
+  """+inf (no peak within reach) as None, so that the rows are JSON."""
+  for row in rows:
+    row['interval'] = {k: [None if math.isinf(v) else v for v in pair]
+                       for k, pair in row['interval'].items()}
+  return rows
+
+
+def plot_curves(summary: dict, runs, path: str, *, method: str) -> str:
+  """Writes Gao et al.'s figure 1 for one method as a PNG, one colour per proxy: each seed's gold
+  curve (thin), the mean over seeds (points, its bootstrap interval shaded) and its fit
+  (dashed); the mean proxy reward dotted on a twin axis.
+
+  Both rewards are relative to the initial policy (gain and proxy_gain): a Bradley–Terry reward
+  is defined only up to a constant, and its scale is its own, hence the second axis.
   """
   gain_fn, _ = _form(method)
-  curves = measurements_to_curves(records, method=method)
-  if not curves:
-    raise InputError(f'records hold no {method!r} measurements to plot.')
-  fit_by_proxy = {f['proxy']: f for f in fits if f['method'] == method}
+  rows = [f for f in summary['fits'] if f['method'] == method]
+  if not rows:
+    raise InputError(f'The summary holds no {method!r} fits to plot.')
   figure = Figure(figsize=(6, 4), dpi=100, layout='constrained')
   FigureCanvasAgg(figure)
   gold_axes = figure.add_subplot()
   proxy_axes = gold_axes.twinx()
-  for i, (proxy, curve) in enumerate(curves.items()):
-    if proxy not in fit_by_proxy:
-      raise InputError(f'fits has no {method!r} fit of proxy {proxy!r}.')
-    coefficients = {k: fit_by_proxy[proxy][k] for k in ('alpha', 'beta')}
-    d_grid = np.linspace(0.0, curve['d'][-1], 200)
-    gold_axes.plot(curve['d'], curve['gain'], 'o-', color=f'C{i}', markersize=3, label=proxy)
-    gold_axes.plot(d_grid, gain_fn(d_grid, **coefficients), '--', color=f'C{i}')
-    proxy_axes.plot(curve['d'], curve['proxy_gain'], ':', color=f'C{i}')
+  for i, row in enumerate(rows):
+    color = f'C{i}'
+    for run in runs:
+      if run.method == method and run.proxy == row['proxy']:
+        means = run.means()
+        gold_axes.plot(means['d'], means['gain'], '-', color=color, linewidth=0.6, alpha=0.4)
+    curve = row['curve']
+    gold_axes.fill_between(curve['d'], curve['gain_low'], curve['gain_high'], color=color,
+                           alpha=0.2, linewidth=0)
+    gold_axes.plot(curve['d'], curve['gain'], 'o-', color=color, markersize=3,
+                   label=f"{row['proxy']} ({len(row['seeds'])} seeds)")
+    d_grid = np.linspace(0.0, row['max_d'], 200)
+    gold_axes.plot(d_grid, gain_fn(d_grid, alpha=row['alpha'], beta=row['beta']), '--',
+                   color=color)
+    proxy_axes.plot(curve['d'], curve['proxy_gain'], ':', color=color)
   gold_axes.axhline(0.0, color='gray', linewidth=0.5)
-  gold_axes.set(title=f'{_TITLES[method]}: gold (solid, fit dashed), proxy (dotted)',
-                xlabel='d = √KL(π ‖ π_init)', ylabel='gold reward − initial')
+  confidence = f"{summary['confidence']:.0%}"
+  gold_axes.set(title=f'{_TITLES[method]}: gold, mean of seeds ({confidence} band), fit dashed; '
+                      'proxy dotted', xlabel='d = √KL(π ‖ π_init)', ylabel='gold reward − initial')
+  gold_axes.title.set_fontsize(8)
   proxy_axes.set_ylabel('proxy reward − initial')
   gold_axes.legend(title='proxy', fontsize=7)
   figure.savefig(path)
@@ -207,8 +433,9 @@ def plot_curves(records, fits, path: str, *, method: str) -> str:
 
 
 def plot_coefficients(fits, path: str, *, by: str = 'proxy_params') -> str:
-  """Writes a PNG: α and β of each method against fits[by] (log scale), each point annotated
-  with its fit's R² (Gao et al. 2022, figure 3)."""
+  """Writes a PNG: α and β of each method against fits[by] (log scale), with their intervals
+  where the fits have them ('interval'), each point annotated with its fit's R² (Gao et al.
+  2022, figure 3)."""
   if not fits:
     raise InputError('fits is empty: nothing to plot.')
   missing = sorted({f['proxy'] for f in fits if by not in f})
@@ -223,8 +450,13 @@ def plot_coefficients(fits, path: str, *, by: str = 'proxy_params') -> str:
       continue
     x = [f[by] for f in rows]
     for ax, coefficient in zip(axes, ('alpha', 'beta')):
-      y = [f[coefficient] for f in rows]
-      ax.plot(x, y, 'o-', color=f'C{i}', label=_TITLES[method])
+      y = np.array([f[coefficient] for f in rows])
+      if all('interval' in f for f in rows):
+        low, high = np.array([f['interval'][coefficient] for f in rows]).T
+        ax.errorbar(x, y, yerr=[y - low, high - y], fmt='o-', color=f'C{i}', capsize=3,
+                    label=_TITLES[method])
+      else:
+        ax.plot(x, y, 'o-', color=f'C{i}', label=_TITLES[method])
       for f, xy in zip(rows, zip(x, y)):
         ax.annotate(f"R²={f['r2']:.2f}", xy, fontsize=6, textcoords='offset points',
                     xytext=(3, 3))

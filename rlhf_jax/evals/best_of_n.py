@@ -5,9 +5,9 @@ Gao et al. 2022, who measure overoptimization against d = √KL):
 
     KL_bon(n) = log n − (n − 1) / n
 
-`run(ctx)` (`config.procedure='best_of_n'`) samples n_max answers per held-out prompt once; best-of-n for every
-n = 1, 2, 4, … ≤ n_max chooses among the first n of them, so the curves over n share their
-samples. It writes `<workdir>/best_of_n.jsonl`: per n, KL_bon, the proxy and gold rewards of the
+`run(ctx)` (`config.procedure='best_of_n'`) samples n_max answers per held-out prompt once; the
+reward of best-of-n for every n = 1, 2, 4, … ≤ n_max is the unbiased estimate over those
+answers of its expectation (`best_of_n_weights`), so the curves over n share their samples. It writes `<workdir>/best_of_n.jsonl`: per n, KL_bon, the proxy and gold rewards of the
 chosen answers, and `<workdir>/best_of_n.png`.
 """
 
@@ -31,35 +31,57 @@ def kl_best_of_n(n: int) -> float:
   return math.log(n) - (n - 1) / n
 
 
-def best_of_n(proxy_NxK, n: int) -> np.ndarray:
-  """Index [N] of the answer with the highest proxy reward among each row's first n."""
-  if not 1 <= n <= proxy_NxK.shape[1]:
-    raise InputError(f'n={n} must lie in [1, {proxy_NxK.shape[1]}] (the answers sampled).')
-  return np.argmax(proxy_NxK[:, :n], axis=1)
+def best_of_n_weights(proxy_NxK, n: int) -> np.ndarray:
+  """[N, K]: the probability that answer k is best-of-n's choice, for n answers drawn without
+  replacement from a prompt's K sampled ones (the unbiased best-of-n estimator of Nakano et al.
+  2021, WebGPT, which Gao et al. 2022 use):
+
+      P(k chosen) = C(r_k, n − 1) / C(K, n),
+
+  r_k the number of the K answers that the proxy ranks below answer k: k is chosen exactly when
+  the n − 1 others all come from those. Ties go to the earlier answer, as argmax does. Weighted
+  by these, E[reward of best-of-n] has no more variance than any choice of n of the K answers.
+  """
+  proxy_NxK = np.asarray(proxy_NxK)
+  num_answers = proxy_NxK.shape[1]
+  if not 1 <= n <= num_answers:
+    raise InputError(f'n={n} must lie in [1, {num_answers}] (the answers sampled).')
+  # Ascending by reward; among equal rewards the later answer ranks lower.
+  order_NxK = np.lexsort((-np.broadcast_to(np.arange(num_answers), proxy_NxK.shape), proxy_NxK),
+                         axis=-1)
+  rank_NxK = np.empty_like(order_NxK)
+  np.put_along_axis(rank_NxK, order_NxK, np.arange(num_answers)[None], axis=-1)
+  weight_of_rank = np.array([math.comb(r, n - 1) / math.comb(num_answers, n)
+                             for r in range(num_answers)])
+  return weight_of_rank[rank_NxK]
+
+
+def expected_rewards(proxy_NxK, gold_NxK, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per prompt [N], the expected proxy and gold reward of best-of-n's choice."""
+  weights_NxK = best_of_n_weights(proxy_NxK, n)
+  return (weights_NxK * proxy_NxK).sum(1), (weights_NxK * gold_NxK).sum(1)
 
 
 def curve(proxy_NxK, gold_NxK, ns) -> list[dict]:
-  """Per n: KL_bon, d = √KL_bon and the mean proxy and gold reward of the chosen answers."""
-  rows = np.arange(len(proxy_NxK))
+  """Per n: KL_bon, d = √KL_bon and the expected proxy and gold reward of the chosen answers."""
   records = []
   for n in ns:
-    chosen = best_of_n(proxy_NxK, n)
+    proxy_N, gold_N = expected_rewards(proxy_NxK, gold_NxK, n)
     kl = kl_best_of_n(n)
-    records.append({'n': n, 'kl': kl, 'd': math.sqrt(kl),
-                    'proxy_reward': float(proxy_NxK[rows, chosen].mean()),
-                    'gold_reward': float(gold_NxK[rows, chosen].mean())})
+    records.append({'n': n, 'kl': kl, 'd': math.sqrt(kl), 'proxy_reward': float(proxy_N.mean()),
+                    'gold_reward': float(gold_N.mean())})
   return records
 
 
-def sample_candidates(policy, config, tokenizer, mesh, prompts, k: int) -> list[list[str]]:
-  """k answers of `policy` (a LoadedModel) per prompt: answers[j][i] is prompt i's j-th, drawn
-  with seed config.seed + j at config.eval.temperature."""
+def sample_candidates(policy, config, tokenizer, mesh, prompts, seeds) -> list[list[str]]:
+  """An answer of `policy` (a LoadedModel) per prompt and seed: answers[j][i] is prompt i's
+  answer drawn with seeds[j] at config.eval.temperature."""
   sampler = TextSampler(tokenizer, policy.graphdef, mesh=mesh, rules=config.sharding_rules,
                         batch_size=config.train.batch_size,
                         max_prompt_len=config.data.max_prompt_len,
                         max_new_tokens=config.eval.max_new_tokens,
                         temperature=config.eval.temperature)
-  return [sampler(policy.params, prompts, seed=config.seed + j).responses for j in range(k)]
+  return [sampler(policy.params, prompts, seed=seed).responses for seed in seeds]
 
 
 def score_candidates(reward_fn, prompts, answers) -> np.ndarray:
@@ -85,7 +107,8 @@ def run(ctx) -> list[dict]:
   ns = powers_of_two(bon.n_max)
   prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)
   answers = sample_candidates(ctx.load(config.model.hf_path, head='lm', keep=False), config,
-                              ctx.tokenizer, ctx.mesh, prompts, ns[-1])
+                              ctx.tokenizer, ctx.mesh, prompts,
+                              range(config.seed, config.seed + ns[-1]))
   records = curve(score_candidates(ctx.reward_model(bon.reward_model), prompts, answers),
                   score_candidates(ctx.gold, prompts, answers), ns)
   if jax.process_index() == 0:

@@ -4,7 +4,7 @@ The prompts go through the chat template, left-padded to `max_prompt_len`; the p
 up to `max_new_tokens` with the KV-cache sampler; the decoded answers are scored by a gold
 reward `gold_fn(prompts, responses) -> rewards`. Reported: the mean gold reward, per group (e.g.
 per playground task), mean response length and the share of answers that ended with EOS; the
-samples themselves go to `<workdir>/samples/step_<N>.jsonl`.
+samples themselves go to `<workdir>/samples/step_<N>.jsonl`, each with its measurements.
 """
 
 import collections
@@ -67,32 +67,39 @@ class GoldRewardOfSamples:
   def __call__(self, params, step: int) -> dict[str, float]:
     """Same prompts and keys at every evaluation, so only the policy's change shows."""
     samples, gold = self._sample(params)
+    per_answer = {'gold': gold}
     metrics = {'gold_reward': gold.mean(), 'response_tokens': samples.mask.sum(-1).mean(),
                'ended_with_eos': (samples.tokens == self.tokenizer.eos_token_id).any(-1).mean()}
     if self.proxy_fn is not None:
-      metrics['proxy_reward'] = float(np.mean(self.proxy_fn(self.prompts, samples.responses)))
+      per_answer['proxy'] = np.asarray(self.proxy_fn(self.prompts, samples.responses), np.float64)
+      metrics['proxy_reward'] = float(per_answer['proxy'].mean())
     if self.groups is not None:
       by_group = collections.defaultdict(list)
       for group, g in zip(self.groups, gold):
         by_group[group].append(g)
       metrics |= {f'gold_reward/{k}': float(np.mean(v)) for k, v in sorted(by_group.items())}
     if self.reference is not None:
-      metrics |= self._against_reference(params, samples, gold)
-    self._write_samples(step, samples.responses, gold)
+      per_answer |= self._against_reference(params, samples, gold)
+      metrics |= {'win_rate': per_answer['win'].mean(), 'kl': per_answer['kl'].mean()}
+    self._write_samples(step, samples.responses, per_answer)
     return metrics
 
-  def _against_reference(self, params, samples, gold) -> dict[str, float]:
+  def _against_reference(self, params, samples, gold) -> dict[str, np.ndarray]:
+    """Per answer: 'win' against the reference's answer to the same prompt, and 'kl'."""
     reference = self.reference
     if self._reference_gold is None:
       self._reference_gold = self._sample(reference)[1]
     kl = map_batches(functools.partial(self._kl, params, reference), samples.sequences(),
                      batch_size=self.batch_size, mesh=self.mesh, rules=self.rules)
     wins = (gold > self._reference_gold) + 0.5 * (gold == self._reference_gold)
-    return {'win_rate': wins.mean(), 'kl': kl.mean()}
+    return {'win': wins, 'kl': np.asarray(kl, np.float64)}
 
-  def _write_samples(self, step, responses, gold):
+  def _write_samples(self, step, responses, per_answer: dict[str, np.ndarray]):
+    """One line per prompt: the prompt, the answer and its measurements (gold, and where
+    measured proxy, win and kl), for inspection and for bootstrap intervals over prompts."""
     if self.workdir is None or jax.process_index() != 0:
       return
     with open_file(os.path.join(self.workdir, 'samples', f'step_{step}.jsonl'), 'w') as f:
-      for prompt, response, g in zip(self.prompts, responses, gold):
-        f.write(json.dumps({'prompt': prompt, 'response': response, 'gold': float(g)}) + '\n')
+      for i, (prompt, response) in enumerate(zip(self.prompts, responses)):
+        values = {key: float(v[i]) for key, v in per_answer.items()}
+        f.write(json.dumps({'prompt': prompt, 'response': response, **values}) + '\n')
