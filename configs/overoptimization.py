@@ -11,21 +11,28 @@ Stage configs are the `preset` of configs/{pretrain,sft,rm,ppo,bon}.py, shrunk o
 
 import ml_collections
 
+# This 2-core CPU, about 20 minutes: one proxy architecture (the policy's), two amounts of
+# comparisons. SFT stops early (80 steps) so that there is room to improve. PPO takes one
+# step per 128 fresh answers (rollouts of 256, 2 minibatches, 1 epoch) with a value head on
+# the policy (cheaper than a critic copied from the proxy), until an evaluation measures
+# KL 4.5 to π_init (d ≈ 2.1), so that each curve has a long enough fall to fit. These
+# settings were chosen on seed 0 (how, with the alternatives measured: README, "Reward-model
+# overoptimization"), then frozen; the curves are those of seeds 1, 2 and 3. Prompts take at
+# most 19 tokens and reference answers 13 with EOS: PPO's sequences are 20 + 16 long.
+TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, rm_steps=600,
+            comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
+            rl_steps=250, rl_stop_kl=4.5, rl_eval_every=20, rl_eval_prompts=1024,
+            rl_batch_size=256, rl_minibatches=2, rl_epochs=1, rl_critic='head',
+            rl_lr=7e-5, rl_max_prompt_len=20, rl_max_new_tokens=16, seeds=(1, 2, 3),
+            workers=2)
+
 PRESETS = {
-    # This 2-core CPU, about 20 minutes: one proxy architecture (the policy's), two amounts of
-    # comparisons. SFT stops early (80 steps) so that there is room to improve. PPO takes one
-    # step per 128 fresh answers (rollouts of 256, 2 minibatches, 1 epoch) with a value head on
-    # the policy (cheaper than a critic copied from the proxy), until an evaluation measures
-    # KL 4.5 to π_init (d ≈ 2.1), so that each curve has a long enough fall to fit. These
-    # settings were chosen on seed 0 (how, with the alternatives measured: README, "Reward-model
-    # overoptimization"), then frozen; the curves are those of seeds 1, 2 and 3. Prompts take at
-    # most 19 tokens and reference answers 13 with EOS: PPO's sequences are 20 + 16 long.
-    'tiny': dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, rm_steps=600,
-                 comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
-                 rl_steps=250, rl_stop_kl=4.5, rl_eval_every=20, rl_eval_prompts=1024,
-                 rl_batch_size=256, rl_minibatches=2, rl_epochs=1, rl_critic='head',
-                 rl_lr=7e-5, rl_max_prompt_len=20, rl_max_new_tokens=16, seeds=(1, 2, 3),
-                 workers=2),
+    'tiny': TINY,
+    # Gao et al. §3.3 on this CPU: proxies on 250 to 16,000 comparisons (equal steps), and 2,000
+    # comparisons × 4 epochs against 8,000 × 1 (equal steps: Gao et al. figure 13); best-of-n
+    # only, on one candidate pool per seed; the exact best-of-n KL next to the formula's.
+    'data_scaling': dict(TINY, comparisons=(250, 500, 1000, 2000, 4000, 8000, 16000),
+                         epochs=((2000, 4), (8000, 1)), methods=('bon',)),
     # Accelerators: proxies of three sizes from scratch and from the policy, more data.
     'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
                   comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
@@ -56,11 +63,15 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'comparisons': p['comparisons'],  # Gold-labelled pairs of the policy's samples.
           'steps': p['rm_steps'],
           'label_temperature': 0.1,  # Bradley-Terry labels on the gold reward; 0: argmax.
+          # (comparisons, epochs): proxies of the first model trained that many epochs (steps =
+          # comparisons · epochs / batch size), to set data against epochs at equal steps.
+          'epochs': p.get('epochs', ()),
       },
       # Every curve is measured once per seed, on the policy's side (best-of-n's answers; PPO's
       # rollouts, minibatch order and evaluation answers), against the same proxies: fits.json
       # has the curves averaged over seeds with bootstrap intervals over seeds and prompts.
       'seeds': p['seeds'],
+      'methods': p.get('methods', ('bon', 'rl')),  # Best-of-n ('bon') and PPO ('rl').
       'bon': {'n_max': p['n_max'], 'num_prompts': p['bon_prompts']},
       # PPO against each proxy. steps, eval_every, eval_prompts and lr set the run
       # (train.steps, ...); every other key sets that key of configs/ppo.py's config.rl.

@@ -22,11 +22,15 @@ Then, in <workdir>:
                       curve averaged over seeds: α, β, R², the peak (d*, gold gain at d*), with
                       bootstrap intervals over seeds and prompts, whether it rises and falls;
                       each seed's fit; whether the proxy on more data peaks later and higher
-  plots/{bon,rl,coefficients}.png   Gao et al.'s figure 1 (seeds, mean, band, fit) and the
-                      coefficients against data
+                      best-of-n's exact KL next to the formula's, per n and task, and the fits
+                      on it
+  plots/{bon,rl,coefficients,bon_exact_kl,gold_vs_proxy}.png   Gao et al.'s figure 1 (seeds,
+                      mean, band, fit), the coefficients against data, best-of-n against the
+                      exact KL, gold against proxy reward for both methods
 notebooks/overoptimization.ipynb redraws the plots from a workdir.
 """
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -45,7 +49,7 @@ from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import load_config, model_config_dict
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.metrics import read_metrics
-from rlhf_jax.evals import best_of_n
+from rlhf_jax.evals import best_of_n, bon_kl
 from rlhf_jax.models.loading import is_export
 from rlhf_jax.playground import tasks
 from rlhf_jax.storage import replace_file
@@ -123,31 +127,53 @@ def initial_policy(experiment, workdir: str) -> str:
                    os.path.join(workdir, 'policy', 'sft'))
 
 
+def proxy_specs(proxies, batch_size: int) -> list[dict]:
+  """The proxies to train: per (model, comparisons) one trained proxies.steps, and per
+  (comparisons, epochs) of proxies.epochs one of the first model trained that many epochs
+  (comparisons · epochs / batch_size steps); each {'proxy': name, 'proxy_model',
+  'proxy_comparisons', 'proxy_steps', 'proxy_epochs'}."""
+  specs = [(model, comparisons, proxies.steps)
+           for model in proxies.models for comparisons in proxies.comparisons]
+  specs += [(proxies.models[0], comparisons, comparisons * epochs // batch_size)
+            for comparisons, epochs in proxies.epochs]
+  out = []
+  for model, comparisons, steps in specs:
+    epochs = steps * batch_size / comparisons
+    name = f'{model}-{comparisons}' + ('' if steps == proxies.steps else f'-{epochs:g}ep')
+    out.append({'proxy': name, 'proxy_model': model, 'proxy_comparisons': comparisons,
+                'proxy_steps': steps, 'proxy_epochs': epochs})
+  return out
+
+
 def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
-  """A reward model per (model, comparisons); each described by name, path, size, data."""
-  stages, proxies = [], []
+  """The reward models of `proxy_specs`, each described by its spec, path, size and held-out
+  accuracy and agreement with the gold."""
   p = experiment.proxies
-  for model in p.models:
-    for comparisons in p.comparisons:
-      name = f'{model}-{comparisons}'
-      # Evaluated once, trained: held-out accuracy and agreement with the gold.
-      overrides = {'train.steps': p.steps, 'train.eval_every': p.steps,
-                   'train.eval_at_start': False, 'data.playground.pairs': policy,
-                   'data.playground.train_size': comparisons,
-                   'data.playground.label_temperature': p.label_temperature,
-                   'data.tokenizer': policy}
-      if model == 'policy':
-        overrides['model.hf_path'] = policy
-      config = stage_config('rm', experiment, **overrides)
-      if model != 'policy':
-        config.model = model_config_dict(model, head='scalar')
-      stages.append((config, os.path.join(workdir, 'proxies', name)))
-      proxies.append((name, comparisons, model))
+  proxies = proxy_specs(p, stage_config('rm', experiment).train.batch_size)
+  stages = []
+  for proxy in proxies:
+    # Evaluated once, trained: held-out accuracy and agreement with the gold.
+    steps = proxy['proxy_steps']
+    overrides = {'train.steps': steps, 'train.eval_every': steps,
+                 'train.eval_at_start': False, 'data.playground.pairs': policy,
+                 'data.playground.train_size': proxy['proxy_comparisons'],
+                 'data.playground.label_temperature': p.label_temperature,
+                 'data.tokenizer': policy}
+    if proxy['proxy_model'] == 'policy':
+      overrides['model.hf_path'] = policy
+    config = stage_config('rm', experiment, **overrides)
+    if proxy['proxy_model'] != 'policy':
+      config.model = model_config_dict(proxy['proxy_model'], head='scalar')
+    stages.append((config, os.path.join(workdir, 'proxies', proxy['proxy'])))
   run_stages(stages, experiment.workers)
-  return [{'proxy': name, 'path': os.path.join(run_dir, 'hf'),
-           'proxy_params': count_params(os.path.join(run_dir, 'hf')),
-           'proxy_comparisons': comparisons, 'proxy_model': model}
-          for (name, comparisons, model), (_, run_dir) in zip(proxies, stages)]
+  for proxy, (_, run_dir) in zip(proxies, stages):
+    evaluation = [m for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+                  if 'eval/pairs/accuracy' in m][-1]
+    proxy |= {'path': os.path.join(run_dir, 'hf'),
+              'proxy_params': count_params(os.path.join(run_dir, 'hf')),
+              'proxy_accuracy': evaluation['eval/pairs/accuracy'],
+              'proxy_gold_agreement': evaluation['eval/pairs/gold_agreement']}
+  return proxies
 
 
 def count_params(hf_dir: str) -> int:
@@ -155,13 +181,19 @@ def count_params(hf_dir: str) -> int:
     return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def best_of_n_runs(experiment, workdir: str, policy: str, proxies) -> list:
-  """Per proxy and seed, the best-of-n curve over n = 1, 2, 4, … n_max: KL_bon, and per prompt
-  the expected gold and proxy reward of the proxy's choice (`best_of_n.expected_rewards`).
+def best_of_n_runs(experiment, workdir: str, policy: str, proxies) -> tuple[list, list, list]:
+  """Per proxy and seed, the best-of-n curve over n = 1, 2, 4, … n_max: per prompt the expected
+  gold and proxy reward of the proxy's choice (`best_of_n.expected_rewards`), against
+  KL_bon = log n − (n−1)/n and against the exact KL of best-of-n over the prompt's sampled
+  answers (`bon_kl`: answers repeat, and the formula is then only an upper bound).
 
   Seed s is its own n_max answers per prompt, drawn with keys config.seed + s·n_max + j, sampled
   once (<workdir>/bon/answers_seed<s>.json) and shared by all proxies, so that their curves
   differ only by the proxies' choices.
+
+  Returns (runs on the formula's KL, the same runs on the exact KL, the KL table: per proxy and
+  n, the formula, the exact KL (mean over prompts and seeds, and per task) and best-of-n's win
+  rate under the proxy against an answer of π_init, next to its bound n/(n+1)).
   """
   config = stage_config('bon', experiment, **{
       'model.hf_path': policy, 'data.tokenizer': policy,
@@ -170,32 +202,50 @@ def best_of_n_runs(experiment, workdir: str, policy: str, proxies) -> list:
   ctx = RunContext(config, os.path.join(workdir, 'bon'))
   n_max = experiment.bon.n_max
   prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', experiment.bon.num_prompts)
+  task_N = np.array([tasks.task_of(p) for p in prompts])
   ns = best_of_n.powers_of_two(n_max)
   answers = {}
   for seed in experiment.seeds:
     path = os.path.join(workdir, 'bon', f'answers_seed{seed}.json')
-    if not os.path.exists(path):
-      first = config.seed + seed * n_max
-      sampled = best_of_n.sample_candidates(ctx.load(policy, head='lm'), config, ctx.tokenizer,
-                                            ctx.mesh, prompts, range(first, first + n_max))
-      if jax.process_index() == 0:
-        replace_file(path, json.dumps(sampled))
-    with open(path) as f:
-      answers[seed] = json.load(f)
+    if os.path.exists(path):
+      with open(path) as f:
+        answers[seed] = json.load(f)
+      continue
+    first = config.seed + seed * n_max
+    answers[seed] = best_of_n.sample_candidates(ctx.load(policy, head='lm'), config,
+                                                ctx.tokenizer, ctx.mesh, prompts,
+                                                range(first, first + n_max))
+    if jax.process_index() == 0:
+      replace_file(path, json.dumps(answers[seed]))
   ctx.release(policy, head='lm')
   gold = {seed: best_of_n.score_candidates(ctx.gold, prompts, a) for seed, a in answers.items()}
-  runs = []
+  runs, exact_runs, table = [], [], []
   for proxy in proxies:
     reward = ctx.reward_model(proxy['path'])
+    exact_kl, win_rate = {n: [] for n in ns}, {n: [] for n in ns}
     for seed, seed_answers in answers.items():
       scores_NxK = best_of_n.score_candidates(reward, prompts, seed_answers)
       expected = [best_of_n.expected_rewards(scores_NxK, gold[seed], n) for n in ns]
-      runs.append(overoptimization.Run(
+      run = overoptimization.Run(
           method='bon', proxy=proxy['proxy'], seed=seed, points=tuple({'n': n} for n in ns),
           kl_PxI=np.repeat([[best_of_n.kl_best_of_n(n)] for n in ns], len(prompts), axis=1),
           gold_PxI=np.array([g for _, g in expected]),
-          proxy_PxI=np.array([p for p, _ in expected]), metadata=describe(proxy)))
-  return runs
+          proxy_PxI=np.array([p for p, _ in expected]), metadata=describe(proxy))
+      distributions = [bon_kl.empirical_distribution(a, s)
+                       for a, s in zip(zip(*seed_answers), scores_NxK)]
+      for n in ns:
+        exact_kl[n].append([bon_kl.kl_best_of_n_exact(*d, n) for d in distributions])
+        win_rate[n].append([bon_kl.win_rate_best_of_n(*d, n) for d in distributions])
+      runs.append(run)
+      exact_runs.append(dataclasses.replace(run, kl_PxI=np.array([exact_kl[n][-1] for n in ns])))
+    for n in ns:
+      exact_SxN = np.array(exact_kl[n])
+      table.append({'proxy': proxy['proxy'], 'n': n, 'formula': best_of_n.kl_best_of_n(n),
+                    'exact': float(exact_SxN.mean()),
+                    'exact_by_task': {t: float(exact_SxN[:, task_N == t].mean())
+                                      for t in sorted(set(task_N))},
+                    'win_rate': float(np.mean(win_rate[n])), 'win_rate_bound': n / (n + 1)})
+  return runs, exact_runs, table
 
 
 RL_RUN_KEYS = {'steps': 'train.steps', 'eval_every': 'train.eval_every',
@@ -252,10 +302,17 @@ def describe(proxy: dict) -> dict:
   return {k: v for k, v in proxy.items() if k not in ('path', 'proxy')}
 
 
-def analyse(runs, workdir: str) -> dict:
+def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str) -> dict:
   """measurements.jsonl (a record per run and point), per_prompt.npz (every prompt's
-  measurements), fits.json (`overoptimization.summarize`) and the plots; returns the summary."""
+  measurements), fits.json and the plots; returns fits.json's summary: `overoptimization.summarize`
+  of the runs, with 'data_scaling' (`overoptimization.scaling` of the proxies trained
+  config.proxies.steps), 'bon_kl' (the KL table of `best_of_n_runs`) and 'bon_exact_kl' (the
+  fits of best-of-n's curves against d = √(exact KL))."""
+  exact = overoptimization.summarize(bon_exact_runs)
   summary = overoptimization.summarize(runs)
+  equal_steps = [f for f in summary['fits'] if f['proxy_steps'] == experiment.proxies.steps]
+  summary |= {'data_scaling': overoptimization.scaling(equal_steps), 'bon_kl': bon_kl_table,
+              'bon_exact_kl': exact['fits']}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'measurements.jsonl'), 'w') as f:
       f.writelines(json.dumps(record) + '\n' for run in runs for record in run.records())
@@ -264,11 +321,15 @@ def analyse(runs, workdir: str) -> dict:
       json.dump(summary, f, indent=1)
     plots = os.path.join(workdir, 'plots')
     os.makedirs(plots, exist_ok=True)
-    for method in overoptimization.METHODS:
+    for method in experiment.methods:
       overoptimization.plot_curves(summary, runs, os.path.join(plots, f'{method}.png'),
                                    method=method)
+    overoptimization.plot_curves(exact, bon_exact_runs, os.path.join(plots, 'bon_exact_kl.png'),
+                                 method='bon')
     overoptimization.plot_coefficients(summary['fits'], os.path.join(plots, 'coefficients.png'),
                                        by='proxy_comparisons')
+    if summary['kl_efficiency']:
+      overoptimization.plot_gold_against_proxy(summary, os.path.join(plots, 'gold_vs_proxy.png'))
   return summary
 
 
@@ -296,6 +357,21 @@ def summary_table(summary: dict) -> str:
                  f'{c["later"]:.0%} of replicates, higher in {c["higher"]:.0%}, both in '
                  f'{c["later_and_higher"]:.0%}; both in {c["seeds_later_and_higher"]} of '
                  f'{c["seeds"]} seeds')
+  for e in summary['kl_efficiency']:
+    lines.append(f'{e["proxy"]}: gold gained per unit d up to the best point: best-of-n '
+                 f'{e["gold_slope_bon"]:+.3f}, RL {e["gold_slope_rl"]:+.3f}; proxy slope best-of-n '
+                 f'{e["proxy_slope_bon"]:.2f}, RL {e["proxy_slope_rl"]:.2f} '
+                 f'({e["proxy_slope_ratio"]:.1f}×)')
+  lines.append('Best-of-n: KL = log n − (n−1)/n against the exact KL over the sampled answers; '
+               'win rate under the proxy ≤ n/(n+1)')
+  for row in summary['bon_kl']:
+    by_task = ' '.join(f'{task} {kl:.2f}' for task, kl in row['exact_by_task'].items())
+    lines.append(f'{row["proxy"]:14} n={row["n"]:<3d} formula {row["formula"]:.3f} exact '
+                 f'{row["exact"]:.3f} ({by_task}); win rate {row["win_rate"]:.3f} ≤ '
+                 f'{row["win_rate_bound"]:.3f}')
+  for f in summary['bon_exact_kl']:
+    lines.append(f'bon on the exact KL, {f["proxy"]}: α {_interval(f, "alpha")}, β '
+                 f'{_interval(f, "beta")}, R² {f["r2"]:.2f}, peak d {_interval(f, "peak_d")}')
   return '\n'.join(lines)
 
 
@@ -303,9 +379,10 @@ def run(experiment, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   policy = initial_policy(experiment, workdir)
   proxies = train_proxies(experiment, workdir, policy)
-  runs = (best_of_n_runs(experiment, workdir, policy, proxies)
-          + rl_runs(experiment, workdir, policy, proxies))
-  return analyse(runs, workdir)
+  bon_runs, bon_exact_runs, bon_kl_table = best_of_n_runs(experiment, workdir, policy, proxies)
+  if 'rl' in experiment.methods:
+    bon_runs += rl_runs(experiment, workdir, policy, proxies)
+  return analyse(experiment, bon_runs, bon_exact_runs, bon_kl_table, workdir)
 
 
 def main(argv):

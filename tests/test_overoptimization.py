@@ -13,7 +13,8 @@ import scipy.special
 
 from rlhf_jax.analysis.overoptimization import (Run, fit, fit_all, fit_bon, fit_rl, load_runs,
                                                 measurements_to_curves, plot_coefficients,
-                                                plot_curves, save_runs, summarize)
+                                                plot_curves, plot_gold_against_proxy,
+                                                save_runs, scaling, summarize)
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -253,6 +254,16 @@ def test_without_noise_the_intervals_are_the_exact_fit():
     assert (c['fewer'], c['more']) == ('small', 'large')
     assert c['later'] == c['higher'] == c['later_and_higher'] == 1.0
     assert c['seeds_later_and_higher'] == c['seeds'] == 3
+  # KL efficiency: the proxy gains d (slope 1) under both methods; the gold slope is the gain
+  # per unit d up to the best measured point.
+  d = np.array([0.0, 0.4, 0.9, 1.3, 2.0, 2.6])
+  for row in summary['kl_efficiency']:
+    assert row['proxy_slope_bon'] == row['proxy_slope_rl'] == pytest.approx(1.0)
+    assert row['proxy_slope_ratio'] == pytest.approx(1.0)
+    for method in ('bon', 'rl'):
+      gains = _gain(method, *COEFFICIENTS[row['proxy'], method], d)
+      best = np.argmax(gains)
+      assert row[f'gold_slope_{method}'] == pytest.approx(gains[best] / d[best])
 
 
 def test_the_intervals_cover_the_truth_and_the_spread_of_seeds():
@@ -271,6 +282,25 @@ def test_the_intervals_cover_the_truth_and_the_spread_of_seeds():
   assert f['peak_gain'] == pytest.approx(0.5)  # α²/(4β)
   assert 0.25 - 1e-9 <= low < 0.45 and 0.55 < high <= 0.75 + 1e-9
   assert [row['peak_gain'] for row in spread['per_seed']] == pytest.approx([0.25, 0.5, 0.75])
+
+
+def test_proxies_are_compared_within_a_model_and_number_of_steps_and_scaled_by_data():
+  coefficients = {('p250', 'bon'): (0.0, 0.5), ('p1000', 'bon'): (1.0, 0.5),
+                  ('p4000', 'bon'): (1.5, 0.5), ('p1000-4ep', 'bon'): (1.2, 0.5)}
+  runs = _runs(coefficients)
+  meta = {'p250': (250, 600), 'p1000': (1000, 600), 'p4000': (4000, 600), 'p1000-4ep': (1000, 250)}
+  runs = [dataclasses.replace(r, metadata={'proxy_model': 'policy',
+                                           'proxy_comparisons': meta[r.proxy][0],
+                                           'proxy_steps': meta[r.proxy][1]}) for r in runs]
+  summary = summarize(runs, num_resamples=20)
+  assert [(c['fewer'], c['more']) for c in summary['comparisons']] == [
+      ('p250', 'p1000'), ('p1000', 'p4000')]  # p1000-4ep has no peer at 250 steps.
+  (table,) = scaling([f for f in summary['fits'] if f['proxy_steps'] == 600])
+  assert [row['proxy_comparisons'] for row in table['rows']] == [250, 1000, 4000]
+  assert [row['rises'] for row in table['rows']] == [False, True, True]  # α = 0: no gain.
+  assert table['no_gain_up_to'] == 250 and table['method'] == 'bon'
+  assert table['rows'][2]['peak_gain'] == pytest.approx(1.5**2 / 2)  # α²/(4β)
+  assert scaling(summary['fits'], by='proxy_steps')[0]['rows'][0]['proxy'] == 'p1000-4ep'
 
 
 def test_summarize_needs_the_same_prompts_and_seeds_for_every_proxy():
@@ -311,6 +341,8 @@ def test_plots_write_png_files(tmp_path):
     assert open(path, 'rb').read(8) == PNG_MAGIC
   path = plot_coefficients(summary['fits'], str(tmp_path / 'coefficients.png'),
                            by='proxy_comparisons')
+  assert open(path, 'rb').read(8) == PNG_MAGIC
+  path = plot_gold_against_proxy(summary, str(tmp_path / 'gold_vs_proxy.png'))
   assert open(path, 'rb').read(8) == PNG_MAGIC
   records, _ = _synthetic_records()
   path = plot_coefficients(fit_all(records), str(tmp_path / 'no_intervals.png'))

@@ -53,6 +53,19 @@ def test_a_key_the_stage_config_lacks_is_an_error_naming_it():
     experiment.stage_config('ppo', config, **{'rl.kl_coeff': 0.1})
 
 
+def test_proxy_specs_name_data_steps_and_epochs():
+  proxies = load_config('overoptimization.py:data_scaling').proxies
+  specs = {s['proxy']: s for s in load_experiment().proxy_specs(proxies, batch_size=32)}
+  assert list(specs) == ['policy-250', 'policy-500', 'policy-1000', 'policy-2000', 'policy-4000',
+                         'policy-8000', 'policy-16000', 'policy-2000-4ep', 'policy-8000-1ep']
+  assert specs['policy-250'] == {'proxy': 'policy-250', 'proxy_model': 'policy',
+                                 'proxy_comparisons': 250, 'proxy_steps': 600,
+                                 'proxy_epochs': 600 * 32 / 250}
+  # 2,000 comparisons × 4 epochs and 8,000 × 1 take the same 250 steps of 32 pairs.
+  assert specs['policy-2000-4ep']['proxy_steps'] == specs['policy-8000-1ep']['proxy_steps'] == 250
+  assert specs['policy-2000-4ep']['proxy_epochs'] == 4
+
+
 @pytest.fixture(scope='module')
 def micro():
   """(the experiment module with every stage shrunk, the experiment's config)."""
@@ -132,8 +145,16 @@ def test_the_experiment_writes_measurements_fits_and_plots(run):
     low, high = f['interval']['alpha']
     assert low <= f['alpha'] <= high
   assert len(summary['per_seed']) == 4
+  assert [row['n'] for row in summary['bon_kl']] == [1, 2, 4]
+  for row in summary['bon_kl']:  # The exact KL of best-of-n: at most the formula's.
+    assert 0 <= row['exact'] <= row['formula'] + 1e-12
+    assert row['win_rate'] <= row['win_rate_bound']
+  assert summary['bon_kl'][0]['exact'] == 0 and summary['bon_kl'][0]['win_rate'] == 0.5
+  assert [f['proxy'] for f in summary['bon_exact_kl']] == ['policy-64']
   assert json.loads((workdir / 'fits.json').read_text()) == summary
-  for name in ('bon', 'rl', 'coefficients'):
+  assert [e['proxy'] for e in summary['kl_efficiency']] == ['policy-64']
+  assert [t['method'] for t in summary['data_scaling']] == ['bon', 'rl']
+  for name in ('bon', 'rl', 'coefficients', 'bon_exact_kl', 'gold_vs_proxy'):
     assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
@@ -155,6 +176,7 @@ def test_the_notebook_redraws_every_plot_from_the_workdir(run, tmp_path, monkeyp
   for cell in notebook['cells']:
     if cell['cell_type'] == 'code':
       exec(compile(''.join(cell['source']), 'overoptimization.ipynb', 'exec'), namespace)
-  assert namespace['summary'] == json.loads((workdir / 'fits.json').read_text())
+  fits = json.loads((workdir / 'fits.json').read_text())
+  assert all(fits[key] == value for key, value in namespace['summary'].items())
   for name in ('bon', 'rl', 'coefficients'):
     assert (tmp_path / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

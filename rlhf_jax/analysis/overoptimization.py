@@ -21,6 +21,7 @@ Host-side NumPy: arrays and records in, dicts and PNG files out.
 """
 
 import dataclasses
+import itertools
 import json
 import math
 
@@ -269,13 +270,20 @@ def _mean_curve(runs, seeds_S, prompts_I) -> dict[str, np.ndarray]:
 
 
 def _curve_statistics(curve: dict, method: str) -> dict:
+  """The fit, the best and final measured gain, and the KL efficiency: the gold gained per unit
+  of d up to the best point (best_gain / best_d; 0 if no point gains) and the proxy's slope,
+  Σ d·proxy_gain / Σ d² (least squares through the origin)."""
   result = fit(curve['d'], curve['gain'], method=method)
   best = int(np.argmax(curve['gain']))
-  return {**result, 'best_d': float(curve['d'][best]), 'best_gain': float(curve['gain'][best]),
-          'final_gain': float(curve['gain'][-1])}
+  d, best_d, best_gain = curve['d'], float(curve['d'][best]), float(curve['gain'][best])
+  return {**result, 'best_d': best_d, 'best_gain': best_gain,
+          'final_gain': float(curve['gain'][-1]),
+          'gold_slope': best_gain / best_d if best_d > 0 else 0.0,
+          'proxy_slope': float(d @ curve['proxy_gain'] / (d @ d))}
 
 
-_INTERVAL_KEYS = ('alpha', 'beta', 'peak_d', 'peak_gain', 'best_gain', 'final_gain')
+_INTERVAL_KEYS = ('alpha', 'beta', 'peak_d', 'peak_gain', 'best_gain', 'final_gain',
+                  'gold_slope', 'proxy_slope')
 
 
 def summarize(runs, *, num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
@@ -349,17 +357,38 @@ def summarize(runs, *, num_resamples: int = 2000, confidence: float = 0.95, seed
   records = [record for r in runs for record in r.records()]
   per_seed = fit_all(records)
   return {'confidence': confidence, 'num_resamples': num_resamples, 'fits': _finite(rows),
-          'per_seed': per_seed,
-          'comparisons': _comparisons(rows, replicates, per_seed)}
+          'per_seed': per_seed, 'comparisons': _comparisons(rows, replicates, per_seed),
+          'kl_efficiency': _kl_efficiency(rows)}
+
+
+def _kl_efficiency(rows) -> list[dict]:
+  """Per proxy optimised by both methods: best-of-n's gold and proxy slopes over RL's (Gao et al.
+  2022 §3.4: RL spends far more KL than best-of-n for the same gain)."""
+  by_method = {(r['method'], r['proxy']): r for r in rows}
+  out = []
+  for proxy in dict.fromkeys(r['proxy'] for r in rows):
+    if ('bon', proxy) in by_method and ('rl', proxy) in by_method:
+      bon, rl = by_method['bon', proxy], by_method['rl', proxy]
+      out.append({'proxy': proxy, **{
+          f'{key}_{method}': row[key] for key in ('gold_slope', 'proxy_slope')
+          for method, row in (('bon', bon), ('rl', rl))},
+          'proxy_slope_ratio': bon['proxy_slope'] / rl['proxy_slope']})
+  return out
 
 
 def _comparisons(rows, replicates, per_seed) -> list[dict]:
-  """Per method, each proxy against the next by number of comparisons (the same model)."""
+  """Per method, each proxy against the next by number of comparisons, among proxies of one
+  model trained for as many steps (where the rows say: 'proxy_model', 'proxy_steps')."""
   out = []
   for method in METHODS:
-    ranked = sorted((r for r in rows if r['method'] == method and 'proxy_comparisons' in r),
-                    key=lambda r: r['proxy_comparisons'])
-    for fewer, more in zip(ranked, ranked[1:]):
+    families = {}
+    for r in rows:
+      if r['method'] == method and 'proxy_comparisons' in r:
+        families.setdefault((r.get('proxy_model'), r.get('proxy_steps')), []).append(r)
+    pairs_of_proxies = [pair for family in families.values()
+                        for pair in itertools.pairwise(
+                            sorted(family, key=lambda r: r['proxy_comparisons']))]
+    for fewer, more in pairs_of_proxies:
       pairs = list(zip(replicates[method, fewer['proxy']], replicates[method, more['proxy']]))
       later = [_peak(b, 'peak_d') > _peak(a, 'peak_d') for a, b in pairs]
       higher = [_peak(b, 'peak_gain') > _peak(a, 'peak_gain') for a, b in pairs]
@@ -374,6 +403,26 @@ def _comparisons(rows, replicates, per_seed) -> list[dict]:
                   'later': float(np.mean(later)), 'higher': float(np.mean(higher)),
                   'later_and_higher': float(np.mean(np.logical_and(later, higher))),
                   'seeds_later_and_higher': int(sum(both_in_seed)), 'seeds': len(seeds)})
+  return out
+
+
+def scaling(fits, *, by: str = 'proxy_comparisons') -> list[dict]:
+  """Per method, the fits against fits[by] (Gao et al. 2022 §3.3: proxy data), ascending:
+  {'method', by, 'proxy', α, β, R², peak d and gain with their intervals, 'rises'}, and per method
+  'no_gain_up_to': the largest fits[by] whose peak gain's interval does not lie above 0 (the
+  "dead zone" within which a proxy gives no gain; None if every proxy gives one)."""
+  out = []
+  for method in METHODS:
+    rows = sorted((f for f in fits if f['method'] == method and by in f), key=lambda f: f[by])
+    if not rows:
+      continue
+    dead = [f[by] for f in rows if not f['rises']]
+    out.append({'method': method, 'no_gain_up_to': max(dead) if dead else None, 'rows': [
+        {by: f[by], 'proxy': f['proxy'], **{k: f[k] for k in (
+            'alpha', 'beta', 'r2', 'peak_d', 'peak_gain', 'rises', 'best_gain', 'proxy_accuracy')
+            if k in f},
+         'interval': {k: f['interval'][k] for k in ('alpha', 'beta', 'peak_d', 'peak_gain')}}
+        for f in rows]})
   return out
 
 
@@ -463,5 +512,27 @@ def plot_coefficients(fits, path: str, *, by: str = 'proxy_params') -> str:
   for ax, name in zip(axes, ('α', 'β')):
     ax.set(xscale='log', xlabel=by, ylabel=name, title=f'{name} against {by}')
     ax.legend()
+  figure.savefig(path)
+  return path
+
+
+def plot_gold_against_proxy(summary: dict, path: str) -> str:
+  """Writes a PNG: each mean curve's gold gain against its proxy gain, best-of-n solid and RL
+  dashed, one colour per proxy (Gao et al. 2022, figure 7: against the proxy reward instead of
+  the KL, the two methods nearly coincide)."""
+  if not summary['fits']:
+    raise InputError('The summary holds no fits to plot.')
+  figure = Figure(figsize=(5, 4), dpi=100, layout='constrained')
+  FigureCanvasAgg(figure)
+  axes = figure.add_subplot()
+  proxies = list(dict.fromkeys(f['proxy'] for f in summary['fits']))
+  for f in summary['fits']:
+    axes.plot(f['curve']['proxy_gain'], f['curve']['gain'], 'o-' if f['method'] == 'bon' else
+              's--', color=f'C{proxies.index(f["proxy"])}', markersize=3,
+              label=f'{_TITLES[f["method"]]}, {f["proxy"]}')
+  axes.axhline(0.0, color='gray', linewidth=0.5)
+  axes.set(title='gold against proxy reward (means over seeds)', xlabel='proxy reward − initial',
+           ylabel='gold reward − initial')
+  axes.legend(fontsize=7)
   figure.savefig(path)
   return path
