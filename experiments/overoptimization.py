@@ -20,7 +20,8 @@ Then, in <workdir>:
   per_prompt.npz      the same per held-out prompt (analysis.overoptimization.load_runs)
   fits.json           R_bon(d) = d(α − βd) and R_RL(d) = d(α − β log d) fitted to each proxy's
                       curve averaged over seeds: α, β, R², the peak (d*, gold gain at d*), with
-                      bootstrap intervals over seeds and prompts, whether it rises and falls;
+                      bootstrap intervals over seeds and prompts, whether it rises and falls
+                      (measured: a point whose interval lies above 0, then below the best);
                       each seed's fit; whether the proxy on more data peaks later and higher
                       best-of-n's exact KL next to the formula's, per n and task, and the fits
                       on it
@@ -345,7 +346,7 @@ def summary_table(summary: dict) -> str:
            f'{"method":6} {"proxy":14} {"seeds":>5} {"α":>20} {"β":>20} {"R²":>5} '
            f'{"peak d":>20} {"peak gain":>20} {"rises":>5} {"falls":>5} {"seeds ↑↓":>8}']
   for f in summary['fits']:
-    verdicts = [s['rise_then_fall'] for s in summary['per_seed']
+    verdicts = [s['rises'] and s['falls'] for s in summary['per_seed']
                 if s['method'] == f['method'] and s['proxy'] == f['proxy']]
     lines.append(f'{f["method"]:6} {f["proxy"]:14} {len(f["seeds"]):5d} '
                  f'{_interval(f, "alpha"):>20} {_interval(f, "beta"):>20} {f["r2"]:5.2f} '

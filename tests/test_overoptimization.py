@@ -195,7 +195,7 @@ def test_fit_all_fits_each_proxy_and_method_and_keeps_metadata():
     assert f['best_gain'] == pytest.approx(gains.max())
     assert f['final_gain'] == pytest.approx(gains[-1])
     # Peaks inside (0, 2): bon 1.0, 3.0 (beyond), RL e^0.5 = 1.65, e^3.5 = 33 (beyond).
-    assert f['rise_then_fall'] == (f['proxy'] == 'small')
+    assert f['peak_inside'] == (f['proxy'] == 'small')
 
 
 def _gain(method, alpha, beta, d):
@@ -243,13 +243,17 @@ def test_without_noise_the_intervals_are_the_exact_fit():
     np.testing.assert_allclose(f['curve']['gain_low'], f['curve']['gain'])
   peaks = {(f['method'], f['proxy']): (f['peak_d'], f['rises'], f['falls'])
            for f in summary['fits']}
+  # Measured at d = 0.4, 0.9, 1.3, 2.0, 2.6: bon small gains 0.32, 0.495, 0.455, 0, −0.78;
+  # rl large rises throughout (0.9 d − 0.4 d log d > 0 up to d = e^2.25).
   assert peaks['bon', 'small'] == (pytest.approx(1.0), True, True)  # α/(2β)
   assert peaks['bon', 'large'] == (pytest.approx(1.5), True, True)
   assert peaks['rl', 'small'] == (pytest.approx(math.exp(0.5)), True, True)  # e^(α/β − 1)
   assert peaks['rl', 'large'][0] == pytest.approx(math.exp(1.25))  # 3.5: beyond d = 2.6.
   assert peaks['rl', 'large'][1:] == (True, False)
   assert len(summary['per_seed']) == 12
-  assert all(row['seed'] in (0, 1, 2) for row in summary['per_seed'])
+  for row in summary['per_seed']:
+    assert row['seed'] in (0, 1, 2)
+    assert (row['rises'], row['falls']) == peaks[row['method'], row['proxy']][1:]
   for c in summary['comparisons']:
     assert (c['fewer'], c['more']) == ('small', 'large')
     assert c['later'] == c['higher'] == c['later_and_higher'] == 1.0
@@ -301,6 +305,16 @@ def test_proxies_are_compared_within_a_model_and_number_of_steps_and_scaled_by_d
   assert table['no_gain_up_to'] == 250 and table['method'] == 'bon'
   assert table['rows'][2]['peak_gain'] == pytest.approx(1.5**2 / 2)  # α²/(4β)
   assert scaling(summary['fits'], by='proxy_steps')[0]['rows'][0]['proxy'] == 'p1000-4ep'
+
+
+def test_a_curve_that_only_falls_neither_rises_nor_needs_its_fit_to_say_so():
+  """The RL form rises near d = 0 whenever β > 0, even fitted to a curve that only falls: the
+  verdict reads the measured points and their intervals, not the fitted peak."""
+  falling = _runs({('p', 'rl'): (-0.3, 0.1)}, num_prompts=100, noise=0.05)
+  (f,) = summarize(falling, num_resamples=200)['fits']
+  assert f['peak_gain'] > 0 and f['peak_d'] < 0.1  # The form's rise, tiny and early.
+  assert max(f['curve']['gain'][1:]) < 0
+  assert not f['rises'] and f['falls']
 
 
 def test_summarize_needs_the_same_prompts_and_seeds_for_every_proxy():

@@ -169,10 +169,10 @@ def measurements_to_curves(records, *, method: str, kl_atol: float = 1e-6
 
 def fit_all(records, *, kl_atol: float = 1e-6) -> list[dict]:
   """One row per (method, proxy, seed) of the records: {'proxy', 'method', 'seed', **metadata,
-  'gold_init', 'max_d', 'num_points', 'best_d', 'best_gain', 'final_gain', 'rise_then_fall',
+  'gold_init', 'max_d', 'num_points', 'best_d', 'best_gain', 'final_gain', 'peak_inside',
   **fit}, methods in the order of METHODS, runs in order of first appearance. gold_init is the
   gold reward of the initial policy; (best_d, best_gain) the measured point of largest gold gain,
-  next to the fit's peak; final_gain the gain at the largest d; rise_then_fall that the fitted
+  next to the fit's peak; final_gain the gain at the largest d; peak_inside that the fitted
   peak gain is > 0 at a d* inside the measured range (0, max_d); metadata as in
   `measurements_to_curves` (e.g. 'proxy_params', 'proxy_comparisons')."""
   rows = []
@@ -186,11 +186,11 @@ def fit_all(records, *, kl_atol: float = 1e-6) -> list[dict]:
                    'num_points': len(curve['d']), 'best_d': float(curve['d'][best]),
                    'best_gain': float(curve['gain'][best]),
                    'final_gain': float(curve['gain'][-1]), **result,
-                   'rise_then_fall': _rises_then_falls(result, float(curve['d'][-1]))})
+                   'peak_inside': _peak_inside(result, float(curve['d'][-1]))})
   return rows
 
 
-def _rises_then_falls(result: dict, max_d: float) -> bool:
+def _peak_inside(result: dict, max_d: float) -> bool:
   return (result['peak_d'] is not None and 0 < result['peak_d'] < max_d
           and result['peak_gain'] > 0)
 
@@ -298,12 +298,13 @@ def summarize(runs, *, num_resamples: int = 2000, confidence: float = 0.95, seed
   percentiles (a peak that does not exist, β ≤ 0, counts as beyond every d: +inf).
 
   Returns {'fits': a row per (method, proxy) with the mean curve's fit (`fit`), its best and
-  final measured gain, 'interval': {key: [low, high]} for α, β, peak_d, peak_gain, best_gain and
-  final_gain, 'rises' (the interval of peak_gain lies above 0) and 'falls' (that of peak_d lies
-  inside (0, max_d)), 'curve' (the mean curve and the interval of its gain at each point);
-  'per_seed': `fit_all` of every run's records; 'comparisons': per method, for each proxy and
-  the next by comparisons, the share of replicates in which the better-data proxy peaks later,
-  higher, and both, and in how many seeds both hold}.
+  final measured gain, 'interval': {key: [low, high]} for α, β, peak_d, peak_gain, best_gain,
+  final_gain and the KL-efficiency slopes, 'rises' and 'falls' (`_verdict` on the intervals of
+  the measured points), 'curve' (the mean curve and the interval of its gain at each point);
+  'per_seed': `fit_all` of every run's records, with the run's own 'rises' and 'falls' (its
+  prompts resampled); 'comparisons': per method, for each proxy and the next by comparisons,
+  the share of replicates in which the better-data proxy's fitted peak is later, higher, and
+  both, and in how many seeds both hold; 'kl_efficiency'}.
   """
   runs = list(runs)
   if not runs:
@@ -327,7 +328,7 @@ def summarize(runs, *, num_resamples: int = 2000, confidence: float = 0.95, seed
     # One draw of seeds and of prompts per replicate, shared by the method's proxies.
     prompt_draws[method] = rng.integers(0, num_prompts, (num_resamples, num_prompts))
     seed_draws[method] = rng.integers(0, len(seeds), (num_resamples, len(seeds)))
-  rows, replicates = [], {}
+  rows, replicates, seed_verdicts = [], {}, {}
   for (method, proxy), group in sorted(groups.items(), key=lambda kv: METHODS.index(kv[0][0])):
     group = sorted(group, key=lambda r: r.seed)
     curve = _mean_curve(group, np.arange(len(group)), None)
@@ -344,21 +345,33 @@ def summarize(runs, *, num_resamples: int = 2000, confidence: float = 0.95, seed
       interval[key] = [float(np.quantile(values, q, method='inverted_cdf'))
                        for q in (low_q, high_q)]
     band = np.quantile(np.array(gains_BxP), [low_q, high_q], axis=0, method='inverted_cdf')
+    for run in group:  # Each seed alone, resampled over prompts.
+      gains = np.array([run.means(prompts)['gain'] for prompts in prompt_draws[method]])
+      seed_verdicts[method, proxy, run.seed] = _verdict(
+          run.means()['gain'], *np.quantile(gains, [low_q, high_q], axis=0,
+                                            method='inverted_cdf'))
     max_d = float(curve['d'][-1])
     rows.append({'proxy': proxy, 'method': method, **group[0].metadata,
                  'seeds': [r.seed for r in group], 'num_prompts': group[0].kl_PxI.shape[1],
                  'gold_init': float(np.mean([r.means()['gold'][0] for r in group])),
                  'max_d': max_d, 'num_points': len(curve['d']), **point,
-                 'interval': interval, 'rises': interval['peak_gain'][0] > 0,
-                 'falls': 0 < interval['peak_d'][0] and interval['peak_d'][1] < max_d,
+                 'interval': interval, **_verdict(curve['gain'], *band),
                  'curve': {'d': curve['d'].tolist(), 'gain': curve['gain'].tolist(),
                            'proxy_gain': curve['proxy_gain'].tolist(),
                            'gain_low': band[0].tolist(), 'gain_high': band[1].tolist()}})
   records = [record for r in runs for record in r.records()]
-  per_seed = fit_all(records)
+  per_seed = [row | seed_verdicts[row['method'], row['proxy'], row['seed']]
+              for row in fit_all(records)]
   return {'confidence': confidence, 'num_resamples': num_resamples, 'fits': _finite(rows),
           'per_seed': per_seed, 'comparisons': _comparisons(rows, replicates, per_seed),
           'kl_efficiency': _kl_efficiency(rows)}
+
+
+def _verdict(gain_P, low_P, high_P) -> dict[str, bool]:
+  """Measured, not fitted (the RL form rises near d = 0 whenever β > 0): 'rises' if at some
+  point after the first the interval of the gain lies above 0; 'falls' if the last point's
+  interval lies below the best point's gain."""
+  return {'rises': bool(np.any(low_P[1:] > 0)), 'falls': bool(high_P[-1] < np.max(gain_P))}
 
 
 def _kl_efficiency(rows) -> list[dict]:
@@ -409,8 +422,9 @@ def _comparisons(rows, replicates, per_seed) -> list[dict]:
 def scaling(fits, *, by: str = 'proxy_comparisons') -> list[dict]:
   """Per method, the fits against fits[by] (Gao et al. 2022 §3.3: proxy data), ascending:
   {'method', by, 'proxy', α, β, R², peak d and gain with their intervals, 'rises'}, and per method
-  'no_gain_up_to': the largest fits[by] whose peak gain's interval does not lie above 0 (the
-  "dead zone" within which a proxy gives no gain; None if every proxy gives one)."""
+  'no_gain_up_to': the largest fits[by] whose curve does not rise (`_verdict`: no measured gain
+  whose interval lies above 0; the "dead zone" within which a proxy gives no gain; None if every
+  proxy gives one)."""
   out = []
   for method in METHODS:
     rows = sorted((f for f in fits if f['method'] == method and by in f), key=lambda f: f[by])
