@@ -22,5 +22,9 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c.procedure = 'best_of_n'  # An evaluation: nothing is trained.
   c.data = data_config({})
   c.eval = sample_eval_config()
-  c.bon = ml_collections.ConfigDict({'reward_model': '', 'n_max': 16, 'num_prompts': 256})
+  # reward_model: an HF directory, or several separated by commas (an ensemble, aggregated as
+  # config.rl's are: rlhf_jax.config.rl_config).
+  c.bon = ml_collections.ConfigDict({'reward_model': '', 'reward_aggregation': 'mean',
+                                     'uncertainty_weight': 0.5, 'n_max': 16,
+                                     'num_prompts': 256})
   return c

@@ -161,11 +161,18 @@ def sample_eval_config(**overrides) -> ml_collections.ConfigDict:
 def rl_config(**overrides) -> ml_collections.ConfigDict:
   """The `rl` entry of online RL (rlhf_jax.algorithms.rl): PPO's defaults, Huang et al. 2024."""
   return ml_collections.ConfigDict({
-      'reward_model': '',  # HF directory of a reward model (an RM run's <workdir>/hf).
+      # HF directory of a reward model (an RM run's <workdir>/hf), or several separated by
+      # commas: an ensemble whose members' normalised scores are aggregated by
+      # reward_aggregation, 'mean' | 'min' | 'uncertainty' (rlhf_jax.rewards.ensemble).
+      'reward_model': '',
+      'reward_aggregation': 'mean',
+      # λ of 'uncertainty', mean − λ·var over members of std 1: a response on which they
+      # disagree by one std loses half a std of reward (Coste et al. 2023 find UWO robust to λ).
+      'uncertainty_weight': 0.5,
       'prompts': 'playground',  # 'playground', or a text file with one prompt per line.
       'num_prompts': 8192,  # The playground prompts that rollouts draw from.
       'critic': 'model',  # 'model' (from value_model or the RM) | 'head' | 'none'
-      'value_model': '',  # HF reward-model directory for the critic; '' = reward_model.
+      'value_model': '',  # HF reward-model directory for the critic; '' = reward_model's first.
       'rollout_batch_size': 64,  # Responses per iteration (prompts × group_size).
       'group_size': 1,  # Samples per prompt (≥ 2 for grpo and rloo).
       'num_minibatches': 4,
@@ -274,16 +281,23 @@ def check_run_config(config) -> None:
   check_paths(config)
 
 
+def reward_model_paths(spec: str) -> list[str]:
+  """The directories of a `reward_model` entry: one, or several separated by commas (an
+  ensemble); blanks around each are dropped."""
+  return [path.strip() for path in spec.split(',') if path.strip()]
+
+
 def check_paths(config) -> None:
   """Every local model or tokenizer directory the config names exists."""
-  paths = {'config.model.hf_path': config.model.get('hf_path'),
-           'config.data.tokenizer': config.get('data', {}).get('tokenizer')}
+  paths = [('config.model.hf_path', config.model.get('hf_path')),
+           ('config.data.tokenizer', config.get('data', {}).get('tokenizer'))]
   for entry in ('rl', 'bon'):
     if entry in config:
-      paths[f'config.{entry}.reward_model'] = config[entry].get('reward_model')
+      paths += [(f'config.{entry}.reward_model', path)
+                for path in reward_model_paths(config[entry].get('reward_model') or '')]
   if 'rl' in config:
-    paths['config.rl.value_model'] = config.rl.get('value_model')
-  for key, path in paths.items():
+    paths.append(('config.rl.value_model', config.rl.get('value_model')))
+  for key, path in paths:
     if path and path != 'playground' and '://' not in path and not os.path.isdir(path):
       raise NotFound(f'{key}={path!r}: no such directory.')
 

@@ -11,7 +11,7 @@ import functools
 import os
 
 from rlhf_jax import parallel
-from rlhf_jax.config import to_model_config
+from rlhf_jax.config import reward_model_paths, to_model_config
 from rlhf_jax.data.pipeline import make_token_data
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.engine.optimizer import decay_start_step
@@ -20,6 +20,7 @@ from rlhf_jax.models import read_hf_config
 from rlhf_jax.models.loading import LoadedModel, build_model, load_model
 from rlhf_jax.playground import files as playground_files
 from rlhf_jax.playground.tokenizer import saved_tokenizer
+from rlhf_jax.rewards.ensemble import EnsembleReward
 from rlhf_jax.rewards.gold import GoldFn, make_gold, uses_playground_gold
 from rlhf_jax.rewards.model import ModelReward
 from rlhf_jax.storage import local_cache_dir
@@ -98,12 +99,23 @@ class RunContext:
       return None
     return make_gold(self.config, self.tokenizer, mesh=self.mesh)
 
-  def reward_model(self, path: str) -> ModelReward:
-    """The reward model at `path` as a reward function `(prompts, responses) -> [N]`."""
+  def reward_model(self, spec: str, *, aggregation: str = 'mean',
+                   uncertainty_weight: float = 0.0) -> ModelReward | EnsembleReward:
+    """The reward model(s) of `spec` as a reward function `(prompts, responses) -> [N]`: a
+    `ModelReward` for one HF directory; for several separated by commas, an `EnsembleReward` of
+    their raw scores aggregated by `aggregation` (see its `normalized`, `standardized_on`)."""
     config = self.config
-    return ModelReward(self.load(path, head='scalar').module(), self.tokenizer,
-                       seq_len=config.train.seq_len, max_prompt_len=config.data.max_prompt_len,
-                       batch_size=config.train.batch_size, mesh=self.mesh, rules=self.rules)
+    members = [ModelReward(self.load(path, head='scalar').module(), self.tokenizer,
+                           seq_len=config.train.seq_len,
+                           max_prompt_len=config.data.max_prompt_len,
+                           batch_size=config.train.batch_size, mesh=self.mesh, rules=self.rules)
+               for path in reward_model_paths(spec)]
+    if not members:
+      raise InputError(f'No reward-model directory in {spec!r}.')
+    if len(members) == 1:
+      return members[0]
+    return EnsembleReward(members, aggregation=aggregation,
+                          uncertainty_weight=uncertainty_weight)
 
   def token_data(self, *, kinds: tuple[str, ...], gold=None, answer_pairs=None):
     """The mixture of config.data.sources, tokenized (`rlhf_jax.data.pipeline`).

@@ -7,8 +7,14 @@ Gao et al. 2022, who measure overoptimization against d = √KL):
 
 `run(ctx)` (`config.procedure='best_of_n'`) samples n_max answers per held-out prompt once; the
 reward of best-of-n for every n = 1, 2, 4, … ≤ n_max is the unbiased estimate over those
-answers of its expectation (`best_of_n_weights`), so the curves over n share their samples. It writes `<workdir>/best_of_n.jsonl`: per n, KL_bon, the proxy and gold rewards of the
-chosen answers, and `<workdir>/best_of_n.png`.
+answers of its expectation (`best_of_n_weights`), so the curves over n share their samples. It
+writes `<workdir>/best_of_n.jsonl`: per n, KL_bon and the expected proxy and gold rewards of the
+chosen answer, and `<workdir>/best_of_n.png`. Several reward models (config.bon.reward_model,
+comma-separated) choose by an aggregate of their scores (`rlhf_jax.rewards.ensemble`), each
+standardised over the policy's first answer to every prompt: this fixed set puts the members on
+one scale, as RL's rollout statistics do, so that the minimum and the variance compare like
+with like; a single reward model keeps its raw scale (standardising it would not change its
+ranking).
 """
 
 import json
@@ -22,6 +28,7 @@ from matplotlib.figure import Figure
 
 from rlhf_jax.errors import InputError
 from rlhf_jax.playground import tasks
+from rlhf_jax.rewards.ensemble import EnsembleReward, check_aggregation
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.storage import open_file
 
@@ -104,12 +111,17 @@ def run(ctx) -> list[dict]:
   if ctx.gold is None:
     raise InputError('Best-of-n judges the chosen answers by the gold reward: set '
                      'config.eval.gold="playground".')
+  check_aggregation(bon, 'config.bon')
   ns = powers_of_two(bon.n_max)
   prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)
   answers = sample_candidates(ctx.load(config.model.hf_path, head='lm', keep=False), config,
                               ctx.tokenizer, ctx.mesh, prompts,
                               range(config.seed, config.seed + ns[-1]))
-  records = curve(score_candidates(ctx.reward_model(bon.reward_model), prompts, answers),
+  proxy = ctx.reward_model(bon.reward_model, aggregation=bon.reward_aggregation,
+                           uncertainty_weight=bon.uncertainty_weight)
+  if isinstance(proxy, EnsembleReward):
+    proxy = proxy.standardized_on(prompts, answers[0])
+  records = curve(score_candidates(proxy, prompts, answers),
                   score_candidates(ctx.gold, prompts, answers), ns)
   if jax.process_index() == 0:
     with open_file(os.path.join(ctx.workdir, 'best_of_n.jsonl'), 'w') as f:

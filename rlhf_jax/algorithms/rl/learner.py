@@ -11,8 +11,9 @@ The KL coefficient β is fixed or follows the adaptive controller (Ziegler et al
 checkpointed with the run; with a KL budget (`config.rl.stop_kl`) the run ends at the first
 evaluation that measures it. The models, all on one mesh and each read from disk once: the
 policy and its critic (trained together, `ActorCritic`), the reference (the initial policy)
-and the reward model (frozen). Prompts, sampling keys and minibatch orders are functions of
-(seed, iteration), so a resumed run continues as if never stopped.
+and the reward model, or an ensemble of them (frozen; `rlhf_jax.rewards.ensemble`). Prompts,
+sampling keys and minibatch orders are functions of (seed, iteration), so a resumed run
+continues as if never stopped.
 """
 
 import functools
@@ -31,10 +32,12 @@ from rlhf_jax.algorithms.rl.actor_critic import CRITICS, ActorCritic, ValueHead
 from rlhf_jax.algorithms.rl.loss import rl_loss_fn
 from rlhf_jax.algorithms.rl.prompts import prompt_pool, rollout_prompts
 from rlhf_jax.algorithms.rl.rollout import merge_and_score, reward_model_scores
+from rlhf_jax.config import reward_model_paths
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses import adaptive_kl_coef
 from rlhf_jax.losses.ppo import KL_ESTIMATORS
 from rlhf_jax.models.loading import LoadedModel
+from rlhf_jax.rewards.ensemble import EnsembleReward, check_aggregation
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.sampling.text import decode_responses, encode_prompts
 
@@ -48,7 +51,8 @@ def check_config(config) -> None:
   for key, allowed in choices.items():
     if rl[key] not in allowed:
       raise InputError(f'config.rl.{key}={rl[key]!r}; choose one of {allowed}.')
-  if not config.model.hf_path or not rl.reward_model:
+  check_aggregation(rl, 'config.rl')
+  if not config.model.hf_path or not reward_model_paths(rl.reward_model):
     raise InputError('Online RL needs a policy (config.model.hf_path, e.g. an SFT run\'s hf '
                      'export) and a reward model (config.rl.reward_model, an RM run\'s).')
   if (config.algorithm == 'ppo') != (rl.critic != 'none'):
@@ -77,29 +81,33 @@ def check_config(config) -> None:
 
 
 class Models:
-  """The four models of online RL, on the run's mesh.
+  """The models of online RL, on the run's mesh.
 
   trained: ActorCritic (policy + critic); reference: ActorCritic(initial policy, no critic);
-  reward: the frozen reward model. graphdefs and params are dicts with those keys.
-  With config.rl.normalize_scores, the scores are normalised by the reward model's mean and std
-  over the initial policy's responses (`score_statistics`), and so is a critic initialised from
-  the reward model, so that its first values are on the scale of the returns.
+  reward: the frozen reward models of config.rl.reward_model, one or an ensemble (graphdefs a
+  tuple, params a list). graphdefs and params are dicts with those keys.
+  With config.rl.normalize_scores, each reward model's scores are normalised by their mean and
+  std over the initial policy's responses (`score_statistics`; ensembles aggregate the
+  normalised scores), and so is a critic initialised from the (first) reward model, so that its
+  first values are on the scale of the returns.
   """
 
   def __init__(self, ctx, pool: list[str]):
     config, rl = ctx.config, ctx.config.rl
     self.initial_policy = ctx.load(config.model.hf_path, head='lm')
     policy = self.initial_policy.copy()  # The trained copy's buffers are donated.
-    reward = ctx.load(rl.reward_model, head='scalar')
-    self.graphdefs, self.params = {'reward': reward.graphdef}, {'reward': reward.params}
-    self.score_shift, self.score_scale = 0.0, 1.0
+    paths = reward_model_paths(rl.reward_model)
+    rewards = [ctx.load(path, head='scalar') for path in paths]
+    self.graphdefs = {'reward': tuple(reward.graphdef for reward in rewards)}
+    self.params = {'reward': [reward.params for reward in rewards]}
+    self.score_shifts, self.score_scales = [0.0] * len(rewards), [1.0] * len(rewards)
     if rl.normalize_scores:
-      self.score_shift, self.score_scale = score_statistics(ctx, pool, self.initial_policy,
-                                                            reward)
+      self.score_shifts, self.score_scales = score_statistics(ctx, pool, self.initial_policy,
+                                                              rewards)
     critic, value_shift, value_scale = None, 0.0, 1.0
-    if rl.critic == 'model':
-      critic = ctx.load(rl.value_model or rl.reward_model, head='scalar').copy().module()
-      value_shift, value_scale = self.score_shift, self.score_scale
+    if rl.critic == 'model':  # A copy of value_model, or of the ensemble's first member.
+      critic = ctx.load(rl.value_model or paths[0], head='scalar').copy().module()
+      value_shift, value_scale = self.score_shifts[0], self.score_scales[0]
     elif rl.critic == 'head':
       critic = ValueHead(policy.module().cfg.d_model)
     trained = ActorCritic(policy.module(), critic, value_shift=value_shift,
@@ -135,20 +143,25 @@ def make_rollout_sampler(config, policy_graphdef, tokenizer):
   return sample
 
 
-def score_statistics(ctx, pool, policy: LoadedModel, reward: LoadedModel
-                     ) -> tuple[float, float]:
-  """Mean and std of the reward model's scores of the policy's responses to one rollout's
-  worth of prompts, the same at every (re)start (fixed prompts and key). Huang et al. 2024
-  normalise the reward model so that these are 0 and 1."""
+def score_statistics(ctx, pool, policy: LoadedModel, rewards: list[LoadedModel]
+                     ) -> tuple[list[float], list[float]]:
+  """Per reward model, the mean and std of its scores of the policy's responses to one
+  rollout's worth of prompts, the same at every (re)start (fixed prompts and key). Huang et al.
+  2024 normalise the reward model so that these are 0 and 1; Coste et al. 2023 normalise each
+  member of an ensemble."""
   config = ctx.config
   rng = np.random.default_rng([config.seed, 7])
   prompts = [pool[i] for i in rng.choice(len(pool), config.rl.rollout_batch_size)]
   sample = make_rollout_sampler(config, policy.graphdef, ctx.tokenizer)
   samples = sample(policy.params, encode_rows(ctx, prompts), jax.random.key(config.seed + 1))
-  scores = jax.jit(functools.partial(reward_model_scores, reward.graphdef))(reward.params,
-                                                                            samples)
-  scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True), np.float64)
-  return float(scores.mean()), float(max(scores.std(), 1e-6))
+  shifts, scales = [], []
+  for reward in rewards:
+    scores = jax.jit(functools.partial(reward_model_scores, reward.graphdef))(reward.params,
+                                                                              samples)
+    scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True), np.float64)
+    shifts.append(float(scores.mean()))
+    scales.append(float(max(scores.std(), 1e-6)))
+  return shifts, scales
 
 
 class Rollout:
@@ -164,11 +177,12 @@ class Rollout:
                    missing_eos_penalty=rl.missing_eos_penalty,
                    estimator=ADVANTAGE_ESTIMATOR[config.algorithm], group_size=rl.group_size,
                    gamma=rl.gamma, lam=rl.lam, whiten_rewards=rl.whiten_rewards,
-                   whiten_advantages=rl.whiten_advantages)
+                   whiten_advantages=rl.whiten_advantages, aggregation=rl.reward_aggregation,
+                   uncertainty_weight=rl.uncertainty_weight)
     self._score = jax.jit(functools.partial(merge_and_score, models.graphdefs, options=options))
     self.frozen = models.params  # reference and reward
-    self.controls = {'score_shift': jnp.float32(models.score_shift),
-                     'score_scale': jnp.float32(models.score_scale)}
+    self.controls = {'score_shift': jnp.asarray(models.score_shifts, jnp.float32),
+                     'score_scale': jnp.asarray(models.score_scales, jnp.float32)}
     # Every array of the update batch is [B, ...]: one sharding, a prefix of the batch's tree.
     self.update_sharding = parallel.batch_sharding(ctx.mesh, ctx.rules, 2)
     self.select = jax.jit(lambda update, rows: jax.tree.map(lambda x: x[rows], update),
@@ -269,9 +283,12 @@ def make_algorithm(ctx) -> Algorithm:
   models = Models(ctx, pool)
   rollouts = Rollouts(ctx, Rollout(ctx, models), pool, gold=ctx.gold)
   policy_graphdef = models.initial_policy.graphdef
+  proxy = ctx.reward_model(rl.reward_model, aggregation=rl.reward_aggregation,
+                           uncertainty_weight=rl.uncertainty_weight)
+  if isinstance(proxy, EnsembleReward):  # On the scale of the rollouts' aggregated scores.
+    proxy = proxy.normalized(models.score_shifts, models.score_scales)
   evaluations = sample_evaluations(ctx, policy_graphdef,
-                                   reference=models.initial_policy.params,
-                                   proxy=ctx.reward_model(rl.reward_model))
+                                   reference=models.initial_policy.params, proxy=proxy)
   loss_fn = functools.partial(
       rl_loss_fn, temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
       clip_eps=rl.clip_eps, value_clip_eps=rl.value_clip_eps, vf_coef=rl.vf_coef,

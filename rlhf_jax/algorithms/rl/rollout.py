@@ -7,12 +7,16 @@ Details of RLHF with PPO"):
   2. the reference's log-probs, and per-token KL estimates KL_t;
   3. the reward model's score of the whole sequence, read at its last real token, normalised as
      s = (r − shift) / scale, minus `missing_eos_penalty` for responses that never emit EOS;
+     with an ensemble of M reward models, each member is normalised by its own shift and scale
+     and s is their aggregate (`rlhf_jax.rewards.ensemble.aggregate`) before the penalty;
   4. advantages, by one of three estimators:
        gae   r_t = −β KL_t + s·1[t = last]; GAE(γ, λ) against the critic; returns = A + V
        grpo  A = (R − mean_group R) / std_group R        (Shao et al. 2024)
        rloo  A = R − mean of the group's other R         (Ahmadian et al. 2024)
      with R = s − β Σ_t KL_t the sequence reward, and a group the G samples of one prompt.
 """
+
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
@@ -22,6 +26,7 @@ from rlhf_jax.losses import masked_mean, masked_sum
 from rlhf_jax.losses.ppo import (gae, group_advantages, kl_penalty, leave_one_out_advantages,
                                  token_rewards, whiten)
 from rlhf_jax.models.scoring import sequence_rewards
+from rlhf_jax.rewards.ensemble import aggregate
 
 ESTIMATORS = ('gae', 'grpo', 'rloo')
 
@@ -71,16 +76,22 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
   """The update's batch and the rollout's metrics, from sampled responses.
 
   trained: the ActorCritic being trained; reference: an ActorCritic with the frozen initial
-  policy and no critic; reward_model: a scalar-head Transformer.
+  policy and no critic; reward_model: a scalar-head Transformer, or a sequence of M of them (an
+  ensemble).
   batch: prompt_tokens / prompt_mask [B, P] (left-padded), response_tokens / response_mask
-  [B, N]. controls: kl_coef, score_shift, score_scale (scalars that change between rollouts).
-  options: temperature, chunk_size, kl_estimator, eos_id, missing_eos_penalty and the keyword
-  options of `advantages_and_returns`.
+  [B, N]. controls: kl_coef, score_shift, score_scale (scalars that change between rollouts;
+  shift and scale may be [M], one per ensemble member).
+  options: temperature, chunk_size, kl_estimator, eos_id, missing_eos_penalty, the keyword
+  options of `advantages_and_returns`, and for an ensemble aggregation ('mean' if absent) and
+  uncertainty_weight.
   """
   options = dict(options)
   temperature, chunk_size = options.pop('temperature'), options.pop('chunk_size')
   kl_estimator, eos_id = options.pop('kl_estimator'), options.pop('eos_id')
   missing_eos_penalty = options.pop('missing_eos_penalty')
+  aggregation = options.pop('aggregation', 'mean')
+  uncertainty_weight = options.pop('uncertainty_weight', 0.0)
+  reward_models = reward_model if isinstance(reward_model, Sequence) else [reward_model]
   prompt_len = batch['prompt_tokens'].shape[1]
   mask = batch['response_mask'].astype(bool)
   tokens, attention_mask = sequences(batch)
@@ -88,9 +99,12 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
 
   logps, values = trained.response_logprobs_and_values(tokens, attention_mask, **forward)
   ref_logps, _ = reference.response_logprobs_and_values(tokens, attention_mask, **forward)
-  raw_scores = sequence_rewards(reward_model, tokens, attention_mask)
+  raw_MxB = jnp.stack([sequence_rewards(member, tokens, attention_mask)
+                       for member in reward_models])
   ended = jnp.any(mask & (batch['response_tokens'] == eos_id), axis=-1)
-  scores = ((raw_scores - controls['score_shift']) / controls['score_scale']
+  member_scores_MxB = ((raw_MxB - jnp.reshape(controls['score_shift'], (-1, 1)))
+                       / jnp.reshape(controls['score_scale'], (-1, 1)))
+  scores = (aggregate(member_scores_MxB, aggregation, uncertainty_weight=uncertainty_weight)
             - missing_eos_penalty * (~ended))
   kl = kl_penalty(logps, ref_logps, estimator=kl_estimator)
   advantages, returns = advantages_and_returns(scores, kl, values, mask,
@@ -103,7 +117,7 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
   kl_sum_B = masked_sum(kl_penalty(logps, ref_logps, estimator='k1'), mask, axis=-1)
   penalty_B = controls['kl_coef'] * masked_sum(kl, mask, axis=-1)
   metrics = {
-      'objective/scores': raw_scores.mean(),  # The reward model's own scale.
+      'objective/scores': raw_MxB.mean(),  # The reward models' own scales.
       'objective/kl': kl_sum_B.mean(),  # Σ_t log π/π_ref per response: Monte-Carlo KL.
       'objective/entropy': masked_sum(-logps, mask, axis=-1).mean(),  # Monte-Carlo entropy.
       'objective/non_score_reward': -penalty_B.mean(),
@@ -113,11 +127,16 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
   }
   if values is not None:
     metrics['value/mean'] = masked_mean(values, mask)
+  if len(reward_models) > 1:  # The members' disagreement, in normalised units.
+    metrics['objective/ensemble_std'] = member_scores_MxB.std(axis=0).mean()
   return update, metrics
 
 
 def merge_and_score(graphdefs: dict, params: dict, batch, controls, *, options: dict):
-  """`score_rollout` on the parameter states of graphdefs 'trained', 'reference', 'reward'."""
-  models = {name: nnx.merge(graphdefs[name], params[name]) for name in graphdefs}
-  return score_rollout(models['trained'], models['reference'], models['reward'], batch,
-                       controls, options=options)
+  """`score_rollout` on the parameter states of graphdefs 'trained', 'reference' and 'reward',
+  the last a tuple: one graphdef (and parameter state) per reward model of the ensemble."""
+  trained, reference = (nnx.merge(graphdefs[name], params[name])
+                        for name in ('trained', 'reference'))
+  reward_models = [nnx.merge(graphdef, state)
+                   for graphdef, state in zip(graphdefs['reward'], params['reward'], strict=True)]
+  return score_rollout(trained, reference, reward_models, batch, controls, options=options)
