@@ -231,11 +231,12 @@ def test_local_cache_dir_is_the_path_or_one_local_directory_per_url(tmp_path):
 
 def test_samples_and_plots_reach_a_remote_workdir(remote_workdir):
   evaluation = types.SimpleNamespace(workdir=remote_workdir, prompts=['p0', 'p1'])
-  GoldRewardOfSamples._write_samples(evaluation, 7, ['r0', 'r1'], np.array([0.5, -1.0]))
+  GoldRewardOfSamples._write_samples(evaluation, 7, ['r0', 'r1'],
+                                     {'gold': np.array([0.5, -1.0]), 'kl': np.array([0.0, 2.5])})
   with fsspec.open(f'{remote_workdir}/samples/step_7.jsonl', 'r') as f:
     assert [json.loads(line) for line in f] == [
-        {'prompt': 'p0', 'response': 'r0', 'gold': 0.5},
-        {'prompt': 'p1', 'response': 'r1', 'gold': -1.0}]
+        {'prompt': 'p0', 'response': 'r0', 'gold': 0.5, 'kl': 0.0},
+        {'prompt': 'p1', 'response': 'r1', 'gold': -1.0, 'kl': 2.5}]
   reliability_diagram([0.2, 0.9], [0, 1], f'{remote_workdir}/plots/reliability_step_7.png')
   best_of_n.plot([{'n': 1, 'd': 0.0, 'gold_reward': 0.1, 'proxy_reward': 0.2}],
                  f'{remote_workdir}/best_of_n.png')
