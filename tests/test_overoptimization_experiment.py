@@ -10,6 +10,7 @@ tiny preset's figures).
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -156,6 +157,29 @@ def test_the_experiment_writes_measurements_fits_and_plots(run):
   assert [t['method'] for t in summary['data_scaling']] == ['bon', 'rl']
   for name in ('bon', 'rl', 'coefficients', 'bon_exact_kl', 'gold_vs_proxy'):
     assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_the_data_scaling_preset_runs_best_of_n_only_with_epoch_variants(run, micro, tmp_path):
+  """data_scaling's shape at micro scale, from the run's π_init: proxies on two amounts of
+  comparisons and one trained for 2 epochs; best-of-n only."""
+  workdir, _ = run
+  experiment, config = micro
+  scaling = config.copy_and_resolve_references()
+  scaling.methods = ('bon',)
+  scaling.proxies.update(comparisons=(32, 64), epochs=((32, 2),))
+  shutil.copytree(workdir / 'policy', tmp_path / 'policy')  # π_init, finished: skipped.
+  summary = experiment.run(scaling, str(tmp_path))
+  assert not (tmp_path / 'rl').exists()
+  assert [f['proxy'] for f in summary['fits']] == ['policy-32', 'policy-64', 'policy-32-2ep']
+  assert {f['method'] for f in summary['fits'] + summary['per_seed']} == {'bon'}
+  (table,) = summary['data_scaling']  # The proxies of config.proxies.steps only.
+  assert [row['proxy_comparisons'] for row in table['rows']] == [32, 64]
+  assert [(c['fewer'], c['more']) for c in summary['comparisons']] == [('policy-32', 'policy-64')]
+  assert summary['kl_efficiency'] == []
+  epochs = next(f for f in summary['fits'] if f['proxy'] == 'policy-32-2ep')
+  assert epochs['proxy_steps'] == 32 * 2 // 16 and epochs['proxy_epochs'] == 2
+  assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [
+      'bon.png', 'bon_exact_kl.png', 'coefficients.png']
 
 
 def test_a_rerun_skips_every_finished_stage(run, micro, monkeypatch):
