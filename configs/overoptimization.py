@@ -33,6 +33,10 @@ PRESETS = {
     # only, on one candidate pool per seed; the exact best-of-n KL next to the formula's.
     'data_scaling': dict(TINY, comparisons=(250, 500, 1000, 2000, 4000, 8000, 16000),
                          epochs=((2000, 4), (8000, 1)), methods=('bon',)),
+    # Gao et al. §3.6 on this CPU: PPO against the 2,000-comparison proxy with β = 0, 0.02 and
+    # 0.1 (on the proxy normalised over π_init's answers), each run 120 iterations at most.
+    'kl_penalty': dict(TINY, comparisons=(2000,), kl_coefs=(0.0, 0.02, 0.1), methods=('rl',),
+                       rl_steps=120),
     # Accelerators: proxies of three sizes from scratch and from the policy, more data.
     'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
                   comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
@@ -72,6 +76,10 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # has the curves averaged over seeds with bootstrap intervals over seeds and prompts.
       'seeds': p['seeds'],
       'methods': p.get('methods', ('bon', 'rl')),  # Best-of-n ('bon') and PPO ('rl').
+      # PPO's β (config.rl.kl_coef of configs/ppo.py, on proxy scores normalised to mean 0 and
+      # std 1 over π_init's answers): a run per coefficient, proxy and seed. Gao et al.'s main
+      # runs have none; several compare them (fits.json's kl_penalty).
+      'kl_coefs': p.get('kl_coefs', (0.0,)),
       'bon': {'n_max': p['n_max'], 'num_prompts': p['bon_prompts']},
       # PPO against each proxy. steps, eval_every, eval_prompts and lr set the run
       # (train.steps, ...); every other key sets that key of configs/ppo.py's config.rl.
@@ -83,7 +91,6 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'num_minibatches': p['rl_minibatches'],
           'ppo_epochs': p['rl_epochs'],
           'critic': p['rl_critic'],  # 'model' (a copy of the proxy) | 'head' (on the policy)
-          'kl_coef': 0.0,  # Gao et al.'s main runs have no KL penalty.
           # A KL budget: each run stops at the first evaluation with KL(π‖π_init) ≥ stop_kl,
           # so that every proxy's curve covers the same d (0: every run takes all steps).
           'stop_kl': p['rl_stop_kl'],

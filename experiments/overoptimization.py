@@ -265,30 +265,33 @@ def ppo_overrides(rl) -> dict:
 
 
 def rl_runs(experiment, workdir: str, policy: str, proxies) -> list:
-  """Per proxy and seed, PPO against the proxy (<workdir>/rl/<proxy>/seed<s>, config.seed = s:
-  its rollouts, minibatch order and evaluation answers); per evaluation and held-out prompt,
-  the Rao–Blackwellised Monte-Carlo KL to π_init along the sampled answer, its gold and proxy
-  reward (the run's samples/step_<N>.jsonl)."""
+  """Per proxy, KL coefficient and seed, PPO against the proxy with config.seed = s (its
+  rollouts, minibatch order and evaluation answers) in <workdir>/rl/<curve>/seed<s>, where the
+  curve is the proxy's name, with -kl<β> for a coefficient β ≠ 0; per evaluation and held-out
+  prompt, the Rao–Blackwellised Monte-Carlo KL to π_init along the sampled answer, its gold and
+  proxy reward (the run's samples/step_<N>.jsonl)."""
   r = experiment.rl
   stages, labels = [], []
   for seed in experiment.seeds:  # Seed by seed: side by side, the proxies' runs take alike.
     for proxy in proxies:
-      stages.append((stage_config('ppo', experiment, **ppo_overrides(r), **{
-          'model.hf_path': policy, 'rl.reward_model': proxy['path'], 'seed': seed,
-          'train.checkpoint_every': r.eval_every}),
-                     os.path.join(workdir, 'rl', proxy['proxy'], f'seed{seed}')))
-      labels.append((proxy, seed))
+      for kl_coef in experiment.kl_coefs:
+        curve = proxy['proxy'] + (f'-kl{kl_coef:g}' if kl_coef else '')
+        stages.append((stage_config('ppo', experiment, **ppo_overrides(r), **{
+            'model.hf_path': policy, 'rl.reward_model': proxy['path'], 'rl.kl_coef': kl_coef,
+            'seed': seed, 'train.checkpoint_every': r.eval_every}),
+                       os.path.join(workdir, 'rl', curve, f'seed{seed}')))
+        labels.append((curve, proxy, kl_coef, seed))
   run_stages(stages, experiment.workers)
   runs = []
-  for (proxy, seed), (_, run_dir) in zip(labels, stages):
+  for (curve, proxy, kl_coef, seed), (_, run_dir) in zip(labels, stages):
     steps = [m['step'] for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
              if 'eval/samples/gold_reward' in m]
     measured = [read_samples(os.path.join(run_dir, 'samples', f'step_{step}.jsonl'))
                 for step in steps]
     runs.append(overoptimization.Run(
-        method='rl', proxy=proxy['proxy'], seed=seed, points=tuple({'step': t} for t in steps),
+        method='rl', proxy=curve, seed=seed, points=tuple({'step': t} for t in steps),
         **{f'{key}_PxI': np.array([m[key] for m in measured]) for key in ('kl', 'gold', 'proxy')},
-        metadata=describe(proxy)))
+        metadata=describe(proxy) | {'proxy_name': proxy['proxy'], 'kl_coef': kl_coef}))
   return runs
 
 
@@ -307,13 +310,14 @@ def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str) -> dic
   """measurements.jsonl (a record per run and point), per_prompt.npz (every prompt's
   measurements), fits.json and the plots; returns fits.json's summary: `overoptimization.summarize`
   of the runs, with 'data_scaling' (`overoptimization.scaling` of the proxies trained
-  config.proxies.steps), 'bon_kl' (the KL table of `best_of_n_runs`) and 'bon_exact_kl' (the
-  fits of best-of-n's curves against d = √(exact KL))."""
-  exact = overoptimization.summarize(bon_exact_runs)
+  config.proxies.steps), 'bon_kl' (the KL table of `best_of_n_runs`), 'bon_exact_kl' (the
+  fits of best-of-n's curves against d = √(exact KL)) and 'kl_penalty'
+  (`overoptimization.kl_penalty`: RL's curves under the KL coefficients config.kl_coefs)."""
+  exact = overoptimization.summarize(bon_exact_runs) if bon_exact_runs else {'fits': []}
   summary = overoptimization.summarize(runs)
   equal_steps = [f for f in summary['fits'] if f['proxy_steps'] == experiment.proxies.steps]
   summary |= {'data_scaling': overoptimization.scaling(equal_steps), 'bon_kl': bon_kl_table,
-              'bon_exact_kl': exact['fits']}
+              'bon_exact_kl': exact['fits'], 'kl_penalty': overoptimization.kl_penalty(runs)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'measurements.jsonl'), 'w') as f:
       f.writelines(json.dumps(record) + '\n' for run in runs for record in run.records())
@@ -325,10 +329,14 @@ def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str) -> dic
     for method in experiment.methods:
       overoptimization.plot_curves(summary, runs, os.path.join(plots, f'{method}.png'),
                                    method=method)
-    overoptimization.plot_curves(exact, bon_exact_runs, os.path.join(plots, 'bon_exact_kl.png'),
-                                 method='bon')
+    if bon_exact_runs:
+      overoptimization.plot_curves(exact, bon_exact_runs,
+                                   os.path.join(plots, 'bon_exact_kl.png'), method='bon')
     overoptimization.plot_coefficients(summary['fits'], os.path.join(plots, 'coefficients.png'),
                                        by='proxy_comparisons')
+    if summary['kl_penalty']:
+      overoptimization.plot_kl_penalty(summary['kl_penalty'], runs,
+                                       os.path.join(plots, 'kl_penalty.png'))
     if summary['kl_efficiency']:
       overoptimization.plot_gold_against_proxy(summary, os.path.join(plots, 'gold_vs_proxy.png'))
   return summary
@@ -338,6 +346,12 @@ def _interval(row: dict, key: str) -> str:
   low, high = ('∞' if v is None else f'{v:.2f}' for v in row['interval'][key])
   value = '∞' if row[key] is None else f'{row[key]:.2f}'
   return f'{value} [{low}, {high}]'
+
+
+def _mean_se(row: dict, key: str) -> str:
+  if row[key] is None:
+    return 'n/a'
+  return f'{row[key]:+.3f}' + ('' if row[f'{key}_se'] is None else f' ± {row[f"{key}_se"]:.3f}')
 
 
 def summary_table(summary: dict) -> str:
@@ -370,6 +384,15 @@ def summary_table(summary: dict) -> str:
     lines.append(f'{row["proxy"]:14} n={row["n"]:<3d} formula {row["formula"]:.3f} exact '
                  f'{row["exact"]:.3f} ({by_task}); win rate {row["win_rate"]:.3f} ≤ '
                  f'{row["win_rate_bound"]:.3f}')
+  for entry in summary['kl_penalty']:
+    pooled = entry['pooled']
+    lines.append(f'KL penalty, {entry["proxy"]}: R_RL pooled over the coefficients α '
+                 f'{pooled["alpha"]:.3f}, β {pooled["beta"]:.3f}, R² {pooled["r2"]:.2f}; per β, '
+                 f'mean ± se over {len(entry["seeds"])} seeds; at matched d: against β = 0')
+    for row in entry['coefficients']:
+      lines.append(f'  β={row["kl_coef"]:<5g} ends at d {row["final_d"]:.2f}; residual '
+                   f'{_mean_se(row, "residual")}; at matched d gold {_mean_se(row, "gold_at_matched_d")}'
+                   f', proxy {_mean_se(row, "proxy_at_matched_d")}')
   for f in summary['bon_exact_kl']:
     lines.append(f'bon on the exact KL, {f["proxy"]}: α {_interval(f, "alpha")}, β '
                  f'{_interval(f, "beta")}, R² {f["r2"]:.2f}, peak d {_interval(f, "peak_d")}')
@@ -380,10 +403,12 @@ def run(experiment, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   policy = initial_policy(experiment, workdir)
   proxies = train_proxies(experiment, workdir, policy)
-  bon_runs, bon_exact_runs, bon_kl_table = best_of_n_runs(experiment, workdir, policy, proxies)
+  runs, bon_exact_runs, bon_kl_table = [], [], []
+  if 'bon' in experiment.methods:
+    runs, bon_exact_runs, bon_kl_table = best_of_n_runs(experiment, workdir, policy, proxies)
   if 'rl' in experiment.methods:
-    bon_runs += rl_runs(experiment, workdir, policy, proxies)
-  return analyse(experiment, bon_runs, bon_exact_runs, bon_kl_table, workdir)
+    runs += rl_runs(experiment, workdir, policy, proxies)
+  return analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir)
 
 
 def main(argv):

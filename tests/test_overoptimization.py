@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import scipy.special
 
-from rlhf_jax.analysis.overoptimization import (Run, fit, fit_all, fit_bon, fit_rl, load_runs,
-                                                measurements_to_curves, plot_coefficients,
-                                                plot_curves, plot_gold_against_proxy,
+from rlhf_jax.analysis.overoptimization import (Run, fit, fit_all, fit_bon, fit_rl, kl_penalty,
+                                                load_runs, measurements_to_curves,
+                                                plot_coefficients, plot_curves,
+                                                plot_gold_against_proxy, plot_kl_penalty,
                                                 save_runs, scaling, summarize)
+from rlhf_jax.errors import InputError
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -305,6 +307,65 @@ def test_proxies_are_compared_within_a_model_and_number_of_steps_and_scaled_by_d
   assert table['no_gain_up_to'] == 250 and table['method'] == 'bon'
   assert table['rows'][2]['peak_gain'] == pytest.approx(1.5**2 / 2)  # α²/(4β)
   assert scaling(summary['fits'], by='proxy_steps')[0]['rows'][0]['proxy'] == 'p1000-4ep'
+
+
+def _penalised_runs(*, frontier_shift=0.0, proxy_shift=0.1):
+  """RL runs against one proxy under three KL coefficients, seeds 0–2: the unpenalised runs
+  follow R_RL(d) = d(0.6 − 0.4 log d) out to d = 2.6 with proxy gain d; a coefficient stops
+  its runs sooner (at d 1.3 and 0.975), on the same frontier shifted by frontier_shift, and
+  with proxy_shift + 0.01·s more proxy gain at every d in seed s. Every run is measured on
+  one grid of d (steps of 0.325), so that matching d needs no interpolation."""
+  runs = []
+  for coef, num_points in ((0.0, 9), (0.02, 5), (0.1, 4)):
+    d = 0.325 * np.arange(num_points)
+    for s in range(3):
+      shift = (frontier_shift, proxy_shift + 0.01 * s) if coef else (0.0, 0.0)
+      gain = _gain('rl', 0.6, 0.4, d) + np.where(d > 0, shift[0], 0.0)
+      proxy = d + np.where(d > 0, shift[1], 0.0)
+      runs.append(Run(method='rl', proxy=f'p-kl{coef:g}', seed=s,
+                      kl_PxI=np.repeat(d[:, None]**2, 4, 1),
+                      gold_PxI=np.repeat(0.3 + gain[:, None], 4, 1),
+                      proxy_PxI=np.repeat(1.0 + proxy[:, None], 4, 1),
+                      points=tuple({'step': 10 * i} for i in range(num_points)),
+                      metadata={'proxy_name': 'p', 'kl_coef': coef}))
+  return runs
+
+
+def test_a_kl_penalty_that_only_stops_early_lies_on_the_frontier(tmp_path):
+  (entry,) = kl_penalty(_penalised_runs())
+  assert entry['proxy'] == 'p' and entry['seeds'] == [0, 1, 2]
+  assert entry['pooled']['alpha'] == pytest.approx(0.6)
+  assert entry['pooled']['beta'] == pytest.approx(0.4)
+  rows = {r['kl_coef']: r for r in entry['coefficients']}
+  assert list(rows) == [0.0, 0.02, 0.1]
+  assert [rows[c]['final_d'] for c in rows] == pytest.approx([2.6, 1.3, 0.975])
+  for coef, row in rows.items():
+    assert row['residual'] == pytest.approx(0.0, abs=1e-12)
+    assert row['gold_at_matched_d'] == pytest.approx(0.0, abs=1e-12)
+    # Proxy gain 0.1 + 0.01 s above the unpenalised run at every matched d: mean 0.11, and the
+    # standard error of (0.10, 0.11, 0.12) is 0.01/√3.
+    assert row['proxy_at_matched_d'] == pytest.approx(0.11 if coef else 0.0)
+    assert row['proxy_at_matched_d_se'] == pytest.approx(0.01 / math.sqrt(3) if coef else 0.0)
+  assert plot_kl_penalty([entry], _penalised_runs(), str(tmp_path / 'kl.png')) == str(
+      tmp_path / 'kl.png')
+  assert (tmp_path / 'kl.png').read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_kl_penalty_below_the_frontier_shows_in_its_residuals():
+  (entry,) = kl_penalty(_penalised_runs(frontier_shift=-0.05))
+  rows = {r['kl_coef']: r for r in entry['coefficients']}
+  for coef in (0.02, 0.1):
+    assert rows[coef]['gold_at_matched_d'] == pytest.approx(-0.05)
+    assert rows[coef]['residual'] < 0 < rows[0.0]['residual']
+
+
+def test_kl_penalty_needs_unpenalised_runs_on_the_same_seeds():
+  runs = _penalised_runs()
+  with pytest.raises(InputError, match=r"proxy 'p' has no unpenalised runs"):
+    kl_penalty([r for r in runs if r.metadata['kl_coef'] != 0.0])
+  with pytest.raises(InputError, match='same seeds'):
+    kl_penalty([r for r in runs if not (r.metadata['kl_coef'] == 0.1 and r.seed == 2)])
+  assert kl_penalty([r for r in runs if r.metadata['kl_coef'] == 0.0]) == []
 
 
 def test_a_curve_that_only_falls_neither_rises_nor_needs_its_fit_to_say_so():

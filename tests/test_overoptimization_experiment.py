@@ -42,8 +42,8 @@ def test_the_presets_rl_keys_set_keys_of_the_ppo_config(preset):
   assert ppo.data.max_prompt_len == config.rl.max_prompt_len
   assert ppo.eval.max_new_tokens == config.rl.max_new_tokens
   assert ppo.train.seq_len == config.rl.max_prompt_len + config.rl.max_new_tokens
-  for key in ('rollout_batch_size', 'num_minibatches', 'ppo_epochs', 'kl_coef', 'critic',
-              'stop_kl', 'max_new_tokens'):
+  for key in ('rollout_batch_size', 'num_minibatches', 'ppo_epochs', 'critic', 'stop_kl',
+              'max_new_tokens'):
     assert ppo.rl[key] == config.rl[key]
 
 
@@ -180,6 +180,34 @@ def test_the_data_scaling_preset_runs_best_of_n_only_with_epoch_variants(run, mi
   assert epochs['proxy_steps'] == 32 * 2 // 16 and epochs['proxy_epochs'] == 2
   assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [
       'bon.png', 'bon_exact_kl.png', 'coefficients.png']
+
+
+def test_the_kl_penalty_preset_runs_ppo_under_each_coefficient(run, micro, tmp_path):
+  """kl_penalty's shape at micro scale, from the run's π_init, proxy and unpenalised PPO runs
+  (finished: skipped): PPO only, and a penalised run per seed next to them."""
+  workdir, _ = run
+  experiment, config = micro
+  penalty = config.copy_and_resolve_references()
+  penalty.update(methods=('rl',), kl_coefs=(0.0, 0.5))
+  for stage in ('policy', 'proxies', 'rl'):
+    shutil.copytree(workdir / stage, tmp_path / stage)
+  summary = experiment.run(penalty, str(tmp_path))
+  assert not (tmp_path / 'bon').exists()
+  assert sorted(p.name for p in (tmp_path / 'rl').iterdir()) == ['policy-64', 'policy-64-kl0.5']
+  assert [f['proxy'] for f in summary['fits']] == ['policy-64', 'policy-64-kl0.5']
+  assert summary['comparisons'] == [] and summary['bon_kl'] == []
+  penalised = json.loads((tmp_path / 'rl' / 'policy-64-kl0.5' / 'seed0' / 'config.json')
+                         .read_text())
+  assert penalised['rl']['kl_coef'] == 0.5 and penalised['seed'] == 0
+  (entry,) = summary['kl_penalty']
+  assert entry['proxy'] == 'policy-64' and entry['seeds'] == [0, 1]
+  rows = entry['coefficients']
+  assert [row['kl_coef'] for row in rows] == [0.0, 0.5]
+  assert rows[0]['gold_at_matched_d'] == rows[0]['proxy_at_matched_d'] == 0.0
+  assert all(np.isfinite(row['residual']) and row['final_d'] > 0 for row in rows)
+  assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [
+      'coefficients.png', 'kl_penalty.png', 'rl.png']
+  assert 'KL penalty, policy-64' in experiment.summary_table(summary)
 
 
 def test_a_rerun_skips_every_finished_stage(run, micro, monkeypatch):

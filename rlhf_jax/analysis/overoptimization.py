@@ -391,13 +391,15 @@ def _kl_efficiency(rows) -> list[dict]:
 
 def _comparisons(rows, replicates, per_seed) -> list[dict]:
   """Per method, each proxy against the next by number of comparisons, among proxies of one
-  model trained for as many steps (where the rows say: 'proxy_model', 'proxy_steps')."""
+  model trained for as many steps and optimised under one KL coefficient (where the rows say:
+  'proxy_model', 'proxy_steps', 'kl_coef')."""
   out = []
   for method in METHODS:
     families = {}
     for r in rows:
       if r['method'] == method and 'proxy_comparisons' in r:
-        families.setdefault((r.get('proxy_model'), r.get('proxy_steps')), []).append(r)
+        families.setdefault((r.get('proxy_model'), r.get('proxy_steps'), r.get('kl_coef')),
+                            []).append(r)
     pairs_of_proxies = [pair for family in families.values()
                         for pair in itertools.pairwise(
                             sorted(family, key=lambda r: r['proxy_comparisons']))]
@@ -438,6 +440,72 @@ def scaling(fits, *, by: str = 'proxy_comparisons') -> list[dict]:
          'interval': {k: f['interval'][k] for k in ('alpha', 'beta', 'peak_d', 'peak_gain')}}
         for f in rows]})
   return out
+
+
+def kl_penalty(runs) -> list[dict]:
+  """Gao et al. 2022 §3.6: a KL penalty acts like early stopping. It moves where an RL run ends,
+  not the gold reward it reaches at a given d: the penalised runs lie on the unpenalised runs'
+  gold-against-d curve, while their proxy reward at that d is higher.
+
+  Per proxy ('proxy_name' in the runs' metadata) optimised by RL under several coefficients
+  ('kl_coef'), each over the same seeds:
+    'pooled': R_RL(d) fitted to every coefficient's curve (means over seeds) at once;
+    per coefficient, mean ± standard error over seeds of
+      'residual'  the run's gold gain minus the pooled fit, averaged over its points after d = 0;
+      'gold_at_matched_d', 'proxy_at_matched_d'  the run's gold and proxy gain minus those of the
+          unpenalised run of the same seed at the same d (linear interpolation), averaged over
+          the points within that run's range of d (0 for the unpenalised run itself);
+    and 'final_d', the d where its runs end (mean over seeds).
+  """
+  groups = {}
+  for run in runs:
+    if run.method == 'rl' and 'kl_coef' in run.metadata:
+      name = run.metadata.get('proxy_name', run.proxy)
+      groups.setdefault(name, {}).setdefault(run.metadata['kl_coef'], {})[run.seed] = run
+  out = []
+  for name, by_coef in groups.items():
+    if len(by_coef) < 2:
+      continue
+    if 0.0 not in by_coef:
+      raise InputError(f'kl_penalty: proxy {name!r} has no unpenalised runs (kl_coef 0) to '
+                       f'compare coefficients {sorted(by_coef)} with.')
+    seeds = sorted(by_coef[0.0])
+    if any(sorted(by_seed) != seeds for by_seed in by_coef.values()):
+      raise InputError(f'kl_penalty: proxy {name!r} needs every coefficient run on the same '
+                       f'seeds; got {({c: sorted(s) for c, s in by_coef.items()})}.')
+    curves = {c: _mean_curve(list(by_seed.values()), np.arange(len(seeds)), None)
+              for c, by_seed in by_coef.items()}
+    pooled = fit(np.concatenate([c['d'] for c in curves.values()]),
+                 np.concatenate([c['gain'] for c in curves.values()]), method='rl')
+    rows = []
+    for coef in sorted(by_coef):
+      residual, gold, proxy, final_d = [], [], [], []
+      for seed in seeds:
+        means, unpenalised = by_coef[coef][seed].means(), by_coef[0.0][seed].means()
+        residual.append(np.mean(means['gain'][1:] - rl_gain(means['d'][1:], **{
+            k: pooled[k] for k in ('alpha', 'beta')})))
+        order = np.argsort(unpenalised['d'])
+        inside = means['d'][1:] <= unpenalised['d'].max()
+        for key, out_list in (('gain', gold), ('proxy_gain', proxy)):
+          matched = np.interp(means['d'][1:], unpenalised['d'][order], unpenalised[key][order])
+          out_list.append(np.mean((means[key][1:] - matched)[inside]) if inside.any() else np.nan)
+        final_d.append(means['d'][-1])
+      rows.append({'kl_coef': coef, 'final_d': float(np.mean(final_d)),
+                   **_mean_and_se('residual', residual),
+                   **_mean_and_se('gold_at_matched_d', gold),
+                   **_mean_and_se('proxy_at_matched_d', proxy)})
+    out.append({'proxy': name, 'seeds': seeds,
+                'pooled': {k: pooled[k] for k in ('alpha', 'beta', 'r2', 'peak_d', 'peak_gain')},
+                'coefficients': rows})
+  return out
+
+
+def _mean_and_se(name: str, values) -> dict:
+  """{name: mean, name_se: standard error} over the seeds that have a value."""
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+  return {name: float(values.mean()) if len(values) else None, f'{name}_se': se}
 
 
 def _peak(statistics: dict, key: str) -> float:
@@ -548,5 +616,43 @@ def plot_gold_against_proxy(summary: dict, path: str) -> str:
   axes.set(title='gold against proxy reward (means over seeds)', xlabel='proxy reward − initial',
            ylabel='gold reward − initial')
   axes.legend(fontsize=7)
+  figure.savefig(path)
+  return path
+
+
+def plot_kl_penalty(table: list[dict], runs, path: str) -> str:
+  """Writes a PNG per `kl_penalty`'s table: for each proxy, gold gain (left) and proxy gain
+  (right) against d, one colour per KL coefficient, each seed thin and the mean over seeds
+  with points; the pooled R_RL fit dashed on the left (Gao et al. 2022, figure 10)."""
+  if not table:
+    raise InputError('The kl_penalty table is empty: no proxy was optimised under several KL '
+                     'coefficients.')
+  figure = Figure(figsize=(8, 3.5 * len(table)), dpi=100, layout='constrained')
+  FigureCanvasAgg(figure)
+  for row_axes, entry in zip(figure.subplots(len(table), 2, squeeze=False), table):
+    gold_axes, proxy_axes = row_axes
+    max_d = 0.0
+    for i, coef in enumerate(r['kl_coef'] for r in entry['coefficients']):
+      group = [r for r in runs if r.method == 'rl' and r.metadata.get('kl_coef') == coef
+               and r.metadata.get('proxy_name', r.proxy) == entry['proxy']]
+      for run in group:
+        means = run.means()
+        gold_axes.plot(means['d'], means['gain'], '-', color=f'C{i}', linewidth=0.6, alpha=0.4)
+        proxy_axes.plot(means['d'], means['proxy_gain'], '-', color=f'C{i}', linewidth=0.6,
+                        alpha=0.4)
+      curve = _mean_curve(group, np.arange(len(group)), None)
+      gold_axes.plot(curve['d'], curve['gain'], 'o-', color=f'C{i}', markersize=3,
+                     label=f'β = {coef:g}')
+      proxy_axes.plot(curve['d'], curve['proxy_gain'], 'o-', color=f'C{i}', markersize=3)
+      max_d = max(max_d, float(curve['d'].max()))
+    d_grid = np.linspace(0.0, max_d, 200)
+    pooled = entry['pooled']
+    gold_axes.plot(d_grid, rl_gain(d_grid, alpha=pooled['alpha'], beta=pooled['beta']), 'k--',
+                   linewidth=1, label=f"pooled fit, R²={pooled['r2']:.2f}")
+    gold_axes.axhline(0.0, color='gray', linewidth=0.5)
+    gold_axes.set(title=f"{entry['proxy']}: gold (RL, {len(entry['seeds'])} seeds)",
+                  xlabel='d = √KL(π ‖ π_init)', ylabel='gold reward − initial')
+    proxy_axes.set(title='proxy', xlabel='d = √KL(π ‖ π_init)', ylabel='proxy reward − initial')
+    gold_axes.legend(title='KL coefficient', fontsize=7)
   figure.savefig(path)
   return path
