@@ -33,6 +33,11 @@ PRESETS = {
     # only, on one candidate pool per seed; the exact best-of-n KL next to the formula's.
     'data_scaling': dict(TINY, comparisons=(250, 500, 1000, 2000, 4000, 8000, 16000),
                          epochs=((2000, 4), (8000, 1)), methods=('bon',)),
+    # Gao et al. §3.2 on this CPU: proxies of three sizes on 8,000 comparisons, all from the
+    # policy's pretraining: its first 1 and 2 of 4 layers, and all 4 (0.26M to 0.85M
+    # parameters); best-of-n and PPO (100 iterations at most) against each.
+    'size_scaling': dict(TINY, comparisons=(8000,), models=('policy-L1', 'policy-L2', 'policy'),
+                         rl_steps=100),
     # Gao et al. §3.6 on this CPU: PPO against the 2,000-comparison proxy with β = 0, 0.02 and
     # 0.1 (on the proxy normalised over π_init's answers), each run 120 iterations at most.
     'kl_penalty': dict(TINY, comparisons=(2000,), kl_coefs=(0.0, 0.02, 0.1), methods=('rl',),
@@ -62,7 +67,8 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       'pretrain_steps': p['pretrain_steps'],
       'sft_steps': p['sft_steps'],
       'proxies': {
-          # 'policy': initialised from the policy's backbone; a model preset: from scratch.
+          # 'policy': initialised from the policy; 'policy-L<k>': from its first k layers; a
+          # model preset: from scratch.
           'models': p['models'],
           'comparisons': p['comparisons'],  # Gold-labelled pairs of the policy's samples.
           'steps': p['rm_steps'],

@@ -51,6 +51,7 @@ from rlhf_jax.config import load_config, model_config_dict
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.evals import best_of_n, bon_kl
+from rlhf_jax.models import save_first_layers
 from rlhf_jax.models.loading import is_export
 from rlhf_jax.playground import tasks
 from rlhf_jax.storage import replace_file
@@ -160,10 +161,11 @@ def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
                  'data.playground.train_size': proxy['proxy_comparisons'],
                  'data.playground.label_temperature': p.label_temperature,
                  'data.tokenizer': policy}
-    if proxy['proxy_model'] == 'policy':
-      overrides['model.hf_path'] = policy
+    backbone = proxy_backbone(proxy['proxy_model'], policy, workdir)
+    if backbone:
+      overrides['model.hf_path'] = backbone
     config = stage_config('rm', experiment, **overrides)
-    if proxy['proxy_model'] != 'policy':
+    if not backbone:
       config.model = model_config_dict(proxy['proxy_model'], head='scalar')
     stages.append((config, os.path.join(workdir, 'proxies', proxy['proxy'])))
   run_stages(stages, experiment.workers)
@@ -175,6 +177,23 @@ def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
               'proxy_accuracy': evaluation['eval/pairs/accuracy'],
               'proxy_gold_agreement': evaluation['eval/pairs/gold_agreement']}
   return proxies
+
+
+def proxy_backbone(model: str, policy: str, workdir: str) -> str | None:
+  """Where a proxy of config.proxies.models starts: 'policy', the policy; 'policy-L<k>', the
+  policy's first k layers (<workdir>/proxies/backbones/policy-L<k>, `save_first_layers`:
+  smaller proxies with the same pretraining); a model preset, None (from scratch)."""
+  if model == 'policy':
+    return policy
+  if not model.startswith('policy-L'):
+    return None
+  layers = model.removeprefix('policy-L')
+  if not layers.isdigit():
+    raise ValueError(f'config.proxies.models: {model!r} is not policy-L<number of layers>.')
+  path = os.path.join(workdir, 'proxies', 'backbones', model)
+  if not is_export(path) and jax.process_index() == 0:
+    save_first_layers(policy, path, int(layers))
+  return path
 
 
 def count_params(hf_dir: str) -> int:
@@ -311,13 +330,15 @@ def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str) -> dic
   measurements), fits.json and the plots; returns fits.json's summary: `overoptimization.summarize`
   of the runs, with 'data_scaling' (`overoptimization.scaling` of the proxies trained
   config.proxies.steps), 'bon_kl' (the KL table of `best_of_n_runs`), 'bon_exact_kl' (the
-  fits of best-of-n's curves against d = √(exact KL)) and 'kl_penalty'
-  (`overoptimization.kl_penalty`: RL's curves under the KL coefficients config.kl_coefs)."""
+  fits of best-of-n's curves against d = √(exact KL)), 'kl_penalty'
+  (`overoptimization.kl_penalty`: RL's curves under the KL coefficients config.kl_coefs) and
+  'size_scaling' (`overoptimization.size_scaling`: proxies of several sizes)."""
   exact = overoptimization.summarize(bon_exact_runs) if bon_exact_runs else {'fits': []}
   summary = overoptimization.summarize(runs)
   equal_steps = [f for f in summary['fits'] if f['proxy_steps'] == experiment.proxies.steps]
   summary |= {'data_scaling': overoptimization.scaling(equal_steps), 'bon_kl': bon_kl_table,
-              'bon_exact_kl': exact['fits'], 'kl_penalty': overoptimization.kl_penalty(runs)}
+              'bon_exact_kl': exact['fits'], 'kl_penalty': overoptimization.kl_penalty(runs),
+              'size_scaling': overoptimization.size_scaling(summary['fits'])}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'measurements.jsonl'), 'w') as f:
       f.writelines(json.dumps(record) + '\n' for run in runs for record in run.records())
@@ -334,6 +355,9 @@ def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str) -> dic
                                    os.path.join(plots, 'bon_exact_kl.png'), method='bon')
     overoptimization.plot_coefficients(summary['fits'], os.path.join(plots, 'coefficients.png'),
                                        by='proxy_comparisons')
+    if summary['size_scaling']:
+      overoptimization.plot_coefficients(summary['fits'],
+                                         os.path.join(plots, 'coefficients_by_size.png'))
     if summary['kl_penalty']:
       overoptimization.plot_kl_penalty(summary['kl_penalty'], runs,
                                        os.path.join(plots, 'kl_penalty.png'))
@@ -384,6 +408,12 @@ def summary_table(summary: dict) -> str:
     lines.append(f'{row["proxy"]:14} n={row["n"]:<3d} formula {row["formula"]:.3f} exact '
                  f'{row["exact"]:.3f} ({by_task}); win rate {row["win_rate"]:.3f} ≤ '
                  f'{row["win_rate_bound"]:.3f}')
+  for t in summary['size_scaling']:
+    betas = ', '.join(f'{proxy} {beta:.3f}' for proxy, beta in t['betas_shared_alpha'].items())
+    lines.append(f'{t["method"]} by proxy size ({t["proxy_comparisons"]} comparisons): per '
+                 f'decade of parameters α {t["alpha_per_log10_params"]:+.3f}, β '
+                 f'{t["beta_per_log10_params"]:+.3f}; one α {t["shared_alpha"]:.3f} (β {betas}): '
+                 f'R² {t["r2_shared_alpha"]:.3f} against {t["r2_separate"]:.3f} with an α each')
   for entry in summary['kl_penalty']:
     pooled = entry['pooled']
     lines.append(f'KL penalty, {entry["proxy"]}: R_RL pooled over the coefficients α '

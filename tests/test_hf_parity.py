@@ -11,7 +11,9 @@ import torch
 import transformers
 from flax import nnx
 
-from rlhf_jax.models import ModelConfig, Transformer, config_from_hf, load_hf, save_hf
+from rlhf_jax.errors import InputError
+from rlhf_jax.models import (ModelConfig, Transformer, config_from_hf, load_hf,
+                             save_first_layers, save_hf)
 from hf_fixtures import hf_forward, padded_batch, tiny_model
 
 TOL = 1e-4
@@ -177,3 +179,29 @@ def test_missing_and_unexpected_tensors(checkpoints, tmp_path):
   with pytest.raises(ValueError, match=r"Unexpected tensor 'model\.extra\.weight' in "
                                        r".*model\.safetensors"):
     load_hf(tmp_path)
+
+
+@pytest.mark.parametrize('kind', ['llama', 'mistral', 'gpt2'])
+def test_first_layers_are_the_model_cut_after_them(checkpoints, kind, tmp_path):
+  """save_first_layers(…, 1) is the source model with its later blocks removed: transformers
+  loads it whole, with the logits of the source run through its first block only, and so do
+  we; the tokenizer's files come along."""
+  hf_model, path = checkpoints[kind]
+  (path / 'tokenizer.json').write_text('{"stand-in": true}')
+  save_first_layers(path, tmp_path / 'cut', 1)
+  cut, info = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'cut', output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  assert cut.config.num_hidden_layers == 1
+  assert (tmp_path / 'cut' / 'tokenizer.json').read_text() == '{"stand-in": true}'
+  truncated = tiny_model(kind)
+  blocks = truncated.transformer if kind == 'gpt2' else truncated.model
+  blocks_name = 'h' if kind == 'gpt2' else 'layers'
+  setattr(blocks, blocks_name, getattr(blocks, blocks_name)[:1])
+  tokens, mask = padded_batch()
+  expected = hf_forward(truncated, tokens, mask)
+  assert_close_on_real(hf_forward(cut.eval(), tokens, mask), expected, mask, tol=1e-6)
+  assert_close_on_real(ours(load_hf(tmp_path / 'cut'), tokens, mask), expected, mask)
+  with pytest.raises(InputError, match='has 2 layers; cannot keep the first 3'):
+    save_first_layers(path, tmp_path / 'too_many', 3)
+  assert not (tmp_path / 'too_many').exists()

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import scipy.special
 
-from rlhf_jax.analysis.overoptimization import (Run, fit, fit_all, fit_bon, fit_rl, kl_penalty,
-                                                load_runs, measurements_to_curves,
+from rlhf_jax.analysis.overoptimization import (Run, fit, fit_all, fit_bon, fit_rl,
+                                                fit_shared_alpha, kl_penalty, load_runs,
+                                                measurements_to_curves,
                                                 plot_coefficients, plot_curves,
                                                 plot_gold_against_proxy, plot_kl_penalty,
-                                                save_runs, scaling, summarize)
+                                                save_runs, scaling, size_scaling, summarize)
 from rlhf_jax.errors import InputError
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -307,6 +308,48 @@ def test_proxies_are_compared_within_a_model_and_number_of_steps_and_scaled_by_d
   assert table['no_gain_up_to'] == 250 and table['method'] == 'bon'
   assert table['rows'][2]['peak_gain'] == pytest.approx(1.5**2 / 2)  # α²/(4β)
   assert scaling(summary['fits'], by='proxy_steps')[0]['rows'][0]['proxy'] == 'p1000-4ep'
+
+
+def test_one_alpha_fits_curves_that_share_it_and_costs_r2_where_they_do_not():
+  d = np.array([0.0, 0.3, 0.7, 1.2, 1.8, 2.5])
+  shared = fit_shared_alpha([(d, _gain('rl', 0.5, beta, d)) for beta in (0.2, 0.3, 0.45)],
+                            method='rl')
+  assert shared['alpha'] == pytest.approx(0.5)
+  assert shared['betas'] == pytest.approx([0.2, 0.3, 0.45])
+  assert shared['r2'] == pytest.approx(1.0) and shared['r2_separate'] == pytest.approx(1.0)
+  apart = fit_shared_alpha([(d, _gain('bon', alpha, 0.3, d)) for alpha in (0.2, 0.8)],
+                           method='bon')
+  assert apart['r2_separate'] == pytest.approx(1.0) and apart['r2'] < 0.99
+  with pytest.raises(InputError, match='needs two points that set them apart'):
+    fit_shared_alpha([(d, _gain('rl', 0.5, 0.2, d)), (np.zeros(3), np.zeros(3))], method='rl')
+
+
+def test_size_scaling_relates_the_coefficients_to_log_parameters():
+  """Three proxy sizes of one family; RL: one α, β = 0.5 − 0.1·log10(params); best-of-n: α
+  growing with size. A second family (other comparisons) is scaled on its own."""
+  sizes = {'s': 1e4, 'm': 1e5, 'l': 1e6}
+  coefficients = {}
+  for name, params in sizes.items():
+    coefficients[name, 'rl'] = (0.6, 0.5 - 0.1 * math.log10(params))
+    coefficients[name, 'bon'] = (0.2 * math.log10(params), 0.5)
+  runs = [dataclasses.replace(r, metadata={'proxy_params': sizes[r.proxy],
+                                           'proxy_comparisons': 1000, 'proxy_steps': 600})
+          for r in _runs(coefficients)]
+  other = [dataclasses.replace(r, proxy=r.proxy + '-other', metadata=r.metadata | {
+      'proxy_comparisons': 4000}) for r in runs if r.proxy != 'l']
+  tables = size_scaling(summarize(runs + other, num_resamples=10)['fits'])
+  assert [(t['method'], t['proxy_comparisons'], len(t['rows'])) for t in tables] == [
+      ('bon', 1000, 3), ('bon', 4000, 2), ('rl', 1000, 3), ('rl', 4000, 2)]
+  rl = tables[2]
+  assert [row['proxy'] for row in rl['rows']] == ['s', 'm', 'l']
+  assert rl['beta_per_log10_params'] == pytest.approx(-0.1)
+  assert rl['alpha_per_log10_params'] == pytest.approx(0.0, abs=1e-9)
+  assert rl['shared_alpha'] == pytest.approx(0.6)
+  assert rl['r2_shared_alpha'] == pytest.approx(1.0)
+  assert rl['betas_shared_alpha'] == pytest.approx({'s': 0.1, 'm': 0.0, 'l': -0.1})
+  bon = tables[0]
+  assert bon['alpha_per_log10_params'] == pytest.approx(0.2)
+  assert bon['r2_shared_alpha'] < bon['r2_separate'] == pytest.approx(1.0)
 
 
 def _penalised_runs(*, frontier_shift=0.0, proxy_shift=0.1):

@@ -2,7 +2,7 @@
 run's workdir.
 
 Every stage runs for real (pretrain → SFT → a proxy RM on gold-labelled pairs of the policy's
-samples → best-of-n and PPO against it → fits and plots), shrunk to a one-layer model and a few
+samples → best-of-n and PPO against it → fits and plots), shrunk to a two-layer model and a few
 steps; what it checks is the wiring and the files, not the science (docs/ and README report the
 tiny preset's figures).
 """
@@ -19,7 +19,7 @@ from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MICRO_MODEL = {'model.n_layers': 1, 'model.d_model': 32, 'model.n_heads': 2,
+MICRO_MODEL = {'model.n_layers': 2, 'model.d_model': 32, 'model.n_heads': 2,
                'model.n_kv_heads': 1, 'model.d_ff': 64}
 
 
@@ -80,7 +80,7 @@ def micro():
   stage_config = experiment.stage_config
 
   def micro_stage_config(name, experiment_config, **overrides):
-    """Every stage shrunk: a one-layer model (pretraining sets it; later stages load it)."""
+    """Every stage shrunk: a two-layer model (pretraining sets it; later stages load it)."""
     shrink = {'train.eval_every': 0 if name in ('pretrain', 'sft', 'rm') else None,
               'train.batch_size': 16, 'train.tensorboard': False,
               'data.playground.train_size': 64, 'data.playground.eval_size': 16,
@@ -180,6 +180,31 @@ def test_the_data_scaling_preset_runs_best_of_n_only_with_epoch_variants(run, mi
   assert epochs['proxy_steps'] == 32 * 2 // 16 and epochs['proxy_epochs'] == 2
   assert sorted(p.name for p in (tmp_path / 'plots').iterdir()) == [
       'bon.png', 'bon_exact_kl.png', 'coefficients.png']
+
+
+def test_the_size_scaling_preset_cuts_proxies_from_the_policy(run, micro, tmp_path):
+  """size_scaling's shape at micro scale, best-of-n only, from the run's π_init (two layers),
+  its proxy and its answers: a proxy on the policy's first layer next to the whole one."""
+  workdir, _ = run
+  experiment, config = micro
+  sizes = config.copy_and_resolve_references()
+  sizes.update(methods=('bon',))
+  sizes.proxies.models = ('policy-L1', 'policy')
+  for stage in ('policy', 'proxies', 'bon'):
+    shutil.copytree(workdir / stage, tmp_path / stage)
+  summary = experiment.run(sizes, str(tmp_path))
+  cut = json.loads((tmp_path / 'proxies' / 'backbones' / 'policy-L1' / 'config.json').read_text())
+  assert cut['num_hidden_layers'] == 1
+  proxy = json.loads((tmp_path / 'proxies' / 'policy-L1-64' / 'config.json').read_text())
+  assert proxy['model']['hf_path'] == str(tmp_path / 'proxies' / 'backbones' / 'policy-L1')
+  fits = {f['proxy']: f for f in summary['fits']}
+  assert list(fits) == ['policy-L1-64', 'policy-64']
+  assert fits['policy-L1-64']['proxy_params'] < fits['policy-64']['proxy_params']
+  (table,) = summary['size_scaling']
+  assert table['method'] == 'bon' and [r['proxy'] for r in table['rows']] == list(fits)
+  assert set(table['betas_shared_alpha']) == set(fits)
+  assert (tmp_path / 'plots' / 'coefficients_by_size.png').exists()
+  assert 'bon by proxy size (64 comparisons)' in experiment.summary_table(summary)
 
 
 def test_the_kl_penalty_preset_runs_ppo_under_each_coefficient(run, micro, tmp_path):

@@ -508,6 +508,65 @@ def _mean_and_se(name: str, values) -> dict:
   return {name: float(values.mean()) if len(values) else None, f'{name}_se': se}
 
 
+def fit_shared_alpha(curves, *, method: str) -> dict:
+  """Gao et al. 2022 §3.2: across proxy sizes α_RL barely changes, so R(d) can be refitted with
+  one α and a β per curve. Least squares of gain_k(d) = α·x₁(d) − β_k·x₂(d) over every curve k
+  at once (x₁, x₂: the method's form, `fit`).
+
+  curves: [(d, gain)] per curve. Returns {'alpha', 'betas' (per curve), 'r2' and
+  'r2_separate' (each curve fitted alone), both 1 − Σ residual² / Σ (gain − its curve's mean)²
+  over all points: the share of the within-curve variance that one α gives up}.
+  """
+  gain_fn, _ = _form(method)
+  columns, gains, ss_tot, ss_separate = [], [], 0.0, 0.0
+  for k, (d, gain) in enumerate(curves):
+    d, gain = np.asarray(d, np.float64), np.asarray(gain, np.float64)
+    own = np.zeros((len(d), len(curves)))
+    own[:, k] = gain_fn(d, alpha=0.0, beta=1.0)
+    columns.append(np.concatenate([gain_fn(d, alpha=1.0, beta=0.0)[:, None], own], axis=1))
+    gains.append(gain)
+    ss_tot += float(np.sum((gain - gain.mean())**2))
+    alone = fit(d, gain, method=method)
+    ss_separate += float(np.sum((gain - gain_fn(d, alpha=alone['alpha'],
+                                                beta=alone['beta']))**2))
+  features, gain = np.concatenate(columns), np.concatenate(gains)
+  # Each curve fitted alone has rank 2 (`fit` raises if not), so the joint fit has full rank.
+  coefficients = np.linalg.lstsq(features, gain)[0]
+  residual = gain - features @ coefficients
+  return {'alpha': float(coefficients[0]), 'betas': [float(b) for b in coefficients[1:]],
+          'r2': 1 - float(residual @ residual) / ss_tot, 'r2_separate': 1 - ss_separate / ss_tot}
+
+
+def size_scaling(fits) -> list[dict]:
+  """Gao et al. 2022 §3.2, per method and family of proxies that differ only in size
+  ('proxy_params'; one number of comparisons and steps, one KL coefficient): `scaling` by size,
+  the least-squares slopes of α and β against log10 parameters (Gao et al. find both close to
+  linear in log size), and `fit_shared_alpha` of the family's mean curves."""
+  families = {}
+  for f in fits:
+    if 'proxy_params' in f:
+      key = tuple(f.get(k) for k in ('method', 'proxy_comparisons', 'proxy_steps', 'kl_coef'))
+      families.setdefault(key, []).append(f)
+  out = []
+  for family in families.values():
+    if len({f['proxy_params'] for f in family}) < 2:
+      continue
+    (table,) = scaling(family, by='proxy_params')
+    rows = table['rows']
+    log_params = np.log10([row['proxy_params'] for row in rows])
+    slopes = {f'{key}_per_log10_params': float(np.polyfit(log_params,
+                                                          [row[key] for row in rows], 1)[0])
+              for key in ('alpha', 'beta')}
+    curves = {f['proxy']: f['curve'] for f in family}
+    shared = fit_shared_alpha([(curves[row['proxy']]['d'], curves[row['proxy']]['gain'])
+                               for row in rows], method=table['method'])
+    out.append(table | slopes | {
+        'proxy_comparisons': family[0].get('proxy_comparisons'), 'shared_alpha': shared['alpha'],
+        'r2_shared_alpha': shared['r2'], 'r2_separate': shared['r2_separate'],
+        'betas_shared_alpha': dict(zip((row['proxy'] for row in rows), shared['betas']))})
+  return out
+
+
 def _peak(statistics: dict, key: str) -> float:
   """A fit's peak_d or peak_gain, +inf where there is no peak (β ≤ 0: R grows without bound)."""
   return math.inf if statistics[key] is None else statistics[key]

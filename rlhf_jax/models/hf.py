@@ -13,6 +13,7 @@ import contextlib
 import json
 import pathlib
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from flax import nnx
 from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.storage import staged_dir
 
 ParamPath = tuple[str | int, ...]  # A parameter's path in `nnx.state(model)`.
 
@@ -232,6 +234,20 @@ def _locate_tensors(path: pathlib.Path, cfg: ModelConfig):
   return {table_name(name): (file, name) for name, file in files.items()}, source
 
 
+def _tensor_reader(locations: dict, stack: contextlib.ExitStack):
+  """read(table name) -> the tensor as a NumPy array, each file opened once, until `stack`
+  closes."""
+  opened = {}
+
+  def read(name):
+    file, stored = locations[name]
+    with _naming_the_file(file):
+      if file not in opened:
+        opened[file] = stack.enter_context(safetensors.safe_open(file, framework='np'))
+      return opened[file].get_tensor(stored)
+  return read
+
+
 def _check_names(locations: dict, table: list, cfg: ModelConfig):
   """Raises on a checkpoint tensor that no parameter takes (known buffers aside)."""
   expected = {name for name, _, _ in table}
@@ -277,15 +293,7 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
 
   arrays = {}
   with contextlib.ExitStack() as stack:
-    opened = {}
-
-    def read(name):
-      file, stored = locations[name]
-      with _naming_the_file(file):
-        if file not in opened:
-          opened[file] = stack.enter_context(safetensors.safe_open(file, framework='np'))
-        return opened[file].get_tensor(stored)
-
+    read = _tensor_reader(locations, stack)
     for name, paths, layout in table:
       if name in locations:
         parts = _to_ours(read(name), layout, len(paths))
@@ -318,3 +326,36 @@ def save_hf(model: Transformer, path, **config_fields):
   path.mkdir(parents=True, exist_ok=True)
   hf_config.save_pretrained(path)
   safetensors.numpy.save_file(tensors, path / 'model.safetensors', metadata={'format': 'pt'})
+
+
+def save_first_layers(path, out_path, n_layers: int) -> None:
+  """Writes at `out_path` the checkpoint at `path` cut to its first `n_layers` blocks: the
+  embedding, those blocks, the final norm and the head as they are, a config that says
+  n_layers, and the directory's other files (the tokenizer's) copied. Smaller models that share
+  one pretraining, e.g. reward models of several sizes (Gao et al. 2022 §3.2 on a budget). The
+  output appears whole or not at all (`storage.staged_dir`)."""
+  import transformers
+  path = pathlib.Path(path)
+  hf_config = transformers.AutoConfig.from_pretrained(path)
+  classifier = any(a.endswith('ForSequenceClassification')
+                   for a in hf_config.architectures or ())
+  cfg = config_from_hf(hf_config, head='scalar' if classifier else 'lm')
+  if not 1 <= n_layers <= cfg.n_layers:
+    raise InputError(f'{path} has {cfg.n_layers} layers; cannot keep the first {n_layers}.')
+  hf_config.num_hidden_layers = n_layers
+  if getattr(hf_config, 'layer_types', None):  # Per-layer attention kinds (Qwen2, Mistral).
+    hf_config.layer_types = hf_config.layer_types[:n_layers]
+  locations, _ = _locate_tensors(path, cfg)
+  with contextlib.ExitStack() as stack:
+    read = _tensor_reader(locations, stack)
+    # A tied lm_head, or a causal LM's score, is not stored and stays so.
+    tensors = {name: read(name) for name, _, _ in _name_table(cfg.replace(n_layers=n_layers))
+               if name in locations}
+  with staged_dir(str(out_path)) as staged:
+    hf_config.save_pretrained(staged)
+    safetensors.numpy.save_file(tensors, pathlib.Path(staged) / 'model.safetensors',
+                                metadata={'format': 'pt'})
+    for file in path.iterdir():
+      if file.is_file() and file.name != 'config.json' and not file.name.startswith(
+          'model.safetensors'):
+        shutil.copy2(file, staged)
