@@ -3,7 +3,8 @@
 Every run is a real `python -m rlhf_jax.main` subprocess on one CPU device, shrunk to a
 one-layer model, four steps and a few hundred playground examples. Runs that do not depend on
 each other start together (the machine has two cores). All runs share one playground tokenizer
-(`--config.data.tokenizer`) and one persistent XLA compilation cache, so a shape compiles once.
+(`--config.data.tokenizer`) and the session's persistent XLA compilation cache (conftest.py), so a
+shape compiles once.
 Config errors, raised before anything is built, and the mixture's rows are checked in-process.
 """
 
@@ -55,13 +56,10 @@ LABELER = Labeler(temperature=0.1, length_bias=0.0)  # configs' playground defau
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """One CPU device (whatever conftest.py set for in-process tests) and a shared XLA cache."""
-  return {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-          'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('xla_cache')),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          # A size limit makes concurrent runs read and write the cache under a file lock.
-          'JAX_COMPILATION_CACHE_MAX_SIZE': str(2**30)}
+def env():
+  """One CPU device (whatever conftest.py set for in-process tests); the session's XLA cache
+  (conftest.py) comes with the rest of the environment."""
+  return {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 
 
 @pytest.fixture(scope='module')
