@@ -42,6 +42,12 @@ PRESETS = {
     # 0.1 (on the proxy normalised over π_init's answers), each run 120 iterations at most.
     'kl_penalty': dict(TINY, comparisons=(2000,), kl_coefs=(0.0, 0.02, 0.1), methods=('rl',),
                        rl_steps=120),
+    # Coste et al. 2023 and Ramé et al. 2024 on this CPU: five proxies on the same 2,000
+    # comparisons, differing by seed (the order of their data); best-of-n against each member,
+    # their mean, min and uncertainty-weighted ensembles and their weight average (WARM); PPO
+    # (100 iterations at most) against the first member and the uncertainty-weighted ensemble.
+    'ensembles': dict(TINY, comparisons=(2000,), proxy_seeds=(1, 2, 3, 4, 5),
+                      ensemble_members=5, rl_aggregations=('uncertainty',), rl_steps=100),
     # Accelerators: proxies of three sizes from scratch and from the policy, more data.
     'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
                   comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
@@ -76,6 +82,26 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           # (comparisons, epochs): proxies of the first model trained that many epochs (steps =
           # comparisons · epochs / batch size), to set data against epochs at equal steps.
           'epochs': p.get('epochs', ()),
+          # One proxy per seed of each kind above (config.seed of its RM run: the order of
+          # its data); several make the members of config.ensemble.
+          'seeds': p.get('proxy_seeds', (0,)),
+      },
+      # Mitigations (Coste et al. 2023; Ramé et al. 2024): with members > 0, the proxies (one
+      # model and number of comparisons, proxies.seeds) are an ensemble's members. Best-of-n
+      # optimises each member, each aggregation and (warm) their weight average; PPO the first
+      # member and the aggregations of rl_aggregations. fits.json's 'ensembles', 'warm' (the
+      # proxies' accuracy on pairs of the optimised policies' answers) and 'early_stop' (a stop
+      # chosen from the members' disagreement alone, against the gold's best).
+      'ensemble': {
+          'members': p.get('ensemble_members', 0),
+          'aggregations': ('mean', 'min', 'uncertainty'),
+          'rl_aggregations': p.get('rl_aggregations', ()),
+          'uncertainty_weight': 0.5,  # λ of mean − λ·var over members of std 1.
+          'warm': True,
+          # Fixed before any run: stop at the last evaluation before the members' disagreement
+          # (std over members of their standardised scores, mean over prompts) first exceeds
+          # (1 + early_stop_rise) times its value on π_init's answers.
+          'early_stop_rise': 0.5,
       },
       # Every curve is measured once per seed, on the policy's side (best-of-n's answers; PPO's
       # rollouts, minibatch order and evaluation answers), against the same proxies: fits.json

@@ -47,13 +47,14 @@ from ml_collections import config_flags
 
 from rlhf_jax import algorithms
 from rlhf_jax.analysis import overoptimization
-from rlhf_jax.config import load_config, model_config_dict
+from rlhf_jax.config import load_config, model_config_dict, reward_model_paths
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.evals import best_of_n, bon_kl
 from rlhf_jax.models import save_first_layers
 from rlhf_jax.models.loading import is_export
 from rlhf_jax.playground import tasks
+from rlhf_jax.rewards.ensemble import aggregate, warm_average
 from rlhf_jax.storage import replace_file
 
 def finished(workdir: str) -> bool:
@@ -133,7 +134,8 @@ def proxy_specs(proxies, batch_size: int) -> list[dict]:
   """The proxies to train: per (model, comparisons) one trained proxies.steps, and per
   (comparisons, epochs) of proxies.epochs one of the first model trained that many epochs
   (comparisons · epochs / batch_size steps); each {'proxy': name, 'proxy_model',
-  'proxy_comparisons', 'proxy_steps', 'proxy_epochs'}."""
+  'proxy_comparisons', 'proxy_steps', 'proxy_epochs', 'proxy_seed'}. With several
+  proxies.seeds, one proxy per seed of each (the members of an ensemble: '<name>-seed<s>')."""
   specs = [(model, comparisons, proxies.steps)
            for model in proxies.models for comparisons in proxies.comparisons]
   specs += [(proxies.models[0], comparisons, comparisons * epochs // batch_size)
@@ -142,8 +144,10 @@ def proxy_specs(proxies, batch_size: int) -> list[dict]:
   for model, comparisons, steps in specs:
     epochs = steps * batch_size / comparisons
     name = f'{model}-{comparisons}' + ('' if steps == proxies.steps else f'-{epochs:g}ep')
-    out.append({'proxy': name, 'proxy_model': model, 'proxy_comparisons': comparisons,
-                'proxy_steps': steps, 'proxy_epochs': epochs})
+    for seed in proxies.seeds:
+      out.append({'proxy': name + (f'-seed{seed}' if len(proxies.seeds) > 1 else ''),
+                  'proxy_model': model, 'proxy_comparisons': comparisons,
+                  'proxy_steps': steps, 'proxy_epochs': epochs, 'proxy_seed': seed})
   return out
 
 
@@ -160,7 +164,8 @@ def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
                  'train.eval_at_start': False, 'data.playground.pairs': policy,
                  'data.playground.train_size': proxy['proxy_comparisons'],
                  'data.playground.label_temperature': p.label_temperature,
-                 'data.tokenizer': policy}
+                 'data.tokenizer': policy, 'seed': proxy['proxy_seed'],
+                 'data.seed': proxy['proxy_seed']}  # The order of its data.
     backbone = proxy_backbone(proxy['proxy_model'], policy, workdir)
     if backbone:
       overrides['model.hf_path'] = backbone
@@ -201,25 +206,71 @@ def count_params(hf_dir: str) -> int:
     return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def best_of_n_runs(experiment, workdir: str, policy: str, proxies) -> tuple[list, list, list]:
-  """Per proxy and seed, the best-of-n curve over n = 1, 2, 4, … n_max: per prompt the expected
-  gold and proxy reward of the proxy's choice (`best_of_n.expected_rewards`), against
-  KL_bon = log n − (n−1)/n and against the exact KL of best-of-n over the prompt's sampled
-  answers (`bon_kl`: answers repeat, and the formula is then only an upper bound).
+def reward_targets(experiment, workdir: str, proxies) -> list[dict]:
+  """What each method optimises: {'name', 'spec' (a reward-model directory, or several
+  separated by commas), 'aggregation', 'methods', 'metadata'}.
 
-  Seed s is its own n_max answers per prompt, drawn with keys config.seed + s·n_max + j, sampled
-  once (<workdir>/bon/answers_seed<s>.json) and shared by all proxies, so that their curves
-  differ only by the proxies' choices.
-
-  Returns (runs on the formula's KL, the same runs on the exact KL, the KL table: per proxy and
-  n, the formula, the exact KL (mean over prompts and seeds, and per task) and best-of-n's win
-  rate under the proxy against an answer of π_init, next to its bound n/(n+1)).
+  Without an ensemble (config.ensemble.members = 0) every proxy, under both methods. With one,
+  proxies.seeds are its members (Coste et al. 2023): each member under best-of-n, the first
+  also under PPO (the single-proxy baseline); per aggregation of ensemble.aggregations, their
+  ensemble ('ensemble-<aggregation>') under best-of-n, and under PPO if in
+  ensemble.rl_aggregations; with ensemble.warm, their weight average ('warm', Ramé et al. 2024)
+  under best-of-n.
   """
+  e = experiment.ensemble
+  if not e.members:
+    return [{'name': p['proxy'], 'spec': p['path'], 'aggregation': 'mean',
+             'methods': experiment.methods, 'metadata': describe(p)} for p in proxies]
+  if len(proxies) != e.members:
+    raise ValueError(f'config.ensemble.members={e.members} but the proxies are {len(proxies)} '
+                     f'({[p["proxy"] for p in proxies]}): an ensemble takes one proxy model and '
+                     'number of comparisons, one member per seed of config.proxies.seeds.')
+  members = {'ensemble_members': len(proxies)}
+  targets = [{'name': p['proxy'], 'spec': p['path'], 'aggregation': 'mean',
+              'methods': experiment.methods if i == 0 else ('bon',), 'metadata': describe(p)}
+             for i, p in enumerate(proxies)]
+  spec = ','.join(p['path'] for p in proxies)
+  for aggregation in e.aggregations:
+    targets.append({'name': f'ensemble-{aggregation}', 'spec': spec, 'aggregation': aggregation,
+                    'methods': ('bon', 'rl') if aggregation in e.rl_aggregations else ('bon',),
+                    'metadata': members | {'aggregation': aggregation}})
+  if e.warm:
+    path = os.path.join(workdir, 'proxies', 'warm')
+    if not is_export(path):
+      warm_average([p['path'] for p in proxies], path)
+    targets.append({'name': 'warm', 'spec': path, 'aggregation': 'mean', 'methods': ('bon',),
+                    'metadata': members | {'aggregation': 'warm'}})
+  return [t for t in targets if set(t['methods']) & set(experiment.methods)]
+
+
+def scoring_context(experiment, workdir: str, policy: str) -> tuple:
+  """(the best-of-n stage's config, a RunContext on it in <workdir>/bon): π_init's tokenizer,
+  the gold reward and reward models that score answers as long as PPO's."""
   config = stage_config('bon', experiment, **{
       'model.hf_path': policy, 'data.tokenizer': policy,
       'data.max_prompt_len': experiment.rl.max_prompt_len,
-      'eval.max_new_tokens': experiment.rl.max_new_tokens})  # As PPO's answers.
-  ctx = RunContext(config, os.path.join(workdir, 'bon'))
+      'eval.max_new_tokens': experiment.rl.max_new_tokens})
+  return config, RunContext(config, os.path.join(workdir, 'bon'))
+
+
+def best_of_n_runs(experiment, workdir: str, policy: str, targets) -> tuple[list, list, list]:
+  """Per target (`reward_targets`) and seed, the best-of-n curve over n = 1, 2, 4, … n_max: per
+  prompt the expected gold and proxy reward of the target's choice
+  (`best_of_n.expected_rewards`), against KL_bon = log n − (n−1)/n and against the exact KL of
+  best-of-n over the prompt's sampled answers (`bon_kl`: answers repeat, and the formula is then
+  only an upper bound).
+
+  Seed s is its own n_max answers per prompt, drawn with keys config.seed + s·n_max + j, sampled
+  once (<workdir>/bon/answers_seed<s>.json) and shared by all targets, so that their curves
+  differ only by the targets' choices. Each reward model scores every answer once; an
+  ensemble's score is the aggregate of its members' scores, each standardised over one answer
+  per prompt (the first seed's first: `rewards.ensemble`).
+
+  Returns (runs on the formula's KL, the same runs on the exact KL, the KL table: per target and
+  n, the formula, the exact KL (mean over prompts and seeds, and per task) and best-of-n's win
+  rate under the target against an answer of π_init, next to its bound n/(n+1)).
+  """
+  config, ctx = scoring_context(experiment, workdir, policy)
   n_max = experiment.bon.n_max
   prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', experiment.bon.num_prompts)
   task_N = np.array([tasks.task_of(p) for p in prompts])
@@ -239,18 +290,34 @@ def best_of_n_runs(experiment, workdir: str, policy: str, proxies) -> tuple[list
       replace_file(path, json.dumps(answers[seed]))
   ctx.release(policy, head='lm')
   gold = {seed: best_of_n.score_candidates(ctx.gold, prompts, a) for seed, a in answers.items()}
+  raw = {}  # Per reward-model directory and seed: its scores [N, K] of every answer.
+  for target in targets:
+    for path in reward_model_paths(target['spec']):
+      if path not in raw:
+        reward = ctx.reward_model(path)
+        raw[path] = {seed: best_of_n.score_candidates(reward, prompts, a)
+                     for seed, a in answers.items()}
+        ctx.release(path, head='scalar')
   runs, exact_runs, table = [], [], []
-  for proxy in proxies:
-    reward = ctx.reward_model(proxy['path'])
+  first_seed = experiment.seeds[0]
+  for target in targets:
+    paths = reward_model_paths(target['spec'])
     exact_kl, win_rate = {n: [] for n in ns}, {n: [] for n in ns}
     for seed, seed_answers in answers.items():
-      scores_NxK = best_of_n.score_candidates(reward, prompts, seed_answers)
+      scores_NxK = raw[paths[0]][seed]
+      if len(paths) > 1:  # Members standardised over the reference answers, then aggregated.
+        reference_MxN = np.stack([raw[path][first_seed][:, 0] for path in paths])
+        shift_M, scale_M = reference_MxN.mean(1), reference_MxN.std(1)
+        scores_NxK = aggregate(np.stack([(raw[path][seed] - shift) / scale for path, shift, scale
+                                         in zip(paths, shift_M, scale_M)]),
+                               target['aggregation'],
+                               uncertainty_weight=experiment.ensemble.uncertainty_weight)
       expected = [best_of_n.expected_rewards(scores_NxK, gold[seed], n) for n in ns]
       run = overoptimization.Run(
-          method='bon', proxy=proxy['proxy'], seed=seed, points=tuple({'n': n} for n in ns),
+          method='bon', proxy=target['name'], seed=seed, points=tuple({'n': n} for n in ns),
           kl_PxI=np.repeat([[best_of_n.kl_best_of_n(n)] for n in ns], len(prompts), axis=1),
           gold_PxI=np.array([g for _, g in expected]),
-          proxy_PxI=np.array([p for p, _ in expected]), metadata=describe(proxy))
+          proxy_PxI=np.array([p for p, _ in expected]), metadata=target['metadata'])
       distributions = [bon_kl.empirical_distribution(a, s)
                        for a, s in zip(zip(*seed_answers), scores_NxK)]
       for n in ns:
@@ -260,7 +327,7 @@ def best_of_n_runs(experiment, workdir: str, policy: str, proxies) -> tuple[list
       exact_runs.append(dataclasses.replace(run, kl_PxI=np.array([exact_kl[n][-1] for n in ns])))
     for n in ns:
       exact_SxN = np.array(exact_kl[n])
-      table.append({'proxy': proxy['proxy'], 'n': n, 'formula': best_of_n.kl_best_of_n(n),
+      table.append({'proxy': target['name'], 'n': n, 'formula': best_of_n.kl_best_of_n(n),
                     'exact': float(exact_SxN.mean()),
                     'exact_by_task': {t: float(exact_SxN[:, task_N == t].mean())
                                       for t in sorted(set(task_N))},
@@ -283,26 +350,29 @@ def ppo_overrides(rl) -> dict:
       'eval.max_new_tokens': rl.max_new_tokens}
 
 
-def rl_runs(experiment, workdir: str, policy: str, proxies) -> list:
-  """Per proxy, KL coefficient and seed, PPO against the proxy with config.seed = s (its
-  rollouts, minibatch order and evaluation answers) in <workdir>/rl/<curve>/seed<s>, where the
-  curve is the proxy's name, with -kl<β> for a coefficient β ≠ 0; per evaluation and held-out
-  prompt, the Rao–Blackwellised Monte-Carlo KL to π_init along the sampled answer, its gold and
-  proxy reward (the run's samples/step_<N>.jsonl)."""
+def rl_runs(experiment, workdir: str, policy: str, targets) -> list:
+  """Per target (`reward_targets`), KL coefficient and seed, PPO against the target with
+  config.seed = s (its rollouts, minibatch order and evaluation answers) in
+  <workdir>/rl/<curve>/seed<s>, where the curve is the target's name, with -kl<β> for a
+  coefficient β ≠ 0; per evaluation and held-out prompt, the Rao–Blackwellised Monte-Carlo KL to
+  π_init along the sampled answer, its gold and proxy reward (the run's
+  samples/step_<N>.jsonl)."""
   r = experiment.rl
   stages, labels = [], []
-  for seed in experiment.seeds:  # Seed by seed: side by side, the proxies' runs take alike.
-    for proxy in proxies:
+  for seed in experiment.seeds:  # Seed by seed: side by side, the targets' runs take alike.
+    for target in targets:
       for kl_coef in experiment.kl_coefs:
-        curve = proxy['proxy'] + (f'-kl{kl_coef:g}' if kl_coef else '')
+        curve = target['name'] + (f'-kl{kl_coef:g}' if kl_coef else '')
         stages.append((stage_config('ppo', experiment, **ppo_overrides(r), **{
-            'model.hf_path': policy, 'rl.reward_model': proxy['path'], 'rl.kl_coef': kl_coef,
-            'seed': seed, 'train.checkpoint_every': r.eval_every}),
+            'model.hf_path': policy, 'rl.reward_model': target['spec'],
+            'rl.reward_aggregation': target['aggregation'],
+            'rl.uncertainty_weight': experiment.ensemble.uncertainty_weight,
+            'rl.kl_coef': kl_coef, 'seed': seed, 'train.checkpoint_every': r.eval_every}),
                        os.path.join(workdir, 'rl', curve, f'seed{seed}')))
-        labels.append((curve, proxy, kl_coef, seed))
+        labels.append((curve, target, kl_coef, seed))
   run_stages(stages, experiment.workers)
   runs = []
-  for (curve, proxy, kl_coef, seed), (_, run_dir) in zip(labels, stages):
+  for (curve, target, kl_coef, seed), (_, run_dir) in zip(labels, stages):
     steps = [m['step'] for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
              if 'eval/samples/gold_reward' in m]
     measured = [read_samples(os.path.join(run_dir, 'samples', f'step_{step}.jsonl'))
@@ -310,35 +380,116 @@ def rl_runs(experiment, workdir: str, policy: str, proxies) -> list:
     runs.append(overoptimization.Run(
         method='rl', proxy=curve, seed=seed, points=tuple({'step': t} for t in steps),
         **{f'{key}_PxI': np.array([m[key] for m in measured]) for key in ('kl', 'gold', 'proxy')},
-        metadata=describe(proxy) | {'proxy_name': proxy['proxy'], 'kl_coef': kl_coef}))
+        metadata=target['metadata'] | {'proxy_name': target['name'], 'kl_coef': kl_coef}))
   return runs
 
 
 def read_samples(path: str) -> dict[str, np.ndarray]:
-  """An evaluation's per-prompt 'kl', 'gold' and 'proxy' (evals/samples.py writes them)."""
+  """An evaluation's per-prompt 'kl', 'gold' and 'proxy' (evals/samples.py writes them), and
+  its 'prompt' and 'response' texts."""
   with open(path) as f:
     rows = [json.loads(line) for line in f]
-  return {key: np.array([row[key] for row in rows], np.float64) for key in ('kl', 'gold', 'proxy')}
+  return {key: np.array([row[key] for row in rows], np.float64) for key in ('kl', 'gold', 'proxy')
+          } | {key: [row[key] for row in rows] for key in ('prompt', 'response')}
+
+
+def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict:
+  """With an ensemble (config.ensemble.members > 0), fits.json's
+    'warm': each member's, the prediction ensemble's (the mean of the members' standardised
+        scores) and WARM's `pair_accuracy` on pairs of π_init's answers (best-of-n's first two
+        per prompt, first seed: in distribution) and on pairs of the optimised policies'
+        answers (each PPO run's first and last evaluation answer to a prompt: out of
+        distribution), with the member that is best in distribution;
+    'early_stop': per PPO curve and seed, `early_stop` on the members' `disagreement` over the
+        run's evaluation answers (standardised on its first evaluation's, π_init's), judged by
+        the gold; and the means over seeds.
+  """
+  e = experiment.ensemble
+  _, ctx = scoring_context(experiment, workdir, policy)
+  models = {p['proxy']: p['path'] for p in proxies}
+  models |= {t['name']: t['spec'] for t in targets if t['name'] == 'warm'}
+  rewards = {name: ctx.reward_model(path) for name, path in models.items()}
+  members = [p['proxy'] for p in proxies]
+
+  def scores(prompts, responses) -> dict[str, np.ndarray]:
+    return {name: reward(prompts, responses) for name, reward in rewards.items()}
+
+  with open(os.path.join(workdir, 'bon', f'answers_seed{experiment.seeds[0]}.json')) as f:
+    first_two = json.load(f)[:2]
+  prompts = tasks.sample_prompts(ctx.config.data.playground.seed, 'eval',
+                                 experiment.bon.num_prompts)
+  pairs = {'in_distribution': [(prompts, answers, ctx.gold(prompts, answers))
+                               for answers in first_two]}
+  evaluations = {}  # Per PPO run directory: its evaluations, each read_samples.
+  for curve in sorted(os.listdir(os.path.join(workdir, 'rl'))):
+    for seed in experiment.seeds:
+      run_dir = os.path.join(workdir, 'rl', curve, f'seed{seed}')
+      steps = sorted(int(name.removeprefix('step_').removesuffix('.jsonl'))
+                     for name in os.listdir(os.path.join(run_dir, 'samples')))
+      evaluations[curve, seed] = [read_samples(os.path.join(run_dir, 'samples',
+                                                            f'step_{step}.jsonl'))
+                                  for step in steps]
+  firsts, lasts = zip(*[(evaluation[0], evaluation[-1]) for evaluation in evaluations.values()])
+  pairs['out_of_distribution'] = [
+      (sum((e['prompt'] for e in side), []), sum((e['response'] for e in side), []),
+       np.concatenate([e['gold'] for e in side])) for side in (firsts, lasts)]
+  reference = scores(*pairs['in_distribution'][0][:2])  # π_init's answers: standardisation.
+  shift = {m: reference[m].mean() for m in members}
+  scale = {m: reference[m].std() for m in members}
+  warm = {}
+  for split, ((prompts_a, answers_a, gold_a), (prompts_b, answers_b, gold_b)) in pairs.items():
+    side_a, side_b = scores(prompts_a, answers_a), scores(prompts_b, answers_b)
+    for side in (side_a, side_b):
+      side['ensemble'] = np.mean([(side[m] - shift[m]) / scale[m] for m in members], axis=0)
+    warm[split] = {name: overoptimization.pair_accuracy(side_a[name], side_b[name], gold_a,
+                                                        gold_b) for name in side_a}
+  best_member = max(members, key=lambda m: warm['in_distribution'][m]['accuracy'] or 0.0)
+  warm['best_member_in_distribution'] = best_member
+  stops = []
+  for (curve, seed), evaluation in evaluations.items():
+    member_MxPxI = np.array([[rewards[m](point['prompt'], point['response'])
+                              for point in evaluation] for m in members])
+    gold_P = np.array([point['gold'].mean() for point in evaluation])
+    disagreement_P = overoptimization.disagreement(member_MxPxI, member_MxPxI[:, 0])
+    stop = overoptimization.early_stop(disagreement_P, gold_P - gold_P[0],
+                                       rise=e.early_stop_rise)
+    at_stop = evaluation[stop['stop_index']]['kl'].mean()
+    stops.append({'curve': curve, 'seed': seed, **stop,
+                  'd_at_stop': float(np.sqrt(max(at_stop, 0.0))),
+                  'disagreement': disagreement_P.tolist()})
+  means = []
+  for curve in dict.fromkeys(stop['curve'] for stop in stops):
+    rows = [stop for stop in stops if stop['curve'] == curve]
+    means.append({'curve': curve, 'seeds': len(rows), **{
+        key: float(np.mean([row[key] for row in rows]))
+        for key in ('gain_at_stop', 'best_gain', 'final_gain', 'regret', 'd_at_stop')}})
+  return {'warm': warm, 'early_stop': {'rise': e.early_stop_rise, 'runs': stops,
+                                       'means': means}}
 
 
 def describe(proxy: dict) -> dict:
   return {k: v for k, v in proxy.items() if k not in ('path', 'proxy')}
 
 
-def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str) -> dict:
+def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str, extra: dict,
+            ensemble_curves: list[str]) -> dict:
   """measurements.jsonl (a record per run and point), per_prompt.npz (every prompt's
   measurements), fits.json and the plots; returns fits.json's summary: `overoptimization.summarize`
   of the runs, with 'data_scaling' (`overoptimization.scaling` of the proxies trained
   config.proxies.steps), 'bon_kl' (the KL table of `best_of_n_runs`), 'bon_exact_kl' (the
   fits of best-of-n's curves against d = √(exact KL)), 'kl_penalty'
-  (`overoptimization.kl_penalty`: RL's curves under the KL coefficients config.kl_coefs) and
-  'size_scaling' (`overoptimization.size_scaling`: proxies of several sizes)."""
+  (`overoptimization.kl_penalty`: RL's curves under the KL coefficients config.kl_coefs),
+  'size_scaling' (`overoptimization.size_scaling`: proxies of several sizes), 'ensembles'
+  (`overoptimization.mitigation_table` of the members, ensembles and WARM) and `extra`
+  (`mitigations`)."""
   exact = overoptimization.summarize(bon_exact_runs) if bon_exact_runs else {'fits': []}
   summary = overoptimization.summarize(runs)
-  equal_steps = [f for f in summary['fits'] if f['proxy_steps'] == experiment.proxies.steps]
+  equal_steps = [f for f in summary['fits'] if f.get('proxy_steps') == experiment.proxies.steps]
   summary |= {'data_scaling': overoptimization.scaling(equal_steps), 'bon_kl': bon_kl_table,
               'bon_exact_kl': exact['fits'], 'kl_penalty': overoptimization.kl_penalty(runs),
-              'size_scaling': overoptimization.size_scaling(summary['fits'])}
+              'size_scaling': overoptimization.size_scaling(summary['fits']),
+              'ensembles': overoptimization.mitigation_table(summary['fits'], ensemble_curves),
+              **extra}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'measurements.jsonl'), 'w') as f:
       f.writelines(json.dumps(record) + '\n' for run in runs for record in run.records())
@@ -353,7 +504,8 @@ def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str) -> dic
     if bon_exact_runs:
       overoptimization.plot_curves(exact, bon_exact_runs,
                                    os.path.join(plots, 'bon_exact_kl.png'), method='bon')
-    overoptimization.plot_coefficients(summary['fits'], os.path.join(plots, 'coefficients.png'),
+    overoptimization.plot_coefficients([f for f in summary['fits'] if 'proxy_comparisons' in f],
+                                       os.path.join(plots, 'coefficients.png'),
                                        by='proxy_comparisons')
     if summary['size_scaling']:
       overoptimization.plot_coefficients(summary['fits'],
@@ -414,6 +566,24 @@ def summary_table(summary: dict) -> str:
                  f'decade of parameters α {t["alpha_per_log10_params"]:+.3f}, β '
                  f'{t["beta_per_log10_params"]:+.3f}; one α {t["shared_alpha"]:.3f} (β {betas}): '
                  f'R² {t["r2_shared_alpha"]:.3f} against {t["r2_separate"]:.3f} with an α each')
+  for row in summary['ensembles']:
+    lines.append(f'{row["method"]:6} {row["proxy"]:20} best gain {row["best_gain"]:+.3f} at d '
+                 f'{row["best_d"]:.2f}, final {row["final_gain"]:+.3f} at d {row["max_d"]:.2f}, '
+                 f'β {row["beta"]:.3f}; interior peak: {row["interior_peak"]}')
+  if 'warm' in summary:
+    for split in ('in_distribution', 'out_of_distribution'):
+      accuracies = ', '.join(f'{name} ' + ('n/a' if a['accuracy'] is None else
+                                           f'{a["accuracy"]:.3f}')
+                             for name, a in summary['warm'][split].items())
+      pairs = next(iter(summary['warm'][split].values()))['pairs']
+      lines.append(f'accuracy {split.replace("_", " ")} ({pairs} pairs): {accuracies}')
+    rule = summary['early_stop']
+    lines.append(f'early stop (before the members\' disagreement exceeds {1 + rule["rise"]:g}× '
+                 "π_init's), gold gain, mean over seeds:")
+    for row in rule['means']:
+      lines.append(f'  {row["curve"]:20} at the stop {row["gain_at_stop"]:+.3f} (d '
+                   f'{row["d_at_stop"]:.2f}), best {row["best_gain"]:+.3f}, last '
+                   f'{row["final_gain"]:+.3f}')
   for entry in summary['kl_penalty']:
     pooled = entry['pooled']
     lines.append(f'KL penalty, {entry["proxy"]}: R_RL pooled over the coefficients α '
@@ -433,12 +603,18 @@ def run(experiment, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   policy = initial_policy(experiment, workdir)
   proxies = train_proxies(experiment, workdir, policy)
+  targets = reward_targets(experiment, workdir, proxies)
   runs, bon_exact_runs, bon_kl_table = [], [], []
   if 'bon' in experiment.methods:
-    runs, bon_exact_runs, bon_kl_table = best_of_n_runs(experiment, workdir, policy, proxies)
+    runs, bon_exact_runs, bon_kl_table = best_of_n_runs(
+        experiment, workdir, policy, [t for t in targets if 'bon' in t['methods']])
   if 'rl' in experiment.methods:
-    runs += rl_runs(experiment, workdir, policy, proxies)
-  return analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir)
+    runs += rl_runs(experiment, workdir, policy, [t for t in targets if 'rl' in t['methods']])
+  extra = {}
+  if experiment.ensemble.members and 'rl' in experiment.methods:
+    extra = mitigations(experiment, workdir, policy, proxies, targets)
+  return analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir, extra,
+                 [t['name'] for t in targets] if experiment.ensemble.members else [])
 
 
 def main(argv):

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import scipy.special
 
-from rlhf_jax.analysis.overoptimization import (Run, fit, fit_all, fit_bon, fit_rl,
-                                                fit_shared_alpha, kl_penalty, load_runs,
-                                                measurements_to_curves,
+from rlhf_jax.analysis.overoptimization import (Run, disagreement, early_stop, fit, fit_all,
+                                                fit_bon, fit_rl, fit_shared_alpha, kl_penalty,
+                                                load_runs, measurements_to_curves,
+                                                pair_accuracy,
                                                 plot_coefficients, plot_curves,
                                                 plot_gold_against_proxy, plot_kl_penalty,
                                                 save_runs, scaling, size_scaling, summarize)
@@ -350,6 +351,33 @@ def test_size_scaling_relates_the_coefficients_to_log_parameters():
   bon = tables[0]
   assert bon['alpha_per_log10_params'] == pytest.approx(0.2)
   assert bon['r2_shared_alpha'] < bon['r2_separate'] == pytest.approx(1.0)
+
+
+def test_pair_accuracy_counts_agreement_with_the_gold_and_skips_its_ties():
+  # Pairs: gold prefers b, a, b, (tie: skipped), b; the model prefers b, b, a, b, and ties.
+  result = pair_accuracy(score_a=[0, 1, 5, 0, 2], score_b=[1, 2, 4, 3, 2],
+                         gold_a=[0.1, 0.9, 0.2, 0.5, 0.0], gold_b=[0.8, 0.3, 0.7, 0.5, 1.0])
+  assert result == {'accuracy': (1 + 0 + 0 + 0.5) / 4, 'pairs': 4}
+  assert pair_accuracy([0, 1], [1, 0], [0.5, 0.5], [0.5, 0.5]) == {'accuracy': None, 'pairs': 0}
+
+
+def test_disagreement_is_the_std_of_standardised_members_averaged_over_prompts():
+  reference_MxI = np.array([[0.0, 2.0], [10.0, 30.0]])  # Means 1, 20; stds 1, 10.
+  # Point 0: both members at their means (+0 std); point 1: member 0 at +1 std, member 1 at
+  # −1 std on prompt 0, both at +1 std on prompt 1.
+  scores_MxPxI = np.array([[[1.0, 1.0], [2.0, 2.0]], [[20.0, 20.0], [10.0, 30.0]]])
+  np.testing.assert_allclose(disagreement(scores_MxPxI, reference_MxI), [0.0, 0.5])
+
+
+def test_early_stop_stops_before_the_disagreement_rises_and_is_judged_by_the_gold():
+  gain = [0.0, 0.03, 0.05, 0.02, -0.04]
+  stop = early_stop([0.2, 0.22, 0.28, 0.31, 0.5], gain, rise=0.5)  # > 0.3 first at index 3.
+  assert stop == {'stop_index': 2, 'gain_at_stop': 0.05, 'best_index': 2, 'best_gain': 0.05,
+                  'final_gain': -0.04, 'regret': 0.0}
+  never = early_stop([0.2, 0.2, 0.2, 0.2, 0.2], gain, rise=0.5)
+  assert never['stop_index'] == 4 and never['regret'] == pytest.approx(0.09)
+  at_once = early_stop([0.2, 0.5, 0.5, 0.5, 0.5], gain, rise=0.5)
+  assert at_once['stop_index'] == 0 and at_once['gain_at_stop'] == 0.0
 
 
 def _penalised_runs(*, frontier_shift=0.0, proxy_shift=0.1):

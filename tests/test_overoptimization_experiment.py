@@ -14,6 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
+import safetensors
 
 from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import load_config
@@ -61,10 +62,13 @@ def test_proxy_specs_name_data_steps_and_epochs():
                          'policy-8000', 'policy-16000', 'policy-2000-4ep', 'policy-8000-1ep']
   assert specs['policy-250'] == {'proxy': 'policy-250', 'proxy_model': 'policy',
                                  'proxy_comparisons': 250, 'proxy_steps': 600,
-                                 'proxy_epochs': 600 * 32 / 250}
+                                 'proxy_epochs': 600 * 32 / 250, 'proxy_seed': 0}
   # 2,000 comparisons × 4 epochs and 8,000 × 1 take the same 250 steps of 32 pairs.
   assert specs['policy-2000-4ep']['proxy_steps'] == specs['policy-8000-1ep']['proxy_steps'] == 250
   assert specs['policy-2000-4ep']['proxy_epochs'] == 4
+  members = load_config('overoptimization.py:ensembles').proxies
+  assert [(s['proxy'], s['proxy_seed']) for s in load_experiment().proxy_specs(members, 32)] == [
+      (f'policy-2000-seed{seed}', seed) for seed in (1, 2, 3, 4, 5)]
 
 
 @pytest.fixture(scope='module')
@@ -205,6 +209,60 @@ def test_the_size_scaling_preset_cuts_proxies_from_the_policy(run, micro, tmp_pa
   assert set(table['betas_shared_alpha']) == set(fits)
   assert (tmp_path / 'plots' / 'coefficients_by_size.png').exists()
   assert 'bon by proxy size (64 comparisons)' in experiment.summary_table(summary)
+
+
+def test_the_ensembles_preset_optimises_members_ensembles_and_their_average(run, micro, tmp_path):
+  """ensembles' shape at micro scale, one seed, from the run's π_init and answers: two
+  members by seed; best-of-n against each, each aggregation and WARM; PPO against the first
+  member and the uncertainty-weighted ensemble; WARM's accuracy and the early-stopping rule
+  (the micro policy's answers may all tie under the gold: then no accuracy)."""
+  workdir, _ = run
+  experiment, config = micro
+  ensembles = config.copy_and_resolve_references()
+  ensembles.update(seeds=(0,))
+  ensembles.proxies.seeds = (1, 2)
+  ensembles.ensemble.update(members=2, rl_aggregations=('uncertainty',))
+  for stage in ('policy', 'bon'):
+    shutil.copytree(workdir / stage, tmp_path / stage)
+  summary = experiment.run(ensembles, str(tmp_path))
+  members = ['policy-64-seed1', 'policy-64-seed2']
+  for seed, member in enumerate(members, start=1):
+    proxy = json.loads((tmp_path / 'proxies' / member / 'config.json').read_text())
+    assert proxy['seed'] == proxy['data']['seed'] == seed
+  curves = [(f['method'], f['proxy']) for f in summary['fits']]
+  assert curves == [('bon', name) for name in members + [
+      'ensemble-mean', 'ensemble-min', 'ensemble-uncertainty', 'warm']] + [
+          ('rl', 'policy-64-seed1'), ('rl', 'ensemble-uncertainty')]
+  assert [(r['method'], r['proxy']) for r in summary['ensembles']] == curves
+  assert all(isinstance(r['interior_peak'], bool) for r in summary['ensembles'])
+  assert summary['comparisons'] == []  # Members and ensembles share their comparisons.
+  # WARM's weights are the members' mean.
+  warm = overoptimization_params(tmp_path / 'proxies' / 'warm')
+  mean = np.mean([overoptimization_params(tmp_path / 'proxies' / m / 'hf') for m in members],
+                 axis=0)
+  np.testing.assert_allclose(warm, mean, rtol=1e-6, atol=1e-7)
+  for split in ('in_distribution', 'out_of_distribution'):
+    accuracies = summary['warm'][split]
+    assert set(accuracies) == set(members) | {'ensemble', 'warm'}
+    assert len({a['pairs'] for a in accuracies.values()}) == 1  # The same pairs for each.
+    assert all(a['accuracy'] is None if a['pairs'] == 0 else 0 <= a['accuracy'] <= 1
+               for a in accuracies.values())
+  assert summary['warm']['best_member_in_distribution'] in members
+  stops = summary['early_stop']
+  assert {(r['curve'], r['seed']) for r in stops['runs']} == {
+      (curve, 0) for curve in ('policy-64-seed1', 'ensemble-uncertainty')}
+  for row in stops['runs']:  # Members trained on other orders of the data disagree.
+    assert row['disagreement'][0] > 0 and len(row['disagreement']) == 4
+    assert row['best_gain'] >= row['gain_at_stop'] and row['regret'] >= 0
+  assert [row['curve'] for row in stops['means']] == ['ensemble-uncertainty', 'policy-64-seed1']
+  table = experiment.summary_table(summary)
+  assert 'accuracy out of distribution' in table and 'early stop' in table
+
+
+def overoptimization_params(hf_dir) -> np.ndarray:
+  """Every tensor of a checkpoint, flattened in name order."""
+  with safetensors.safe_open(str(hf_dir / 'model.safetensors'), 'np') as f:
+    return np.concatenate([f.get_tensor(name).ravel() for name in sorted(f.keys())])
 
 
 def test_the_kl_penalty_preset_runs_ppo_under_each_coefficient(run, micro, tmp_path):

@@ -391,18 +391,20 @@ def _kl_efficiency(rows) -> list[dict]:
 
 def _comparisons(rows, replicates, per_seed) -> list[dict]:
   """Per method, each proxy against the next by number of comparisons, among proxies of one
-  model trained for as many steps and optimised under one KL coefficient (where the rows say:
-  'proxy_model', 'proxy_steps', 'kl_coef')."""
+  model, seed and number of steps, optimised under one KL coefficient and aggregation (where
+  the rows say: 'proxy_model', 'proxy_seed', 'proxy_steps', 'kl_coef', 'aggregation')."""
   out = []
   for method in METHODS:
     families = {}
     for r in rows:
       if r['method'] == method and 'proxy_comparisons' in r:
-        families.setdefault((r.get('proxy_model'), r.get('proxy_steps'), r.get('kl_coef')),
-                            []).append(r)
-    pairs_of_proxies = [pair for family in families.values()
-                        for pair in itertools.pairwise(
-                            sorted(family, key=lambda r: r['proxy_comparisons']))]
+        key = tuple(r.get(k) for k in ('proxy_model', 'proxy_steps', 'kl_coef', 'proxy_seed',
+                                         'aggregation'))
+        families.setdefault(key, []).append(r)
+    pairs_of_proxies = [(fewer, more) for family in families.values()
+                        for fewer, more in itertools.pairwise(
+                            sorted(family, key=lambda r: r['proxy_comparisons']))
+                        if fewer['proxy_comparisons'] < more['proxy_comparisons']]
     for fewer, more in pairs_of_proxies:
       pairs = list(zip(replicates[method, fewer['proxy']], replicates[method, more['proxy']]))
       later = [_peak(b, 'peak_d') > _peak(a, 'peak_d') for a, b in pairs]
@@ -565,6 +567,58 @@ def size_scaling(fits) -> list[dict]:
         'r2_shared_alpha': shared['r2'], 'r2_separate': shared['r2_separate'],
         'betas_shared_alpha': dict(zip((row['proxy'] for row in rows), shared['betas']))})
   return out
+
+
+def pair_accuracy(score_a, score_b, gold_a, gold_b) -> dict:
+  """How often a reward model prefers what the gold prefers, over the pairs (a_i, b_i) whose
+  gold rewards differ (a tie of the model's scores counts half): {'accuracy', 'pairs'}, the
+  accuracy None where no pair's gold rewards differ."""
+  score_a, score_b, gold_a, gold_b = (np.asarray(x, np.float64)
+                                      for x in (score_a, score_b, gold_a, gold_b))
+  decided = gold_a != gold_b
+  if not decided.any():
+    return {'accuracy': None, 'pairs': 0}
+  agree = np.sign(score_b - score_a)[decided] * np.sign(gold_b - gold_a)[decided]
+  return {'accuracy': float(np.mean((agree + 1) / 2)), 'pairs': int(decided.sum())}
+
+
+def disagreement(member_scores_MxPxI, reference_MxI) -> np.ndarray:
+  """[P] Coste et al. 2023's uncertainty along a curve: per point, the std over the M members of
+  their scores standardised by each member's mean and std over reference answers (π_init's),
+  averaged over the I prompts."""
+  member_scores_MxPxI = np.asarray(member_scores_MxPxI, np.float64)
+  reference_MxI = np.asarray(reference_MxI, np.float64)
+  shift_M, scale_M = reference_MxI.mean(1), reference_MxI.std(1)
+  standardised = (member_scores_MxPxI - shift_M[:, None, None]) / scale_M[:, None, None]
+  return standardised.std(axis=0).mean(axis=-1)
+
+
+def early_stop(disagreement_P, gain_P, *, rise: float) -> dict:
+  """A stopping rule that reads proxy-side signals only: stop at the last point before the
+  members' disagreement first exceeds (1 + rise) times its value at the first point (the
+  initial policy), or at the last point if it never does. Judged by the gold afterwards:
+  {'stop_index', 'gain_at_stop', 'best_index', 'best_gain' (the oracle: the best measured
+  point), 'final_gain', 'regret' = best_gain − gain_at_stop}."""
+  disagreement_P, gain_P = np.asarray(disagreement_P), np.asarray(gain_P)
+  over = np.flatnonzero(disagreement_P > (1 + rise) * disagreement_P[0])
+  stop = int(over[0]) - 1 if len(over) else len(gain_P) - 1
+  stop = max(stop, 0)
+  best = int(np.argmax(gain_P))
+  return {'stop_index': stop, 'gain_at_stop': float(gain_P[stop]), 'best_index': best,
+          'best_gain': float(gain_P[best]), 'final_gain': float(gain_P[-1]),
+          'regret': float(gain_P[best] - gain_P[stop])}
+
+
+def mitigation_table(fits, names) -> list[dict]:
+  """fits.json's 'ensembles': per method and curve among `names` (single proxies, ensembles,
+  WARM), the best and final measured gold gain with their intervals, the fitted peak and whether
+  the curve has an interior peak (measured: it rises, then falls; `_verdict`)."""
+  return [{'method': f['method'], 'proxy': f['proxy'], 'aggregation': f.get('aggregation'),
+           'best_gain': f['best_gain'], 'best_d': f['best_d'], 'final_gain': f['final_gain'],
+           'max_d': f['max_d'], 'peak_d': f['peak_d'], 'beta': f['beta'],
+           'interval': {k: f['interval'][k] for k in ('best_gain', 'final_gain', 'beta')},
+           'interior_peak': f['rises'] and f['falls']}
+          for f in fits if f['proxy'] in names]
 
 
 def _peak(statistics: dict, key: str) -> float:
