@@ -6,11 +6,14 @@
 Stages, each a run in <workdir> that a rerun resumes or skips once finished:
   policy/{pretrain,sft}/   the initial policy π_init (unless config.policy names one)
   proxies/<model>-<N>/     a reward model on N gold-labelled comparisons of π_init's samples
+                           (-seed<m>: ensemble members; backbones/policy-L<k>: the policy's
+                           first k layers, for smaller proxies; warm/: the members' average)
   bon/                     per seed, n_max answers of π_init per held-out prompt, sampled once
-  rl/<proxy>/seed<s>/      PPO against the proxy (no KL penalty by default) with config.seed = s,
-                           evaluated every few iterations on held-out prompts: gold and proxy
-                           reward, KL to π_init; with a KL budget (config.rl.stop_kl) it stops
-                           once the KL reaches it
+  rl/<target>/seed<s>/     PPO against a proxy or an ensemble (no KL penalty by default;
+                           -kl<β>: under config.kl_coefs' β) with config.seed = s, evaluated
+                           every few iterations on held-out prompts: gold and proxy reward, KL
+                           to π_init; with a KL budget (config.rl.stop_kl) it stops once the KL
+                           reaches it
 The proxies, and then the PPO runs, are trained config.workers at a time, each in a process of
 its own. Every curve is measured for each of config.seeds (the policy's side: best-of-n's
 answers, PPO's rollouts, minibatch order and evaluation answers; the proxies are shared).
@@ -24,10 +27,12 @@ Then, in <workdir>:
                       (measured: a point whose interval lies above 0, then below the best);
                       each seed's fit; whether the proxy on more data peaks later and higher
                       best-of-n's exact KL next to the formula's, per n and task, and the fits
-                      on it
+                      on it; by preset, data_scaling, size_scaling, kl_penalty, and ensembles,
+                      warm and early_stop (`analyse`)
   plots/{bon,rl,coefficients,bon_exact_kl,gold_vs_proxy}.png   Gao et al.'s figure 1 (seeds,
                       mean, band, fit), the coefficients against data, best-of-n against the
-                      exact KL, gold against proxy reward for both methods
+                      exact KL, gold against proxy reward for both methods; and where the
+                      preset has them coefficients_by_size.png, kl_penalty.png
 notebooks/overoptimization.ipynb redraws the plots from a workdir.
 """
 
