@@ -311,10 +311,9 @@ def best_of_n_runs(experiment, workdir: str, policy: str, targets) -> tuple[list
     for seed, seed_answers in answers.items():
       scores_NxK = raw[paths[0]][seed]
       if len(paths) > 1:  # Members standardised over the reference answers, then aggregated.
-        reference_MxN = np.stack([raw[path][first_seed][:, 0] for path in paths])
-        shift_M, scale_M = reference_MxN.mean(1), reference_MxN.std(1)
-        scores_NxK = aggregate(np.stack([(raw[path][seed] - shift) / scale for path, shift, scale
-                                         in zip(paths, shift_M, scale_M)]),
+        scores_NxK = aggregate(overoptimization.standardize(
+            np.stack([raw[path][seed] for path in paths]),
+            np.stack([raw[path][first_seed][:, 0] for path in paths])),
                                target['aggregation'],
                                uncertainty_weight=experiment.ensemble.uncertainty_weight)
       expected = [best_of_n.expected_rewards(scores_NxK, gold[seed], n) for n in ns]
@@ -439,13 +438,13 @@ def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict
       (sum((e['prompt'] for e in side), []), sum((e['response'] for e in side), []),
        np.concatenate([e['gold'] for e in side])) for side in (firsts, lasts)]
   reference = scores(*pairs['in_distribution'][0][:2])  # π_init's answers: standardisation.
-  shift = {m: reference[m].mean() for m in members}
-  scale = {m: reference[m].std() for m in members}
+  reference_MxI = np.stack([reference[m] for m in members])
   warm = {}
   for split, ((prompts_a, answers_a, gold_a), (prompts_b, answers_b, gold_b)) in pairs.items():
     side_a, side_b = scores(prompts_a, answers_a), scores(prompts_b, answers_b)
     for side in (side_a, side_b):
-      side['ensemble'] = np.mean([(side[m] - shift[m]) / scale[m] for m in members], axis=0)
+      side['ensemble'] = overoptimization.standardize(np.stack([side[m] for m in members]),
+                                                      reference_MxI).mean(axis=0)
     warm[split] = {name: overoptimization.pair_accuracy(side_a[name], side_b[name], gold_a,
                                                         gold_b) for name in side_a}
   best_member = max(members, key=lambda m: warm['in_distribution'][m]['accuracy'] or 0.0)

@@ -586,11 +586,17 @@ def disagreement(member_scores_MxPxI, reference_MxI) -> np.ndarray:
   """[P] Coste et al. 2023's uncertainty along a curve: per point, the std over the M members of
   their scores standardised by each member's mean and std over reference answers (π_init's),
   averaged over the I prompts."""
-  member_scores_MxPxI = np.asarray(member_scores_MxPxI, np.float64)
+  return standardize(member_scores_MxPxI, reference_MxI).std(axis=0).mean(axis=-1)
+
+
+def standardize(member_scores_Mx, reference_MxI) -> np.ndarray:
+  """Each member's scores [M, …] minus its mean over its reference scores [M, I], over their
+  (population) std: ensembles compare members on one scale (Coste et al. 2023)."""
+  scores = np.asarray(member_scores_Mx, np.float64)
   reference_MxI = np.asarray(reference_MxI, np.float64)
-  shift_M, scale_M = reference_MxI.mean(1), reference_MxI.std(1)
-  standardised = (member_scores_MxPxI - shift_M[:, None, None]) / scale_M[:, None, None]
-  return standardised.std(axis=0).mean(axis=-1)
+  extra = (None,) * (scores.ndim - 1)
+  return ((scores - reference_MxI.mean(1)[(slice(None),) + extra])
+          / reference_MxI.std(1)[(slice(None),) + extra])
 
 
 def early_stop(disagreement_P, gain_P, *, rise: float) -> dict:
