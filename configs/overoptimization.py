@@ -35,19 +35,21 @@ PRESETS = {
                          epochs=((2000, 4), (8000, 1)), methods=('bon',)),
     # Gao et al. §3.2 on this CPU: proxies of three sizes on 8,000 comparisons, all from the
     # policy's pretraining: its first 1 and 2 of 4 layers, and all 4 (0.26M to 0.85M
-    # parameters); best-of-n and PPO (100 iterations at most) against each.
+    # parameters); best-of-n and PPO (80 iterations at most: past its peak) against each.
     'size_scaling': dict(TINY, comparisons=(8000,), models=('policy-L1', 'policy-L2', 'policy'),
-                         rl_steps=100),
+                         rl_steps=80),
     # Gao et al. §3.6 on this CPU: PPO against the 2,000-comparison proxy with β = 0, 0.02 and
-    # 0.1 (on the proxy normalised over π_init's answers), each run 120 iterations at most.
+    # 0.1 (on the proxy normalised over π_init's answers), each run 100 iterations at most
+    # (β = 0.1 has converged by then, β = 0 is at d ≈ 2.5).
     'kl_penalty': dict(TINY, comparisons=(2000,), kl_coefs=(0.0, 0.02, 0.1), methods=('rl',),
-                       rl_steps=120),
+                       rl_steps=100),
     # Coste et al. 2023 and Ramé et al. 2024 on this CPU: five proxies on the same 2,000
-    # comparisons, differing by seed (the order of their data); best-of-n against each member,
-    # their mean, min and uncertainty-weighted ensembles and their weight average (WARM); PPO
-    # (100 iterations at most) against the first member and the uncertainty-weighted ensemble.
-    'ensembles': dict(TINY, comparisons=(2000,), proxy_seeds=(1, 2, 3, 4, 5),
-                      ensemble_members=5, rl_aggregations=('uncertainty',), rl_steps=100),
+    # comparisons, differing by seed (the order of their data), each 4 epochs (250 steps: WARM
+    # needs members that stay near their shared start); best-of-n against each member, their
+    # mean, min and uncertainty-weighted ensembles and their weight average (WARM); PPO (80
+    # iterations at most) against the first member and the uncertainty-weighted ensemble.
+    'ensembles': dict(TINY, comparisons=(2000,), proxy_seeds=(1, 2, 3, 4, 5), rm_steps=250,
+                      ensemble_members=5, rl_aggregations=('uncertainty',), rl_steps=80),
     # Accelerators: proxies of three sizes from scratch and from the policy, more data.
     'small': dict(stage_preset='small', pretrain_steps=4000, sft_steps=1000, rm_steps=2000,
                   comparisons=(2000, 8000, 32000), models=('policy', 'tiny', 'playground'),
