@@ -100,9 +100,10 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'rl_aggregations': p.get('rl_aggregations', ()),
           'uncertainty_weight': 0.5,  # λ of mean − λ·var over members of std 1.
           'warm': True,
-          # Fixed before any run: stop at the last evaluation before the members' disagreement
-          # (std over members of their standardised scores, mean over prompts) first exceeds
-          # (1 + early_stop_rise) times its value on π_init's answers.
+          # Stopping rules, fixed before any run: stop at the last evaluation before the
+          # members' disagreement (std over members of their standardised scores, mean over
+          # prompts) first exceeds (1 + early_stop_rise) times its value on π_init's answers;
+          # and, for PPO against one member, at the peak of the other members' mean score.
           'early_stop_rise': 0.5,
       },
       # Every curve is measured once per seed, on the policy's side (best-of-n's answers; PPO's

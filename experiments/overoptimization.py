@@ -404,9 +404,11 @@ def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict
         per prompt, first seed: in distribution) and on pairs of the optimised policies'
         answers (each PPO run's first and last evaluation answer to a prompt: out of
         distribution), with the member that is best in distribution;
-    'early_stop': per PPO curve and seed, `early_stop` on the members' `disagreement` over the
-        run's evaluation answers (standardised on its first evaluation's, π_init's), judged by
-        the gold; and the means over seeds.
+    'early_stop': per PPO curve, seed and rule, a stop point judged by the gold (`judge_stop`)
+        and the means over seeds. Rules: 'disagreement' (`stop_before_disagreement` on the
+        members' `disagreement` over the run's evaluation answers, standardised on its first
+        evaluation's, π_init's) and, for a run against one member, 'held_out' (the peak of the
+        other members' standardised score, `stop_at_held_out_peak`).
   """
   e = experiment.ensemble
   _, ctx = scoring_context(experiment, workdir, policy)
@@ -453,18 +455,26 @@ def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict
   for (curve, seed), evaluation in evaluations.items():
     member_MxPxI = np.array([[rewards[m](point['prompt'], point['response'])
                               for point in evaluation] for m in members])
-    gold_P = np.array([point['gold'].mean() for point in evaluation])
+    standardized_MxPxI = overoptimization.standardize(member_MxPxI, member_MxPxI[:, 0])
+    gain_P = np.array([point['gold'].mean() for point in evaluation])
+    gain_P -= gain_P[0]
+    d_P = np.sqrt(np.maximum([point['kl'].mean() for point in evaluation], 0.0))
     disagreement_P = overoptimization.disagreement(member_MxPxI, member_MxPxI[:, 0])
-    stop = overoptimization.early_stop(disagreement_P, gold_P - gold_P[0],
-                                       rise=e.early_stop_rise)
-    at_stop = evaluation[stop['stop_index']]['kl'].mean()
-    stops.append({'curve': curve, 'seed': seed, **stop,
-                  'd_at_stop': float(np.sqrt(max(at_stop, 0.0))),
-                  'disagreement': disagreement_P.tolist()})
+    rules = {'disagreement': overoptimization.stop_before_disagreement(
+        disagreement_P, rise=e.early_stop_rise)}
+    if curve in members:  # Optimised against one member: the others are held out.
+      held_out = [i for i, m in enumerate(members) if m != curve]
+      rules['held_out'] = overoptimization.stop_at_held_out_peak(
+          standardized_MxPxI[held_out].mean(axis=(0, 2)))
+    for rule, stop_index in rules.items():
+      stops.append({'curve': curve, 'seed': seed, 'rule': rule,
+                    **overoptimization.judge_stop(stop_index, gain_P),
+                    'd_at_stop': float(d_P[stop_index]),
+                    'disagreement': disagreement_P.tolist()})
   means = []
-  for curve in dict.fromkeys(stop['curve'] for stop in stops):
-    rows = [stop for stop in stops if stop['curve'] == curve]
-    means.append({'curve': curve, 'seeds': len(rows), **{
+  for curve, rule in dict.fromkeys((stop['curve'], stop['rule']) for stop in stops):
+    rows = [stop for stop in stops if (stop['curve'], stop['rule']) == (curve, rule)]
+    means.append({'curve': curve, 'rule': rule, 'seeds': len(rows), **{
         key: float(np.mean([row[key] for row in rows]))
         for key in ('gain_at_stop', 'best_gain', 'final_gain', 'regret', 'd_at_stop')}})
   return {'warm': warm, 'early_stop': {'rise': e.early_stop_rise, 'runs': stops,
@@ -581,11 +591,12 @@ def summary_table(summary: dict) -> str:
                              for name, a in summary['warm'][split].items())
       pairs = next(iter(summary['warm'][split].values()))['pairs']
       lines.append(f'accuracy {split.replace("_", " ")} ({pairs} pairs): {accuracies}')
-    rule = summary['early_stop']
-    lines.append(f'early stop (before the members\' disagreement exceeds {1 + rule["rise"]:g}× '
-                 "π_init's), gold gain, mean over seeds:")
-    for row in rule['means']:
-      lines.append(f'  {row["curve"]:20} at the stop {row["gain_at_stop"]:+.3f} (d '
+    rules = summary['early_stop']
+    lines.append(f'early stop, gold gain, mean over seeds; rules: disagreement (before the '
+                 f'members\' disagreement exceeds {1 + rules["rise"]:g}× π_init\'s), held_out '
+                 '(at the peak of the members the policy was not optimised against):')
+    for row in rules['means']:
+      lines.append(f'  {row["curve"]:20} {row["rule"]:12} at the stop {row["gain_at_stop"]:+.3f} (d '
                    f'{row["d_at_stop"]:.2f}), best {row["best_gain"]:+.3f}, last '
                    f'{row["final_gain"]:+.3f}')
   for entry in summary['kl_penalty']:

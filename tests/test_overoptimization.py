@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import scipy.special
 
-from rlhf_jax.analysis.overoptimization import (Run, disagreement, early_stop, fit, fit_all,
+from rlhf_jax.analysis.overoptimization import (Run, disagreement, fit, fit_all,
                                                 fit_bon, fit_rl, fit_shared_alpha, kl_penalty,
                                                 load_runs, measurements_to_curves,
-                                                pair_accuracy,
+                                                judge_stop, pair_accuracy,
                                                 plot_coefficients, plot_curves,
                                                 plot_gold_against_proxy, plot_kl_penalty,
-                                                save_runs, scaling, size_scaling, summarize)
+                                                save_runs, scaling, size_scaling,
+                                                stop_at_held_out_peak,
+                                                stop_before_disagreement, summarize)
 from rlhf_jax.errors import InputError
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -369,15 +371,19 @@ def test_disagreement_is_the_std_of_standardised_members_averaged_over_prompts()
   np.testing.assert_allclose(disagreement(scores_MxPxI, reference_MxI), [0.0, 0.5])
 
 
-def test_early_stop_stops_before_the_disagreement_rises_and_is_judged_by_the_gold():
+def test_stop_before_disagreement_stops_at_the_last_point_under_the_threshold():
+  assert stop_before_disagreement([0.2, 0.22, 0.28, 0.31, 0.5], rise=0.5) == 2
+  assert stop_before_disagreement([0.2] * 5, rise=0.5) == 4  # Never rises.
+  assert stop_before_disagreement([0.2, 0.5, 0.5], rise=0.5) == 0
+
+
+def test_stop_at_held_out_peak_and_judge_stop_by_the_gold():
   gain = [0.0, 0.03, 0.05, 0.02, -0.04]
-  stop = early_stop([0.2, 0.22, 0.28, 0.31, 0.5], gain, rise=0.5)  # > 0.3 first at index 3.
-  assert stop == {'stop_index': 2, 'gain_at_stop': 0.05, 'best_index': 2, 'best_gain': 0.05,
-                  'final_gain': -0.04, 'regret': 0.0}
-  never = early_stop([0.2, 0.2, 0.2, 0.2, 0.2], gain, rise=0.5)
-  assert never['stop_index'] == 4 and never['regret'] == pytest.approx(0.09)
-  at_once = early_stop([0.2, 0.5, 0.5, 0.5, 0.5], gain, rise=0.5)
-  assert at_once['stop_index'] == 0 and at_once['gain_at_stop'] == 0.0
+  stop = stop_at_held_out_peak([0.0, 0.4, 0.3, 0.6, 0.5])
+  assert stop == 3
+  assert judge_stop(stop, gain) == {
+      'stop_index': 3, 'gain_at_stop': 0.02, 'best_index': 2, 'best_gain': 0.05,
+      'final_gain': -0.04, 'regret': pytest.approx(0.03)}
 
 
 def _penalised_runs(*, frontier_shift=0.0, proxy_shift=0.1):

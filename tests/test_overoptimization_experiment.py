@@ -249,12 +249,15 @@ def test_the_ensembles_preset_optimises_members_ensembles_and_their_average(run,
                for a in accuracies.values())
   assert summary['warm']['best_member_in_distribution'] in members
   stops = summary['early_stop']
-  assert {(r['curve'], r['seed']) for r in stops['runs']} == {
-      (curve, 0) for curve in ('policy-64-seed1', 'ensemble-uncertainty')}
+  assert {(r['curve'], r['seed'], r['rule']) for r in stops['runs']} == {
+      ('policy-64-seed1', 0, 'disagreement'), ('policy-64-seed1', 0, 'held_out'),
+      ('ensemble-uncertainty', 0, 'disagreement')}  # No member is held out of an ensemble.
   for row in stops['runs']:  # Members trained on other orders of the data disagree.
     assert row['disagreement'][0] > 0 and len(row['disagreement']) == 4
     assert row['best_gain'] >= row['gain_at_stop'] and row['regret'] >= 0
-  assert [row['curve'] for row in stops['means']] == ['ensemble-uncertainty', 'policy-64-seed1']
+  assert [(row['curve'], row['rule']) for row in stops['means']] == [
+      ('ensemble-uncertainty', 'disagreement'), ('policy-64-seed1', 'disagreement'),
+      ('policy-64-seed1', 'held_out')]
   table = experiment.summary_table(summary)
   assert 'accuracy out of distribution' in table and 'early stop' in table
 

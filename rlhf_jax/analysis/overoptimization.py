@@ -599,20 +599,31 @@ def standardize(member_scores_Mx, reference_MxI) -> np.ndarray:
           / reference_MxI.std(1)[(slice(None),) + extra])
 
 
-def early_stop(disagreement_P, gain_P, *, rise: float) -> dict:
-  """A stopping rule that reads proxy-side signals only: stop at the last point before the
+def stop_before_disagreement(disagreement_P, *, rise: float) -> int:
+  """A stop read from the ensemble alone (Coste et al. 2023): the last point before the
   members' disagreement first exceeds (1 + rise) times its value at the first point (the
-  initial policy), or at the last point if it never does. Judged by the gold afterwards:
-  {'stop_index', 'gain_at_stop', 'best_index', 'best_gain' (the oracle: the best measured
-  point), 'final_gain', 'regret' = best_gain − gain_at_stop}."""
-  disagreement_P, gain_P = np.asarray(disagreement_P), np.asarray(gain_P)
+  initial policy), or the last point if it never does."""
+  disagreement_P = np.asarray(disagreement_P)
   over = np.flatnonzero(disagreement_P > (1 + rise) * disagreement_P[0])
-  stop = int(over[0]) - 1 if len(over) else len(gain_P) - 1
-  stop = max(stop, 0)
+  return max(int(over[0]) - 1, 0) if len(over) else len(disagreement_P) - 1
+
+
+def stop_at_held_out_peak(held_out_P) -> int:
+  """A stop read from proxies the policy was not optimised against: the point where their
+  (standardised, mean over members and prompts) score is highest — a validation proxy, as a
+  held-out set for early stopping in supervised learning."""
+  return int(np.argmax(held_out_P))
+
+
+def judge_stop(stop_index: int, gain_P) -> dict:
+  """A stop judged by the gold afterwards: {'stop_index', 'gain_at_stop', 'best_index',
+  'best_gain' (the oracle: the best measured point), 'final_gain', 'regret' = best_gain −
+  gain_at_stop}."""
+  gain_P = np.asarray(gain_P)
   best = int(np.argmax(gain_P))
-  return {'stop_index': stop, 'gain_at_stop': float(gain_P[stop]), 'best_index': best,
-          'best_gain': float(gain_P[best]), 'final_gain': float(gain_P[-1]),
-          'regret': float(gain_P[best] - gain_P[stop])}
+  return {'stop_index': stop_index, 'gain_at_stop': float(gain_P[stop_index]),
+          'best_index': best, 'best_gain': float(gain_P[best]), 'final_gain': float(gain_P[-1]),
+          'regret': float(gain_P[best] - gain_P[stop_index])}
 
 
 def mitigation_table(fits, names) -> list[dict]:
