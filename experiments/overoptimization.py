@@ -50,7 +50,7 @@ import safetensors
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import algorithms
+from rlhf_jax import algorithms, parallel
 from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import load_config, model_config_dict, reward_model_paths
 from rlhf_jax.context import RunContext
@@ -201,8 +201,9 @@ def proxy_backbone(model: str, policy: str, workdir: str) -> str | None:
   if not layers.isdigit():
     raise ValueError(f'config.proxies.models: {model!r} is not policy-L<number of layers>.')
   path = os.path.join(workdir, 'proxies', 'backbones', model)
-  if not is_export(path) and jax.process_index() == 0:
+  if jax.process_index() == 0 and not is_export(path):
     save_first_layers(policy, path, int(layers))
+  parallel.barrier(f'proxy_backbone {path}')  # Whole before any process trains on it.
   return path
 
 

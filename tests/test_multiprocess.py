@@ -1,5 +1,6 @@
 """Two CPU processes (jax.distributed + gloo, one device each) train like one 2-device process:
-SFT, and PPO (rollouts sampled, scored and decoded across both hosts).
+SFT, and PPO (rollouts sampled, scored and decoded across both hosts); what one process writes
+is whole when the other reads it.
 
 Each process is a real `python -m rlhf_jax.main` with `--config.distributed.*`, as a user would
 launch one per host; process 0 writes metrics.jsonl.
@@ -54,6 +55,19 @@ def run_single_and_two_processes(tmp_path, common) -> tuple[list[dict], list[dic
         '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}',
         '--config.distributed.cpu_collectives=gloo', '--verbosity=0', common=common)
 
+  wait(processes, logs)
+  stderr = {name: (tmp_path / f'{name}.log').read_text() for name in processes}
+  for name, p in processes.items():
+    assert p.returncode == 0, f'{name} exited with {p.returncode}:\n{stderr[name][-5000:]}'
+  for i in range(2):  # Really one job of two processes with one device each.
+    assert f'jax.distributed: process {i} of 2, 1 local devices' in stderr[f'p{i}']
+  return (read_metrics(tmp_path / 'single/metrics.jsonl'),
+          read_metrics(tmp_path / 'multi/metrics.jsonl'))
+
+
+def wait(processes, logs) -> None:
+  """Until every process has exited, one has failed (the others may wait for it forever: they
+  are killed) or TIMEOUT has passed."""
   deadline = time.time() + TIMEOUT
   while time.time() < deadline and any(p.poll() is None for p in processes.values()):
     if any(p.poll() not in (None, 0) for p in processes.values()):
@@ -65,13 +79,6 @@ def run_single_and_two_processes(tmp_path, common) -> tuple[list[dict], list[dic
       p.wait()
   for log in logs.values():
     log.close()
-  stderr = {name: (tmp_path / f'{name}.log').read_text() for name in processes}
-  for name, p in processes.items():
-    assert p.returncode == 0, f'{name} exited with {p.returncode}:\n{stderr[name][-5000:]}'
-  for i in range(2):  # Really one job of two processes with one device each.
-    assert f'jax.distributed: process {i} of 2, 1 local devices' in stderr[f'p{i}']
-  return (read_metrics(tmp_path / 'single/metrics.jsonl'),
-          read_metrics(tmp_path / 'multi/metrics.jsonl'))
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -110,3 +117,31 @@ def test_ppo_on_two_processes_matches_one_process(tmp_path):
   for one, two in zip(single, multi):
     for key, value in one.items():
       assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+EXPORT_THEN_READ = """
+import sys, time
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from flax import nnx
+from rlhf_jax.models import Transformer, loading
+from rlhf_jax.models.presets import get_preset
+if jax.process_index() == 0:  # A slow disk: process 0 writes long after the gather.
+  save_hf = loading.save_hf
+  loading.save_hf = lambda *args, **kwargs: (time.sleep(3), save_hf(*args, **kwargs))
+loading.export_hf(*nnx.split(Transformer(get_preset('tiny'), rngs=nnx.Rngs(0))), sys.argv[3])
+assert loading.is_export(sys.argv[3]), 'returned before the export was whole'
+"""
+
+
+def test_every_process_returns_from_export_hf_once_the_export_is_whole(tmp_path):
+  port = free_port()
+  logs = {f'p{i}': open(tmp_path / f'p{i}.log', 'w') for i in range(2)}
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  processes = {name: subprocess.Popen(
+      [sys.executable, '-c', EXPORT_THEN_READ, f'127.0.0.1:{port}', name[1], tmp_path / 'hf'],
+      env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log) for name, log in logs.items()}
+  wait(processes, logs)
+  for name, p in processes.items():
+    assert p.returncode == 0, (tmp_path / f'{name}.log').read_text()[-3000:]

@@ -72,15 +72,16 @@ def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
   The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
   parameters are gathered to every host (save_hf writes from one host's memory). It is written
   beside `path` and renamed into place once whole (`staged_dir`), so a failed export (a full
-  disk) leaves no partial `path`; a URL is written locally first, then uploaded.
+  disk) leaves no partial `path`; a URL is written locally first, then uploaded. Every process
+  returns once it is whole, so any of them may read it next.
   """
   params = multihost_utils.process_allgather(params, tiled=True)
-  if jax.process_index() != 0:
-    return
-  token_ids = {}
-  if tokenizer is not None:
-    token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  with staged_dir(path) as local_path:
-    save_hf(nnx.merge(graphdef, params), local_path, **token_ids)
+  if jax.process_index() == 0:
+    token_ids = {}
     if tokenizer is not None:
-      tokenizer.save_pretrained(local_path)
+      token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with staged_dir(path) as local_path:
+      save_hf(nnx.merge(graphdef, params), local_path, **token_ids)
+      if tokenizer is not None:
+        tokenizer.save_pretrained(local_path)
+  parallel.barrier(f'export_hf {path}')

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax.errors import InputError
@@ -154,6 +155,13 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
   logging.info('jax.distributed: process %d of %d, %d local devices', jax.process_index(),
                jax.process_count(), jax.local_device_count())
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier `name` (nothing to wait for in one
+  process): what process 0 wrote before it is whole when any process reads it after."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def _cluster_detected() -> bool:
