@@ -28,6 +28,7 @@ setuptools.setup(
         'fsspec>=2024.1',  # Metrics and config.json in remote workdirs (gs://...).
         'matplotlib>=3.9',
         'numpy>=2.0',
+        'scipy>=1.13',  # scipy.special in evals/calibration.py.
     ],
     extras_require={
         # torch only builds reference models for parity tests; 2.13.0 is the CPU build that
