@@ -23,8 +23,10 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
   c.data = data_config({})
   c.eval = sample_eval_config()
   # reward_model: an HF directory, or several separated by commas (an ensemble, aggregated as
-  # config.rl's are: rlhf_jax.config.rl_config).
-  c.bon = ml_collections.ConfigDict({'reward_model': '', 'reward_aggregation': 'mean',
+  # config.rl's are: rlhf_jax.config.rl_config); reward_fns: Python reward functions added to
+  # it, or alone (as config.rl's).
+  c.bon = ml_collections.ConfigDict({'reward_model': '', 'reward_fns': (),
+                                     'reward_fn_weights': (), 'reward_aggregation': 'mean',
                                      'uncertainty_weight': 0.5, 'n_max': 16,
                                      'num_prompts': 256})
   return c

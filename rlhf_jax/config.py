@@ -165,6 +165,12 @@ def rl_config(**overrides) -> ml_collections.ConfigDict:
       # commas: an ensemble whose members' normalised scores are aggregated by
       # reward_aggregation, 'mean' | 'min' | 'uncertainty' (rlhf_jax.rewards.ensemble).
       'reward_model': '',
+      # Python reward functions 'package.module:function', fn(prompts, completions) ->
+      # list[float] as in TRL, weighted by reward_fn_weights (empty: 1 each) and added to the
+      # reward model's normalised score, or alone (rlhf_jax.rewards.functions). E.g.
+      # ('rlhf_jax.playground.tasks:program_gold',): the playground's gold, a verifiable reward.
+      'reward_fns': (),
+      'reward_fn_weights': (),
       'reward_aggregation': 'mean',
       # λ of 'uncertainty', mean − λ·var over members of std 1: a response on which they
       # disagree by one std loses half a std of reward (Coste et al. 2023 find UWO robust to λ).

@@ -20,6 +20,7 @@ from rlhf_jax.playground.tokenizer import build_playground_tokenizer
 from rlhf_jax.models import ModelConfig, Transformer, save_hf
 from rlhf_jax import algorithms
 from rlhf_jax.engine.metrics import read_metrics
+from rlhf_jax.errors import InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
@@ -172,16 +173,30 @@ def test_the_sharding_layout_does_not_change_the_numbers(ppo_run, checkpoints, t
     assert fsdp[key] == pytest.approx(data[key], rel=1e-4, abs=1e-6), key
 
 
-def test_grpo_runs_without_a_critic(checkpoints, tmp_path):
+def test_grpo_runs_without_a_critic_on_a_python_reward_function(checkpoints, tmp_path):
   """GRPO: G samples per prompt, no critic, β·KL_k3 in the loss (RLOO's advantages differ only
-  in the pure estimator, tested in test_rl_units.py)."""
-  config = config_for('grpo.py:tiny', checkpoints, group_size=4)
+  in the pure estimator, tested in test_rl_units.py); here against the playground's gold as a
+  Python reward function, without a reward model: the rollout's scores are the function's on
+  the decoded responses, which the run's gold metric measures independently."""
+  config = config_for('grpo.py:tiny', checkpoints, group_size=4, reward_model='',
+                      reward_fns=('rlhf_jax.playground.tasks:program_gold',))
   config.train.update(steps=1, eval_every=0, export_hf=False)
   algorithms.run(config, str(tmp_path))
   record = iterations(tmp_path)[1]
   assert 'loss/value' not in record and 'value/clipfrac' not in record
   assert np.isfinite(record['loss/policy']) and record['objective/kl'] == 0
   assert record['loss/kl'] >= 0  # 0 at the first minibatch, > 0 once the policy has moved.
+  assert record['objective/scores'] == pytest.approx(record['objective/gold'], rel=1e-6)
+  assert record['objective/function_scores'] == record['objective/scores']
+
+
+def test_ppo_needs_a_reward_and_a_critic_to_start_from(checkpoints, tmp_path):
+  with pytest.raises(InputError, match='and a reward: a reward model'):
+    algorithms.run(config_for('ppo.py:tiny', checkpoints, reward_model=''), str(tmp_path))
+  config = config_for('ppo.py:tiny', checkpoints, reward_model='',
+                      reward_fns=('rlhf_jax.playground.tasks:program_gold',))
+  with pytest.raises(InputError, match='critic="model" starts the critic'):
+    algorithms.run(config, str(tmp_path))
 
 
 def test_ppo_raises_the_proxy_score(checkpoints, tmp_path):

@@ -14,7 +14,8 @@ comma-separated) choose by an aggregate of their scores (`rlhf_jax.rewards.ensem
 standardised over the policy's first answer to every prompt: this fixed set puts the members on
 one scale, as RL's rollout statistics do, so that the minimum and the variance compare like
 with like; a single reward model keeps its raw scale (standardising it would not change its
-ranking).
+ranking). Python reward functions (config.bon.reward_fns, `rlhf_jax.rewards.functions`) add to
+the reward model's score, or choose alone.
 """
 
 import json
@@ -29,6 +30,7 @@ from matplotlib.figure import Figure
 from rlhf_jax.errors import InputError
 from rlhf_jax.playground import tasks
 from rlhf_jax.rewards.ensemble import EnsembleReward, check_aggregation
+from rlhf_jax.rewards.functions import FunctionReward, add_rewards
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.storage import open_file
 
@@ -105,9 +107,10 @@ def run(ctx) -> list[dict]:
   """Best-of-n of the policy config.model.hf_path under the reward model config.bon.reward_model,
   judged by the run's gold reward."""
   config, bon = ctx.config, ctx.config.bon
-  if not config.model.hf_path or not bon.reward_model:
-    raise InputError('Best-of-n needs a policy (config.model.hf_path) and a reward model '
-                     '(config.bon.reward_model), both Hugging Face directories.')
+  if not config.model.hf_path or not (bon.reward_model or bon.reward_fns):
+    raise InputError('Best-of-n needs a policy (config.model.hf_path, a Hugging Face '
+                     'directory) and a reward: a reward model (config.bon.reward_model, one), '
+                     'Python functions (config.bon.reward_fns) or both.')
   if ctx.gold is None:
     raise InputError('Best-of-n judges the chosen answers by the gold reward: set '
                      'config.eval.gold="playground".')
@@ -117,10 +120,15 @@ def run(ctx) -> list[dict]:
   answers = sample_candidates(ctx.load(config.model.hf_path, head='lm', keep=False), config,
                               ctx.tokenizer, ctx.mesh, prompts,
                               range(config.seed, config.seed + ns[-1]))
-  proxy = ctx.reward_model(bon.reward_model, aggregation=bon.reward_aggregation,
-                           uncertainty_weight=bon.uncertainty_weight)
+  proxy = None
+  if bon.reward_model:
+    proxy = ctx.reward_model(bon.reward_model, aggregation=bon.reward_aggregation,
+                             uncertainty_weight=bon.uncertainty_weight)
   if isinstance(proxy, EnsembleReward):
     proxy = proxy.standardized_on(prompts, answers[0])
+  if bon.reward_fns:
+    proxy = add_rewards(proxy, FunctionReward(bon.reward_fns, bon.reward_fn_weights,
+                                              key='config.bon.reward_fns'))
   records = curve(score_candidates(proxy, prompts, answers),
                   score_candidates(ctx.gold, prompts, answers), ns)
   if jax.process_index() == 0:

@@ -1,10 +1,12 @@
-"""Online RL from a reward model: PPO with GAE, and critic-free GRPO and RLOO.
+"""Online RL from a reward model and/or Python reward functions: PPO with GAE, and critic-free
+GRPO and RLOO.
 
 Each iteration (one step of the engine's loop) makes its own update batches (`Rollouts`):
   1. rollout: the policy samples responses to a batch of prompts (G per prompt for GRPO/RLOO)
      with the jitted KV-cache sampler;
-  2. scoring: one jitted pass gives log-probs, values, reference log-probs, reward-model scores
-     and advantages (`rlhf_jax.algorithms.rl.rollout`);
+  2. scoring: the reward functions score the decoded responses on the host
+     (`rlhf_jax.rewards.functions`), then one jitted pass gives log-probs, values, reference
+     log-probs, reward-model scores and advantages (`rlhf_jax.algorithms.rl.rollout`);
   3. update: `ppo_epochs` passes over the rollout in shuffled minibatches, each minibatch one
      step of the shared train step on the clipped losses (`rl_loss_fn`).
 The KL coefficient β is fixed or follows the adaptive controller (Ziegler et al. 2019), and is
@@ -38,6 +40,7 @@ from rlhf_jax.losses import adaptive_kl_coef
 from rlhf_jax.losses.ppo import KL_ESTIMATORS
 from rlhf_jax.models.loading import LoadedModel
 from rlhf_jax.rewards.ensemble import EnsembleReward, check_aggregation
+from rlhf_jax.rewards.functions import FunctionReward, add_rewards
 from rlhf_jax.sampling import make_sampler
 from rlhf_jax.sampling.text import decode_responses, encode_prompts
 
@@ -52,9 +55,14 @@ def check_config(config) -> None:
     if rl[key] not in allowed:
       raise InputError(f'config.rl.{key}={rl[key]!r}; choose one of {allowed}.')
   check_aggregation(rl, 'config.rl')
-  if not config.model.hf_path or not reward_model_paths(rl.reward_model):
+  if not config.model.hf_path or not (reward_model_paths(rl.reward_model) or rl.reward_fns):
     raise InputError('Online RL needs a policy (config.model.hf_path, e.g. an SFT run\'s hf '
-                     'export) and a reward model (config.rl.reward_model, an RM run\'s).')
+                     'export) and a reward: a reward model (config.rl.reward_model, an RM run\'s '
+                     'hf export), Python functions (config.rl.reward_fns), or both.')
+  if rl.critic == 'model' and not (rl.value_model or reward_model_paths(rl.reward_model)):
+    raise InputError('config.rl.critic="model" starts the critic from config.rl.value_model or '
+                     'the reward model; with reward functions alone, set one of them or use '
+                     'critic="head".')
   if (config.algorithm == 'ppo') != (rl.critic != 'none'):
     raise InputError(f'config.algorithm={config.algorithm!r} with config.rl.critic='
                      f'{rl.critic!r}: PPO\'s GAE needs a critic ("model" or "head"); grpo and '
@@ -84,8 +92,8 @@ class Models:
   """The models of online RL, on the run's mesh.
 
   trained: ActorCritic (policy + critic); reference: ActorCritic(initial policy, no critic);
-  reward: the frozen reward models of config.rl.reward_model, one or an ensemble (graphdefs a
-  tuple, params a list). graphdefs and params are dicts with those keys.
+  reward: the frozen reward models of config.rl.reward_model, one, an ensemble or none
+  (graphdefs a tuple, params a list). graphdefs and params are dicts with those keys.
   With config.rl.normalize_scores, each reward model's scores are normalised by their mean and
   std over the initial policy's responses (`score_statistics`; ensembles aggregate the
   normalised scores), and so is a critic initialised from the (first) reward model, so that its
@@ -167,9 +175,10 @@ def score_statistics(ctx, pool, policy: LoadedModel, rewards: list[LoadedModel]
 class Rollout:
   """Sampling and scoring of one rollout on the mesh, and the selection of its minibatches."""
 
-  def __init__(self, ctx, models: Models):
+  def __init__(self, ctx, models: Models, functions: FunctionReward | None = None):
+    """functions: the reward functions, added to the reward models' score (or alone)."""
     config, rl = ctx.config, ctx.config.rl
-    self.ctx = ctx
+    self.ctx, self.functions = ctx, functions
     self._sample = jax.jit(make_rollout_sampler(config, models.initial_policy.graphdef,
                                                 ctx.tokenizer))
     options = dict(temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
@@ -189,8 +198,14 @@ class Rollout:
                           out_shardings=self.update_sharding)
 
   def sample(self, policy_params, prompts, rng):
-    """Prompts and the policy's responses, [B, P] and [B, N], sharded over the batch."""
-    return self._sample(policy_params, encode_rows(self.ctx, prompts), rng)
+    """Prompts and the policy's responses, [B, P] and [B, N], and with reward functions their
+    scores of the responses [B], sharded over the batch."""
+    samples = self._sample(policy_params, encode_rows(self.ctx, prompts), rng)
+    if self.functions is None:
+      return samples
+    scores = self.functions(prompts, self.decode(samples))[parallel.local_rows(len(prompts))]
+    return samples | parallel.shard_batch({'function_scores': scores.astype(np.float32)},
+                                          self.ctx.mesh, self.ctx.rules)
 
   def score(self, trained_params, samples, *, kl_coef: float):
     """(update batch, metrics) of sampled responses; see `score_rollout`."""
@@ -281,12 +296,17 @@ def make_algorithm(ctx) -> Algorithm:
   check_config(config)
   pool = prompt_pool(config)
   models = Models(ctx, pool)
-  rollouts = Rollouts(ctx, Rollout(ctx, models), pool, gold=ctx.gold)
+  functions = (FunctionReward(rl.reward_fns, rl.reward_fn_weights, key='config.rl.reward_fns')
+               if rl.reward_fns else None)
+  rollouts = Rollouts(ctx, Rollout(ctx, models, functions), pool, gold=ctx.gold)
   policy_graphdef = models.initial_policy.graphdef
-  proxy = ctx.reward_model(rl.reward_model, aggregation=rl.reward_aggregation,
-                           uncertainty_weight=rl.uncertainty_weight)
+  proxy = None
+  if reward_model_paths(rl.reward_model):
+    proxy = ctx.reward_model(rl.reward_model, aggregation=rl.reward_aggregation,
+                             uncertainty_weight=rl.uncertainty_weight)
   if isinstance(proxy, EnsembleReward):  # On the scale of the rollouts' aggregated scores.
     proxy = proxy.normalized(models.score_shifts, models.score_scales)
+  proxy = add_rewards(proxy, functions)
   evaluations = sample_evaluations(ctx, policy_graphdef,
                                    reference=models.initial_policy.params, proxy=proxy)
   loss_fn = functools.partial(

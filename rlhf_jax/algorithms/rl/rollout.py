@@ -6,9 +6,11 @@ Details of RLHF with PPO"):
      sampling temperature, and the critic's values (PPO);
   2. the reference's log-probs, and per-token KL estimates KL_t;
   3. the reward model's score of the whole sequence, read at its last real token, normalised as
-     s = (r − shift) / scale, minus `missing_eos_penalty` for responses that never emit EOS;
-     with an ensemble of M reward models, each member is normalised by its own shift and scale
-     and s is their aggregate (`rlhf_jax.rewards.ensemble.aggregate`) before the penalty;
+     s = (r − shift) / scale, plus the Python reward functions' weighted sum (computed on the
+     host from the decoded text, `rlhf_jax.rewards.functions`; or they alone, without a reward
+     model), minus `missing_eos_penalty` for responses that never emit EOS; with an ensemble of
+     M reward models, each member is normalised by its own shift and scale and s is their
+     aggregate (`rlhf_jax.rewards.ensemble.aggregate`) before the functions and the penalty;
   4. advantages, by one of three estimators:
        gae   r_t = −β KL_t + s·1[t = last]; GAE(γ, λ) against the critic; returns = A + V
        grpo  A = (R − mean_group R) / std_group R        (Shao et al. 2024)
@@ -77,9 +79,10 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
 
   trained: the ActorCritic being trained; reference: an ActorCritic with the frozen initial
   policy and no critic; reward_model: a scalar-head Transformer, or a sequence of M of them (an
-  ensemble).
+  ensemble; empty: the reward functions alone).
   batch: prompt_tokens / prompt_mask [B, P] (left-padded), response_tokens / response_mask
-  [B, N]. controls: kl_coef, score_shift, score_scale (scalars that change between rollouts;
+  [B, N], and function_scores [B] with reward functions (their weighted sum). controls: kl_coef,
+  score_shift, score_scale (scalars that change between rollouts;
   shift and scale may be [M], one per ensemble member).
   options: temperature, chunk_size, kl_estimator, eos_id, missing_eos_penalty, the keyword
   options of `advantages_and_returns`, and for an ensemble aggregation ('mean' if absent) and
@@ -99,13 +102,15 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
 
   logps, values = trained.response_logprobs_and_values(tokens, attention_mask, **forward)
   ref_logps, _ = reference.response_logprobs_and_values(tokens, attention_mask, **forward)
-  raw_MxB = jnp.stack([sequence_rewards(member, tokens, attention_mask)
-                       for member in reward_models])
   ended = jnp.any(mask & (batch['response_tokens'] == eos_id), axis=-1)
-  member_scores_MxB = ((raw_MxB - jnp.reshape(controls['score_shift'], (-1, 1)))
-                       / jnp.reshape(controls['score_scale'], (-1, 1)))
-  scores = (aggregate(member_scores_MxB, aggregation, uncertainty_weight=uncertainty_weight)
-            - missing_eos_penalty * (~ended))
+  function_scores = batch.get('function_scores', jnp.zeros(mask.shape[0]))
+  scores = function_scores - missing_eos_penalty * (~ended)
+  if reward_models:
+    raw_MxB = jnp.stack([sequence_rewards(member, tokens, attention_mask)
+                         for member in reward_models])
+    member_scores_MxB = ((raw_MxB - jnp.reshape(controls['score_shift'], (-1, 1)))
+                         / jnp.reshape(controls['score_scale'], (-1, 1)))
+    scores += aggregate(member_scores_MxB, aggregation, uncertainty_weight=uncertainty_weight)
   kl = kl_penalty(logps, ref_logps, estimator=kl_estimator)
   advantages, returns = advantages_and_returns(scores, kl, values, mask,
                                                kl_coef=controls['kl_coef'], **options)
@@ -117,7 +122,6 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
   kl_sum_B = masked_sum(kl_penalty(logps, ref_logps, estimator='k1'), mask, axis=-1)
   penalty_B = controls['kl_coef'] * masked_sum(kl, mask, axis=-1)
   metrics = {
-      'objective/scores': raw_MxB.mean(),  # The reward models' own scales.
       'objective/kl': kl_sum_B.mean(),  # Σ_t log π/π_ref per response: Monte-Carlo KL.
       'objective/entropy': masked_sum(-logps, mask, axis=-1).mean(),  # Monte-Carlo entropy.
       'objective/non_score_reward': -penalty_B.mean(),
@@ -127,6 +131,10 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
   }
   if values is not None:
     metrics['value/mean'] = masked_mean(values, mask)
+  # The reward models' own scales; without any, the reward functions'.
+  metrics['objective/scores'] = raw_MxB.mean() if reward_models else function_scores.mean()
+  if 'function_scores' in batch:
+    metrics['objective/function_scores'] = function_scores.mean()
   if len(reward_models) > 1:  # The members' disagreement, in normalised units.
     metrics['objective/ensemble_std'] = member_scores_MxB.std(axis=0).mean()
   return update, metrics
