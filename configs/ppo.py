@@ -3,13 +3,15 @@
   python -m rlhf_jax.main --config=configs/ppo.py:tiny --workdir=runs/ppo \
       --config.model.hf_path=runs/sft/hf --config.rl.reward_model=runs/rm/hf
 
-Options (config.rl, rlhf_jax/training/config.py:rl_config): `reward_model` may list several
+Options (config.rl, rlhf_jax/config.py:rl_config): `reward_model` may list several
 directories separated by commas, an ensemble aggregated by `reward_aggregation` (mean, min,
-uncertainty); the critic is a copy of the (first) reward model (`critic='model'`) or a value
+uncertainty); `reward_fns` adds Python reward functions (or replaces the model: set
+`reward_model=` and a `'head'` critic); the critic is a copy of the (first) reward model (`critic='model'`) or a value
 head on the policy (`'head'`); β = kl_coef, fixed or adaptive (`adaptive_kl`, `kl_target`);
 `kl_coef=0` for the overoptimization regime; `stop_kl`, a KL budget, ends the run at the first
 evaluation that measures that KL to the initial policy. Each iteration logs
-objective/{scores,kl,entropy,rlhf_reward,gold} (and ensemble_std, the members' disagreement),
+objective/{scores,kl,entropy,rlhf_reward,gold} (and ensemble_std, the members' disagreement;
+function_scores, the reward functions' sum),
 policy/{approxkl,clipfrac}, loss/{policy,value} (the progress bar: rollout / scoring / update
 seconds); evaluations add gold and proxy reward, win rate and KL to the SFT policy on held-out
 prompts.
