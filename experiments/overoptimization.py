@@ -456,7 +456,6 @@ def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict
   for (curve, seed), evaluation in evaluations.items():
     member_MxPxI = np.array([[rewards[m](point['prompt'], point['response'])
                               for point in evaluation] for m in members])
-    standardized_MxPxI = overoptimization.standardize(member_MxPxI, member_MxPxI[:, 0])
     gain_P = np.array([point['gold'].mean() for point in evaluation])
     gain_P -= gain_P[0]
     d_P = np.sqrt(np.maximum([point['kl'].mean() for point in evaluation], 0.0))
@@ -465,8 +464,8 @@ def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict
         disagreement_P, rise=e.early_stop_rise)}
     if curve in members:  # Optimised against one member: the others are held out.
       held_out = [i for i, m in enumerate(members) if m != curve]
-      rules['held_out'] = overoptimization.stop_at_held_out_peak(
-          standardized_MxPxI[held_out].mean(axis=(0, 2)))
+      rules['held_out'] = overoptimization.stop_at_held_out_peak(overoptimization.standardize(
+          member_MxPxI[held_out], member_MxPxI[held_out, 0]).mean(axis=(0, 2)))
     for rule, stop_index in rules.items():
       stops.append({'curve': curve, 'seed': seed, 'rule': rule,
                     **overoptimization.judge_stop(stop_index, gain_P),
