@@ -1,8 +1,9 @@
 """Set before JAX is imported: eight virtual CPU devices for the sharding tests, and one
 persistent XLA compilation cache for the whole session.
 
-The suite builds many runs of the same tiny configs, in this process and in the subprocesses
-it starts (which inherit the environment); each would compile the same programs again. With a
+The suite builds many runs of the same tiny configs, in this process, in the subprocesses it
+starts and in pytest-xdist's workers (which all inherit the environment); each would compile the
+same programs again. With a
 cache fresh for the session (nothing carried over from an earlier one), a program compiles
 once: on this project's 2-core CPU tests/test_rl_runs.py takes 124 s instead of 313 s. The
 compiled programs are the ones a run without the cache would build, so no test changes what it
@@ -17,11 +18,15 @@ import tempfile
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 
-_XLA_CACHE = tempfile.mkdtemp(prefix='rlhf_jax_tests_xla_cache_')
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# pytest-xdist's workers inherit the directory that the controlling process made (and removes).
+_XLA_CACHE = os.environ.get('RLHF_JAX_TESTS_XLA_CACHE')
+if _XLA_CACHE is None:
+  _XLA_CACHE = os.environ['RLHF_JAX_TESTS_XLA_CACHE'] = tempfile.mkdtemp(
+      prefix='rlhf_jax_tests_xla_cache_')
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.update({
     'JAX_COMPILATION_CACHE_DIR': _XLA_CACHE,
-    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5',
     'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
     # A size limit makes concurrent processes read and write the cache under a file lock.
     'JAX_COMPILATION_CACHE_MAX_SIZE': str(2**31),

@@ -522,13 +522,16 @@ def test_sequence_kl_averaged_over_every_answer_is_the_exact_kl_of_the_answer_di
   rows = (jnp.asarray(np.concatenate([prompt, answers], 1)),
           jnp.asarray(np.concatenate([prompt_mask, answer_mask], 1)),
           jnp.asarray(np.concatenate([np.zeros_like(prompt_mask), answer_mask], 1)))
-  logp = np.asarray(sequence_logps(policy, *rows, chunk_size=2)[0], np.float64)
-  reference_logp = np.asarray(sequence_logps(reference, *rows, chunk_size=2)[0], np.float64)
+  logps = nnx.jit(lambda model, rows: sequence_logps(model, *rows, chunk_size=2)[0])
+  kls = nnx.jit(lambda policy, reference, rows: sequence_kl(policy, reference, *rows,
+                                                            chunk_size=2))
+  logp = np.asarray(logps(policy, rows), np.float64)
+  reference_logp = np.asarray(logps(reference, rows), np.float64)
   probability = np.exp(logp)
   assert probability.sum() == pytest.approx(1.0, abs=1e-5)  # The enumeration is complete.
   exact = (probability * (logp - reference_logp)).sum()
-  kl = np.asarray(sequence_kl(policy, reference, *rows, chunk_size=2), np.float64)
+  kl = np.asarray(kls(policy, reference, rows), np.float64)
   assert (kl > 0).all()  # Unlike log π(y)/π_ref(y), which is negative for some answers:
   assert (logp < reference_logp).any()
   assert (probability * kl).sum() == pytest.approx(exact, rel=1e-4)
-  np.testing.assert_allclose(sequence_kl(policy, policy, *rows, chunk_size=2), 0.0, atol=1e-6)
+  np.testing.assert_allclose(kls(policy, policy, rows), 0.0, atol=1e-6)

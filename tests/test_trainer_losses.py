@@ -30,8 +30,9 @@ def test_packed_sft_loss_equals_the_loss_of_separate_rows():
   separate = pad_rows([[first], [second]], 12, pad_id=0)
   packed = pad_rows([[first, second]], 12, pad_id=0, packed=True)
   lm = model()
-  loss = lambda batch: sft_loss_fn(lm, {k: jnp.asarray(v) for k, v in batch.items()}, None,
-                                   normalize='token', chunk_size=4)[0]
+  jitted = nnx.jit(lambda lm, batch: sft_loss_fn(lm, batch, None, normalize='token',
+                                                 chunk_size=4)[0])
+  loss = lambda batch: jitted(lm, {k: jnp.asarray(v) for k, v in batch.items()})
   assert float(loss(packed)) == pytest.approx(float(loss(separate)), rel=1e-5)
   # With packing ignored (no segment ids), the scores differ: the test can fail.
   leaky = {k: v for k, v in packed.items() if k not in ('segment_ids', 'positions')}
@@ -48,12 +49,14 @@ def test_pair_rewards_read_the_scalar_head_at_each_sequence_end():
   chosen = pad_rows([[piece([1, 2, 3, 4], 2)], [piece([1, 2, 5], 2)]], 6, pad_id=0)
   rejected = pad_rows([[piece([1, 2, 6, 7, 8], 2)], [piece([1, 9], 1)]], 6, pad_id=0)
   batch = {k: jnp.stack([chosen[k], rejected[k]], axis=1) for k in ('tokens', 'attention_mask')}
-  r_chosen, r_rejected = pair_rewards(rm, batch)
+  r_chosen, r_rejected = nnx.jit(pair_rewards)(rm, batch)
+  score = nnx.jit(lambda rm, tokens, mask: rm(tokens, attention_mask=mask))
   for rows, rewards in ((chosen, r_chosen), (rejected, r_rejected)):
-    values = rm(jnp.asarray(rows['tokens']), attention_mask=jnp.asarray(rows['attention_mask']))
+    values = score(rm, jnp.asarray(rows['tokens']), jnp.asarray(rows['attention_mask']))
     ends = rows['attention_mask'].sum(-1) - 1
     np.testing.assert_allclose(rewards, values[np.arange(2), ends], rtol=1e-5, atol=1e-6)
-  loss, metrics = rm_loss_fn(rm, batch, None, center_coef=0.0)
+  loss, metrics = nnx.jit(lambda rm, batch: rm_loss_fn(rm, batch, None, center_coef=0.0))(
+      rm, batch)
   gap = np.asarray(r_chosen - r_rejected)
   assert float(loss) == pytest.approx(np.mean(np.log1p(np.exp(-gap))), rel=1e-5)
   assert float(metrics['accuracy']) == pytest.approx(np.mean(gap > 0))
