@@ -26,6 +26,7 @@ setuptools.setup(
         'tensorboardX>=2.6',
         'tqdm>=4.66',
         'fsspec>=2024.1',  # Metrics and config.json in remote workdirs (gs://...).
+        'pyarrow>=15',  # hf: sources (parquet and arrow files).
         'matplotlib>=3.9',
         'numpy>=2.0',
         'scipy>=1.13',  # scipy.special in evals/calibration.py.
@@ -33,7 +34,7 @@ setuptools.setup(
     extras_require={
         # torch only builds reference models for parity tests; 2.13.0 is the CPU build that
         # pip takes from local disk on our machines (a bare 'torch' pulls a CUDA build).
-        'test': ['pytest>=8', 'torch==2.13.0'],
+        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'torch==2.13.0'],
         # Workdirs on Google Cloud Storage (gs://...; metrics and config.json go through fsspec).
         'gcs': ['gcsfs'],
     },

@@ -135,11 +135,21 @@ def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
       'seed': 0,
       'eval_fraction': 0.05,  # Held out of a single-file JSONL source.
       'skip_invalid': False,  # Count and skip bad examples instead of stopping at the first.
+      # Our field names -> the data's, e.g. {'prompt': 'question', 'response': 'answer'}.
+      'field_map': {},
       'max_prompt_len': 32,
       'truncation': 'response',  # 'error' | 'response' | 'prompt_and_response'
+      # SFT conversations: train every assistant turn ('all') or only the last ('last').
+      'train_turns': 'all',
       'packing': False,  # Several SFT/text examples per row, kept apart by segment ids.
       'buckets': (),  # Row lengths below seq_len to pad short batches to.
-      'tfds_splits': {'train': 'train', 'eval': 'test'},
+      # Where tokenized sources are stored, once per source + tokenizer + options
+      # (rlhf_jax.data.tokenized); '' = <workdir>/data/tokens (per host for a URL workdir).
+      # Point runs on the same data at one directory to tokenize it once for all of them.
+      'token_cache': '',
+      'tokenize_workers': 0,  # Processes that tokenize; 0: one per CPU from 50k records.
+      # The source's split names for our train/eval splits (tfds: and hf: sources).
+      'splits': {'train': 'train', 'eval': 'test'},
       'tfds_data_dir': config_dict.placeholder(str),
       'playground': {'seed': 0, 'train_size': 20000, 'eval_size': 512,
                      'label_temperature': 0.1, 'length_bias': 0.0,

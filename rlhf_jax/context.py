@@ -136,4 +136,5 @@ class RunContext:
     decay_start = (decay_start_step(config.optim, config.train.steps) if data.decay_weights
                    else None)
     return make_token_data(config, self.tokenizer, sources=sources, kinds=kinds,
+                           cache_dir=data.token_cache or os.path.join(self.cache_dir, 'tokens'),
                            decay_start=decay_start)

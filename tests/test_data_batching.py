@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rlhf_jax.data.batching import bucket_length, buckets_for, pack, pad_rows
+from rlhf_jax.data.batching import bucket_length, buckets_for, pack_starts, pad_rows
 from rlhf_jax.data.datasets import BatchShape, TokenData
 from rlhf_jax.data.mixture import Mixture, Stream, rows_per_source
 from rlhf_jax.engine.optimizer import decay_start_step
@@ -15,12 +15,11 @@ def piece(ids, prompt_len=0):
 
 
 def test_pack_is_next_fit_in_order():
-  lengths = [3, 4, 2, 5, 1]
-  assert pack(lengths, [0, 1, 2, 3, 4], 8) == [[0, 1], [2, 3, 4]]
-  assert pack(lengths, [3, 2, 0, 4, 1], 8) == [[3, 2], [0, 4, 1]]
-  assert pack(lengths, [1, 3, 0], 8) == [[1], [3, 0]]
-  with pytest.raises(ValueError, match='seq_len=4'):
-    pack(lengths, [3], 4)
+  np.testing.assert_array_equal(pack_starts([3, 4, 2, 5, 1], 8), [0, 2, 5])  # [3 4] [2 5 1]
+  np.testing.assert_array_equal(pack_starts([5, 2, 3, 1, 4], 8), [0, 2, 5])  # [5 2] [3 1 4]
+  np.testing.assert_array_equal(pack_starts([4, 5, 3], 8), [0, 1, 3])  # [4] [5 3]
+  with pytest.raises(ValueError, match='Example 7 has 5 tokens > seq_len=4'):
+    pack_starts([5], 4, order=[7])
 
 
 def test_pad_rows_packed_segments_and_positions():
@@ -50,16 +49,21 @@ def test_rows_per_source_largest_remainder():
     rows_per_source({'a': 0.99, 'b': 0.01}, 8, key='config.data.weights')
 
 
+def units(stream, positions):
+  return [unit.tolist() for unit in stream.units(np.asarray(positions))[0]]
+
+
 def test_shuffled_stream_visits_every_example_once_per_epoch():
   stream = Stream([1] * 10, seed=3, shuffle=True)
-  epochs = [sorted(stream.unit(p)[0] for p in range(e * 10, e * 10 + 10)) for e in range(3)]
+  epochs = [sorted(sum(units(stream, range(e * 10, e * 10 + 10)), [])) for e in range(3)]
   assert all(e == list(range(10)) for e in epochs)
-  first, second = ([stream.unit(p)[0] for p in range(e * 10, e * 10 + 10)] for e in (0, 1))
+  first, second = (units(stream, range(e * 10, e * 10 + 10)) for e in (0, 1))
   assert first != second  # A new permutation each epoch.
-  assert [Stream([1] * 10, seed=3, shuffle=True).unit(p) for p in range(10)] == [
-      stream.unit(p) for p in range(10)]
-  assert [Stream([1] * 4, seed=0, shuffle=False).unit(p)[0] for p in range(6)] == [
-      0, 1, 2, 3, 0, 1]
+  # Asked in another order, or across an epoch's end, the same units.
+  assert units(Stream([1] * 10, seed=3, shuffle=True), [9, 3, 12, 0]) == [
+      first[9], first[3], second[2], first[0]]
+  assert units(Stream([1] * 4, seed=0, shuffle=False), range(6)) == [[0], [1], [2], [3], [0],
+                                                                      [1]]
 
 
 def test_packed_stream_covers_each_epoch():
@@ -67,9 +71,9 @@ def test_packed_stream_covers_each_epoch():
   stream = Stream(lengths, seed=0, shuffle=True, pack_to=8)
   seen, position = [], 0
   while len(seen) < 80:  # Two epochs.
-    unit = stream.unit(position)
-    assert sum(lengths[i] for i in unit) <= 8
-    seen += unit
+    [unit], [tokens] = stream.units([position])
+    assert tokens == sum(lengths[i] for i in unit) <= 8
+    seen += unit.tolist()
     position += 1
   assert sorted(seen[:40]) == list(range(40)) and sorted(seen[40:]) == list(range(40))
 

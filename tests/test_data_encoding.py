@@ -188,3 +188,36 @@ def test_bad_options_name_the_config_key(tmp_path, plain, options, match):
   record = read_one(tmp_path, 'sft', {'prompt': 'p0', 'response': 'r0'})
   with pytest.raises(ValueError, match=match):
     encode_sft(record, plain, **options)
+
+
+def test_every_assistant_turn_is_trained_or_only_the_last(tmp_path, templated):
+  record = read_one(tmp_path, 'sft', {'messages': [
+      {'role': 'user', 'content': 'p1'}, {'role': 'assistant', 'content': 'r1 r2'},
+      {'role': 'user', 'content': 'p2'}, {'role': 'assistant', 'content': 'r3'}]})
+  every = encode_sft(record, templated, seq_len=32, max_prompt_len=16, train_turns='all')
+  last = encode_sft(record, templated, seq_len=32, max_prompt_len=16, train_turns='last')
+  assert every.prompt_ids == last.prompt_ids and every.response_ids == last.response_ids
+  trained = [t for t, m in zip(tokens(templated, every.prompt_ids), every.prompt_mask) if m]
+  assert trained == ['r1', 'r2', '<|end|>']  # The earlier turn, up to its EOS.
+  assert not any(last.prompt_mask)
+  # Cutting the prompt's start cuts its mask the same way.
+  cut = encode_sft(record, templated, seq_len=32, max_prompt_len=6, train_turns='all',
+                   truncation='prompt_and_response')
+  assert tokens(templated, cut.prompt_ids) == ['r2', '<|end|>', '<|user|>', 'p2', '<|end|>',
+                                               '<|assistant|>']
+  assert list(cut.prompt_mask) == [1, 1, 0, 0, 0, 0]
+
+
+def test_turns_a_template_renders_differently_later_cannot_be_trained(tmp_path):
+  # A template that drops earlier assistant turns' content (as some drop earlier reasoning).
+  template = CHAT_TEMPLATE.replace(
+      "{{ m['content'] }}", "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}"
+      "{% endif %}")
+  tokenizer = tiny_tokenizer(tmp_path / 'tok', chat_template=template)
+  record = read_one(tmp_path, 'sft', {'messages': [
+      {'role': 'user', 'content': 'p1'}, {'role': 'assistant', 'content': 'r1'},
+      {'role': 'user', 'content': 'p2'}, {'role': 'assistant', 'content': 'r3'}]})
+  with pytest.raises(ValueError, match='data.jsonl:2: .* renders assistant turn 1 differently'
+                                       '.*train_turns="last"'):
+    encode_sft(record, tokenizer, seq_len=32, max_prompt_len=16, train_turns='all')
+  encode_sft(record, tokenizer, seq_len=32, max_prompt_len=16, train_turns='last')

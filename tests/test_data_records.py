@@ -106,7 +106,7 @@ _BAD = [
      '"prompt" must be a string or a list of messages, got int'),
     ('sft', {'prompt': 'p', 'response': ' \n\t'}, 'empty_response', 'empty "response"'),
     ('sft', {'messages': [msg('bot', 'hi'), msg(ASSISTANT, 'r')]}, 'unknown_role',
-     '"messages[0]" has unknown role "bot" (expected system, user, assistant)'),
+     '"messages[0]" has unknown role "bot" (expected system, user, assistant, tool)'),
     ('sft', {'messages': [{'role': USER}, msg(ASSISTANT, 'r')]}, 'missing_key',
      '"messages[0]" has no "content" (keys: role)'),
     ('sft', {'messages': [msg(USER, 'p'), 'r']}, 'wrong_type',
@@ -191,3 +191,22 @@ def test_invalid_example_survives_pickling():
   copy = pickle.loads(pickle.dumps(error))
   assert (str(copy), copy.reason, copy.origin) == ('a.jsonl:2: missing key "prompt"',
                                                    'missing_key', Origin('a.jsonl', 2))
+
+
+def test_trl_prompt_completion_forms_standard_and_conversational(tmp_path):
+  path = write_jsonl(tmp_path / 'pc.jsonl', [
+      {'prompt': 'Q?', 'completion': 'A.'},
+      {'prompt': [msg(SYSTEM, 'Be brief.'), msg(USER, 'Q?')],
+       'completion': [msg(ASSISTANT, 'A.')]},
+      {'messages': [msg(USER, 'Weather?'), msg('tool', '{"temp": 20}'), msg(ASSISTANT, '20 C.')]},
+  ])
+  p = str(path)
+  assert read_jsonl(path, 'sft').records == [
+      SFTRecord(((USER, 'Q?'),), 'A.', Origin(p, 1)),
+      SFTRecord(((SYSTEM, 'Be brief.'), (USER, 'Q?')), 'A.', Origin(p, 2)),
+      SFTRecord(((USER, 'Weather?'), ('tool', '{"temp": 20}')), '20 C.', Origin(p, 3)),
+  ]
+  bad = write_jsonl(tmp_path / 'bad.jsonl', [{'prompt': 'Q?', 'completion': [msg(USER, 'A.')]}])
+  with pytest.raises(InvalidExample, match='bad.jsonl:1: "completion" must end with an '
+                                           'assistant message'):
+    read_jsonl(bad, 'sft')

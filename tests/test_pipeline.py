@@ -197,7 +197,7 @@ def test_tfds_trains_exactly_like_its_jsonl(env, tokenizer_dir, tmp_path):
     paths = {split: write_jsonl(tmp_path / f'{kind}-{split}.jsonl',
                                 playground_rows(kind, split, n, seed=0, labeler=LABELER))
              for split, n in (('train', 64), ('eval', 16))}
-    # The eval split gets another name in TFDS, found through config.data.tfds_splits.
+    # The eval split gets another name in TFDS, found through config.data.splits.
     prepare_from_jsonl(name, kind, {'train': paths['train'], 'validation': paths['eval']},
                        data_dir=data_dir)
     key = f'--config.data.sources.{"sft" if kind == "sft" else "pairs"}'
@@ -207,7 +207,7 @@ def test_tfds_trains_exactly_like_its_jsonl(env, tokenizer_dir, tmp_path):
                        f'{key}=jsonl:{tmp_path}/{kind}-{{split}}.jsonl'),
                  start(env, tmp_path / f'{kind}-tfds', config, *common, f'{key}=tfds:{name}',
                        f'--config.data.tfds_data_dir={data_dir}',
-                       '--config.data.tfds_splits.eval=validation')))
+                       '--config.data.splits.eval=validation')))
   finish_all(p for pair in runs for p in pair)
   for kind in ('sft', 'preference'):
     from_jsonl = read_metrics(tmp_path / f'{kind}-jsonl' / 'metrics.jsonl')

@@ -108,13 +108,15 @@ def attach_reference_logps(ctx, data, reference) -> None:
     score = jax.jit(lambda params, batch: pair_logps(
         nnx.merge(reference.graphdef, params), batch,
         chunk_size=config.train.logprob_chunk_size)[0])
-    values = {}
+    values, block = {}, 64 * config.train.batch_size  # Pairs padded at a time.
     for split in ('train', 'eval'):
-      pairs = pad_pairs(data.examples(split), config.train.seq_len,
-                        pad_id=data.shape.pad_id)
-      values[split] = map_batches(functools.partial(score, reference.params), pairs,
-                                  batch_size=config.train.batch_size, mesh=ctx.mesh,
-                                  rules=ctx.rules)
+      examples = data.examples(split)
+      values[split] = np.concatenate([map_batches(
+          functools.partial(score, reference.params),
+          pad_pairs([examples[i] for i in range(start, min(start + block, len(examples)))],
+                    config.train.seq_len, pad_id=data.shape.pad_id),
+          batch_size=config.train.batch_size, mesh=ctx.mesh, rules=ctx.rules)
+          for start in range(0, len(examples), block)])
     if jax.process_index() == 0:
       buffer = io.BytesIO()
       np.savez(buffer, **values)

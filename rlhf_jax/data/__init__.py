@@ -1,4 +1,5 @@
-"""Data: JSONL and TFDS sources, encoding with chat templates, batching, packing, mixtures.
+"""Data: JSONL, TFDS and HF sources, encoding with chat templates, token stores on disk,
+batching, packing, mixtures.
 
 Nothing here knows a model, a policy or the playground: they hand this package files and
 tokenizers.

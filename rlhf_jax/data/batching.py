@@ -68,21 +68,25 @@ def pad_pairs(pairs: Sequence[tuple[Piece, Piece]], length: int, *, pad_id: int)
   return {key: np.stack([halves[0][key], halves[1][key]], axis=1) for key in halves[0]}
 
 
-def pack(lengths: Sequence[int], order: Sequence[int], seq_len: int) -> list[list[int]]:
-  """Examples (in `order`) into rows of at most seq_len tokens, next-fit.
+def pack_starts(lengths: Sequence[int], seq_len: int, *, order: Sequence[int] | None = None
+                ) -> np.ndarray:
+  """Where each row starts when examples of these `lengths` (in order) fill rows of at most
+  seq_len tokens, next-fit; closed by len(lengths). `order` names the examples in errors.
 
   Next-fit keeps the order (a pure function of it, so resumable and the same on every host);
   a row is closed when the next example does not fit.
   """
-  rows, current, used = [], [], 0
-  for index in order:
-    if lengths[index] > seq_len:
-      raise InputError(f'Example {index} has {lengths[index]} tokens > seq_len={seq_len}.')
-    if used + lengths[index] > seq_len:
-      rows.append(current)
-      current, used = [], 0
-    current.append(index)
-    used += lengths[index]
-  if current:
-    rows.append(current)
-  return rows
+  lengths = np.asarray(lengths, np.int64)
+  too_long = np.flatnonzero(lengths > seq_len)
+  if len(too_long):
+    index = too_long[0] if order is None else order[too_long[0]]
+    raise InputError(f'Example {index} has {lengths[too_long[0]]} tokens > seq_len={seq_len}.')
+  starts, used = [0], 0
+  for i, length in enumerate(lengths.tolist()):
+    if used + length > seq_len:
+      starts.append(i)
+      used = 0
+    used += length
+  starts.append(len(lengths))
+  return np.asarray(starts, np.int64)
+

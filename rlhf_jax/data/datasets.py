@@ -8,15 +8,15 @@ so one forward pass over the reshaped [2B, T] batch scores both and each device 
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.batching import Piece, bucket_length, pad_pairs, pad_rows
+from rlhf_jax.data.batching import bucket_length
 from rlhf_jax.data.mixture import Mixture, Stream, global_batch_units
+from rlhf_jax.data.store import Example, Examples, empty_batch, finish_batch
 from rlhf_jax.errors import InputError
 
-Example = tuple[Piece, ...]  # (piece,) or (chosen, rejected).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +32,13 @@ class TokenData:
 
   def __init__(self, splits: Mapping[str, Mapping[str, Sequence[Example]]], mixture: Mixture,
                shape: BatchShape, *, seed: int, stats: Mapping[str, int] | None = None,
-               records: Mapping[str, Mapping[str, Sequence]] | None = None):
-    """splits: split -> source name -> examples; every split names the mixture's sources.
+               records: Mapping[str, Callable[[str], Sequence]] | None = None):
+    """splits: split -> source name -> examples (a list, or `store.Examples`, read
+    only for the rows a host makes); every split names the mixture's sources.
 
-    records: the same layout with the record each example came from (for evaluations that
-    need the text, e.g. a gold reward); stats: counts of skipped and truncated examples.
+    records: source name -> records(split), the record each of its examples came from (for
+    evaluations that need the text, e.g. a gold reward); stats: counts of skipped and
+    truncated examples.
     """
     self.shape, self.mixture, self.stats = shape, mixture, dict(stats or {})
     self._records = records
@@ -46,16 +48,17 @@ class TokenData:
       raise InputError('config.data.packing applies to SFT and text, not to preference pairs.')
     self._examples, self._streams = {}, {}
     for split, sources in splits.items():
-      self._examples[split] = [sources[name] for name in mixture.names]
+      self._examples[split] = [
+          examples if isinstance(examples, Examples) else Examples.from_list(examples)
+          for examples in (sources[name] for name in mixture.names)]
       self._streams[split] = [
-          Stream([max(len(p[0]) for p in example) for example in examples],
-                 seed=seed + i, shuffle=split == 'train',
+          Stream(examples.lengths, seed=seed + i, shuffle=split == 'train',
                  pack_to=shape.buckets[-1] if shape.packing else None)
           for i, examples in enumerate(self._examples[split])]
 
-  def examples(self, split: str) -> list[Example]:
+  def examples(self, split: str) -> Sequence[Example]:
     """Every example of `split`, source after source."""
-    return [ex for examples in self._examples[split] for ex in examples]
+    return Concatenation(self._examples[split])
 
   def attach(self, name: str, per_split: Mapping[str, np.ndarray]) -> None:
     """Adds `name` to every batch: per_split[split][i] belongs to examples(split)[i].
@@ -72,21 +75,41 @@ class TokenData:
 
   def records(self, split: str) -> list:
     """The record of each of `examples(split)`."""
-    return [r for name in self.mixture.names for r in self._records[split][name]]
+    return [r for name in self.mixture.names for r in self._records[name](split)]
 
   def batch(self, split: str, step: int, rows: range) -> dict[str, np.ndarray]:
-    units = global_batch_units(self.mixture, self._streams[split], step)
-    examples = self._examples[split]
-    rows_pieces = [[examples[k][i] for i in indices] for k, indices in units]
-    longest = max(sum(max(len(p[0]) for p in ex) for ex in row) for row in rows_pieces)
-    length = bucket_length(longest, self.shape.buckets)
-    local = [rows_pieces[r] for r in rows]
+    """Rows `rows` of global batch `step`: every host agrees on the batch's length from the
+    example lengths alone, and reads the tokens of its own rows only."""
+    streams, examples = self._streams[split], self._examples[split]
+    units, lengths = global_batch_units(self.mixture, streams, step)
+    length = bucket_length(int(lengths.max()), self.shape.buckets)
     attached = {}
     if self._attached:  # One example per row: its index in examples(split).
-      offsets = np.cumsum([0] + [len(examples) for examples in self._examples[split][:-1]])
+      offsets = np.cumsum([0] + [len(examples) for examples in examples[:-1]])
       ids = np.array([offsets[units[r][0]] + units[r][1][0] for r in rows])
       attached = {name: values[split][ids] for name, values in self._attached.items()}
-    if not self.paired:
-      return pad_rows([[ex[0] for ex in row] for row in local], length,
-                      pad_id=self.shape.pad_id, packed=self.shape.packing) | attached
-    return pad_pairs([row[0] for row in local], length, pad_id=self.shape.pad_id) | attached
+    k = 2 if self.paired else 1
+    batch = empty_batch(len(rows), k, length, self.shape.pad_id)
+    for s, source in enumerate(examples):
+      at = [i for i, r in enumerate(rows) if units[r][0] == s]
+      if at:
+        source.fill(batch, at, [units[rows[i]][1] for i in at])
+    return finish_batch(batch, packed=self.shape.packing) | attached
+
+
+class Concatenation(Sequence):
+  """Sequences one after the other, indexed without copying them."""
+
+  def __init__(self, parts: Sequence[Sequence]):
+    self._parts = parts
+    self._offsets = np.cumsum([0] + [len(part) for part in parts])
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, i: int):
+    if not -len(self) <= i < len(self):
+      raise IndexError(i)
+    i %= len(self)
+    k = int(np.searchsorted(self._offsets, i, side='right')) - 1
+    return self._parts[k][i - self._offsets[k]]

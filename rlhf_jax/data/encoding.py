@@ -34,6 +34,7 @@ from rlhf_jax.errors import InputError
 
 Truncation = Literal['error', 'response', 'prompt_and_response']
 TRUNCATIONS = ('error', 'response', 'prompt_and_response')
+TRAIN_TURNS = ('all', 'last')
 Tokenizer = transformers.PreTrainedTokenizerBase
 
 
@@ -42,6 +43,8 @@ class EncodedSFT:
   prompt_ids: list[int]
   response_ids: list[int]
   truncated: frozenset[str]  # Which of 'prompt', 'response' were cut.
+  # 1 on the prompt's tokens that are trained too: earlier assistant turns (train_turns='all').
+  prompt_mask: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +64,48 @@ def encode_prompt(tokenizer: Tokenizer, messages: Messages) -> list[int]:
 
 
 def encode_sft(record: SFTRecord, tokenizer: Tokenizer, *, seq_len: int, max_prompt_len: int,
-               truncation: Truncation = 'response') -> EncodedSFT:
-  """Prompt and response ids that fit `seq_len` together, or InvalidExample."""
-  _check_options(seq_len=seq_len, max_prompt_len=max_prompt_len, truncation=truncation)
+               truncation: Truncation = 'response', train_turns: str = 'last') -> EncodedSFT:
+  """Prompt and response ids that fit `seq_len` together, or InvalidExample.
+
+  train_turns='all' also trains the assistant turns inside the prompt (a multi-turn
+  conversation): `prompt_mask` is 1 on each one's tokens, found as the response of the
+  conversation up to it; 'last' trains only the response.
+  """
+  _check_options(seq_len=seq_len, max_prompt_len=max_prompt_len, truncation=truncation,
+                 train_turns=train_turns)
   full_prompt = encode_prompt(tokenizer, record.prompt)
   full_response = _response_ids(tokenizer, record.prompt, full_prompt, record.response,
                                 record.origin)
+  full_mask = (_assistant_turns_mask(tokenizer, record.prompt, full_prompt, record.origin)
+               if train_turns == 'all' else [0] * len(full_prompt))
   fit = _Fit(seq_len, max_prompt_len, truncation, record.origin)
   prompt = fit.prompt(full_prompt)
   response = fit.response(full_response, len(prompt), 'response')
   return EncodedSFT(prompt, response, _cut(prompt=(full_prompt, prompt),
-                                           response=(full_response, response)))
+                                           response=(full_response, response)),
+                    prompt_mask=tuple(full_mask[len(full_prompt) - len(prompt):]))
+
+
+def _assistant_turns_mask(tokenizer: Tokenizer, prompt: Messages, prompt_ids: list[int],
+                          origin: Origin) -> list[int]:
+  """1 on the tokens of each assistant turn of `prompt` (its response ids up to EOS)."""
+  mask = [0] * len(prompt_ids)
+  turns = [i for i, message in enumerate(prompt) if message.role == 'assistant']
+  if turns and not tokenizer.chat_template:
+    raise InputError(f'{origin}: config.data.train_turns="all" finds the earlier assistant '
+                     f'turns through a chat template; tokenizer {tokenizer.name_or_path!r} has '
+                     'none. Set config.data.train_turns="last".')
+  for i in turns:
+    before = encode_prompt(tokenizer, prompt[:i])
+    turn = _response_ids(tokenizer, prompt[:i], before, prompt[i].content, origin)
+    if prompt_ids[len(before):len(before) + len(turn)] != turn:
+      raise InputError(
+          f'{origin}: the chat template of tokenizer {tokenizer.name_or_path!r} renders '
+          f'assistant turn {i} differently once later turns follow (some templates drop '
+          'earlier reasoning), so it cannot be trained as rendered. Set '
+          'config.data.train_turns="last".')
+    mask[len(before):len(before) + len(turn)] = [1] * len(turn)
+  return mask
 
 
 def encode_preference(record: PreferenceRecord, tokenizer: Tokenizer, *, seq_len: int,
@@ -96,7 +130,11 @@ def encode_preference(record: PreferenceRecord, tokenizer: Tokenizer, *, seq_len
       rejected=(full_rejected, rejected)))
 
 
-def _check_options(*, seq_len: int, max_prompt_len: int, truncation: str):
+def _check_options(*, seq_len: int, max_prompt_len: int, truncation: str,
+                   train_turns: str = 'last'):
+  if train_turns not in TRAIN_TURNS:
+    raise InputError(f'config.data.train_turns={train_turns!r}; choose one of '
+                     f'{", ".join(TRAIN_TURNS)}.')
   if truncation not in TRUNCATIONS:
     raise InputError(f'config.data.truncation={truncation!r}; choose one of '
                      f'{", ".join(TRUNCATIONS)}.')

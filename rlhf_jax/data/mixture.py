@@ -16,37 +16,58 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from rlhf_jax.data.batching import pack
+from rlhf_jax.data.batching import pack_starts
 from rlhf_jax.errors import InputError
 
 
 class Stream:
-  """Units of one source in order: unit(position) -> example indices."""
+  """Units of one source in order: units(positions) -> example indices and length of each.
+
+  An epoch's order, its packed rows and their lengths are computed once, on the first row
+  asked of it, and kept while rows of it or of the next epoch are asked: O(1) per row after
+  O(n) per epoch.
+  """
 
   def __init__(self, lengths: Sequence[int], *, seed: int, shuffle: bool,
                pack_to: int | None = None):
     if not len(lengths):
       raise InputError('A data source has no examples.')
-    self._lengths, self._seed, self._shuffle, self._pack_to = lengths, seed, shuffle, pack_to
-    self._epochs: list[list[list[int]]] = []  # Packed rows of each epoch, made on demand.
-    self._epoch_starts = [0]
+    self._lengths = np.asarray(lengths, np.int64)
+    self._seed, self._shuffle, self._pack_to = seed, shuffle, pack_to
+    # epoch -> (order, start of each unit in it closed by n, tokens before each position).
+    self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    self._epoch_starts = [0]  # First position of each epoch whose row count is known.
 
-  def _order(self, epoch: int) -> np.ndarray:
-    n = len(self._lengths)
-    if not self._shuffle:
-      return np.arange(n)
-    return np.random.default_rng([self._seed, epoch]).permutation(n)
-
-  def unit(self, position: int) -> list[int]:
-    if self._pack_to is None:
+  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if epoch not in self._epochs:
       n = len(self._lengths)
-      return [int(self._order(position // n)[position % n])]
-    while self._epoch_starts[-1] <= position:  # Packed epochs have varying numbers of rows.
-      rows = pack(self._lengths, self._order(len(self._epochs)), self._pack_to)
-      self._epochs.append(rows)
-      self._epoch_starts.append(self._epoch_starts[-1] + len(rows))
-    epoch = int(np.searchsorted(self._epoch_starts, position, side='right')) - 1
-    return self._epochs[epoch][position - self._epoch_starts[epoch]]
+      order = (np.random.default_rng([self._seed, epoch]).permutation(n) if self._shuffle
+               else np.arange(n))
+      ordered = self._lengths[order]
+      starts = (np.arange(n + 1) if self._pack_to is None
+                else pack_starts(ordered, self._pack_to, order=order))
+      for old in [e for e in self._epochs if e < epoch - 1]:
+        del self._epochs[old]
+      self._epochs[epoch] = order, starts, np.r_[0, np.cumsum(ordered)]
+    return self._epochs[epoch]
+
+  def units(self, positions: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """(example indices of each unit, its tokens: the sum of its examples' lengths)."""
+    positions = np.asarray(positions, np.int64)
+    while self._epoch_starts[-1] <= positions.max():  # Packed epochs vary in row count.
+      rows = len(self._epoch(len(self._epoch_starts) - 1)[1]) - 1
+      self._epoch_starts.append(self._epoch_starts[-1] + rows)
+    epochs = np.searchsorted(self._epoch_starts, positions, side='right') - 1
+    units, lengths = [None] * len(positions), np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs).tolist():
+      at = np.flatnonzero(epochs == epoch)
+      order, starts, before = self._epoch(epoch)
+      rows = positions[at] - self._epoch_starts[epoch]
+      first, last = starts[rows], starts[rows + 1]
+      lengths[at] = before[last] - before[first]
+      for i, a, b in zip(at.tolist(), first.tolist(), last.tolist()):
+        units[i] = order[a:b]
+    return units, lengths
 
 
 def rows_per_source(weights: Mapping[str, float], batch_size: int, *, key: str) -> np.ndarray:
@@ -106,7 +127,15 @@ class Mixture:
 
 
 def global_batch_units(mixture: Mixture, streams: Sequence[Stream], step: int
-                       ) -> list[tuple[int, list[int]]]:
-  """(source index, example indices) for every row of global batch `step`."""
+                       ) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+  """(source index, example indices) for every row of global batch `step`, and each row's
+  tokens."""
   sources, positions = mixture.assign(step)
-  return [(int(k), streams[k].unit(int(p))) for k, p in zip(sources, positions)]
+  units, lengths = [None] * len(sources), np.empty(len(sources), np.int64)
+  for k, stream in enumerate(streams):
+    rows = np.flatnonzero(sources == k)
+    if len(rows):
+      source_units, lengths[rows] = stream.units(positions[rows])
+      for row, unit in zip(rows.tolist(), source_units):
+        units[row] = (k, unit)
+  return units, lengths

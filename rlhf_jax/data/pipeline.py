@@ -5,29 +5,29 @@ import collections
 from rlhf_jax.data.batching import buckets_for
 from rlhf_jax.data.datasets import BatchShape, TokenData
 from rlhf_jax.data.mixture import Mixture
-from rlhf_jax.data.sources import encode_source, read_source
+from rlhf_jax.data.tokenized import tokenized_source
 from rlhf_jax.errors import InputError
 
 
 def make_token_data(config, tokenizer, *, sources: dict[str, str], kinds: tuple[str, ...],
-                    decay_start: int | None = None) -> TokenData:
-  """The mixture of `sources` (config.data.sources' names, each a jsonl: or tfds: spec),
-  tokenized; each source's kind must be in `kinds`. With config.data.decay_weights the mixture
-  switches to them at step `decay_start` (the schedule's decay stage: "midtraining")."""
+                    cache_dir: str, decay_start: int | None = None) -> TokenData:
+  """The mixture of `sources` (config.data.sources' names, each a jsonl:, tfds: or hf: spec),
+  tokenized into stores in `cache_dir` once; each source's kind must be in `kinds`. With
+  config.data.decay_weights the mixture switches to them at step `decay_start` (the schedule's
+  decay stage: "midtraining")."""
   data, train = config.data, config.train
   if set(data.weights) != set(sources):
     raise InputError(f'config.data.weights names {sorted(data.weights)}; config.data.sources '
                      f'names {sorted(sources)}.')
-  splits, records = {'train': {}, 'eval': {}}, {'train': {}, 'eval': {}}
+  splits, records = {'train': {}, 'eval': {}}, {}
   stats = collections.Counter()
   for name, spec in sources.items():
-    kind, source_records = read_source(spec, kinds, data=data,
-                                       key=f'config.data.sources.{name}')
-    encoded = encode_source(source_records, kind, tokenizer, data=data, seq_len=train.seq_len)
+    source = tokenized_source(spec, kinds, tokenizer, config=config, cache_dir=cache_dir,
+                              key=f'config.data.sources.{name}')
     for split in splits:
-      splits[split][name] = encoded.examples[split]
-      records[split][name] = encoded.records[split]
-    stats.update({f'data/{name}/{k}': v for k, v in encoded.stats.items()})
+      splits[split][name] = source.examples[split]
+    records[name] = source.records
+    stats.update({f'data/{name}/{k}': v for k, v in source.stats.items()})
   decay_weights = data.decay_weights.to_dict() if data.decay_weights else None
   mixture = Mixture(data.weights.to_dict(), train.batch_size, seed=data.seed,
                     switch_step=decay_start if decay_weights else None,

@@ -3,8 +3,10 @@
 Accepted forms of one example (a JSON object; other keys are ignored):
 
   sft         {"prompt": str | messages, "response": str}
+              {"prompt": str | messages, "completion": completion}   TRL's prompt-completion
+                                       form, standard or conversational (below)
               {"messages": messages}   the last message is the assistant's response, the rest
-                                       (system/user/assistant turns) is the prompt
+                                       (system/user/assistant/tool turns) is the prompt
   preference  {"prompt": str | messages, "chosen": completion, "rejected": completion}
                                        completion = str, or a list of one assistant message
               {"chosen": messages, "rejected": messages}   TRL's implicit prompt: two whole
@@ -12,9 +14,10 @@ Accepted forms of one example (a JSON object; other keys are ignored):
                                        is the assistant's; the shared turns are the prompt
   text        {"text": str}            a document, for pretraining
 
-messages = [{"role": "system" | "user" | "assistant", "content": str}, ...]; a prompt given as a
-string is one user message. `field_map` maps our field names (prompt, response, messages,
-chosen, rejected, text) to the file's, e.g. {'response': 'answer'}.
+messages = [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...] (a `tool`
+turn needs a chat template that renders it); a prompt given as a string is one user message.
+`field_map` (config.data.field_map) maps our field names (prompt, response, completion,
+messages, chosen, rejected, text) to the file's, e.g. {'response': 'answer'}.
 
 Every problem raises `InvalidExample`, whose message names the file and line, e.g.
 `data/train.jsonl:17: missing key "response" (keys: prompt, answer)`, and whose `reason` is a
@@ -34,9 +37,9 @@ from absl import logging
 
 from rlhf_jax.errors import InputError, NotFound
 
-ROLES = ('system', 'user', 'assistant')
-FIELDS = {'sft': ('prompt', 'response', 'messages'), 'preference': ('prompt', 'chosen', 'rejected'),
-          'text': ('text',)}
+ROLES = ('system', 'user', 'assistant', 'tool')
+FIELDS = {'sft': ('prompt', 'response', 'completion', 'messages'),
+          'preference': ('prompt', 'chosen', 'rejected'), 'text': ('text',)}
 Kind = Literal['sft', 'preference', 'text']
 
 
@@ -254,6 +257,8 @@ class _Fields:
 def _parse_sft(fields: _Fields) -> SFTRecord:
   if fields.has('messages'):
     prompt, response = fields.conversation('messages')
+  elif fields.has('completion') and not fields.has('response'):
+    prompt, response = fields.prompt(), fields.completion('completion')
   else:
     prompt = fields.prompt()
     response = fields.nonempty('response', fields.typed('response', str, 'a string'))

@@ -5,7 +5,9 @@
     jsonl:PATH           a JSONL file; with '{split}' in PATH one file per split, otherwise
                          config.data.eval_fraction of it (a seeded choice) is held out for eval
     tfds:NAME            a prepared TFDS dataset, read with tfds.data_source (no TensorFlow);
-                         splits named by config.data.tfds_splits, from config.data.tfds_data_dir
+                         splits named by config.data.splits, from config.data.tfds_data_dir
+    hf:DIR               a Hugging Face dataset's parquet or arrow files in DIR (local or a URL
+                         such as gs://…), splits named by config.data.splits
 
 The playground's generated data reach this module as JSONL files like any user's
 (`rlhf_jax.playground.files`), so the built-in data exercise the real loading path.
@@ -13,55 +15,107 @@ The playground's generated data reach this module as JSONL files like any user's
 
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
 
-from rlhf_jax.data import SPLITS, tfds_source
+from rlhf_jax.data import SPLITS, hf_source, tfds_source
 from rlhf_jax.data.batching import Piece
-from rlhf_jax.data.datasets import Example
 from rlhf_jax.data.encoding import encode_preference, encode_sft
-from rlhf_jax.data.records import InvalidExample, Records, read_jsonl
+from rlhf_jax.data.records import FIELDS, InvalidExample, Record, Records, read_jsonl
+from rlhf_jax.data.store import Example
 from rlhf_jax.errors import InputError, NotFound
 
 KINDS = ('sft', 'preference', 'text')
+SCHEMES = ('jsonl', 'tfds', 'hf')
 
 
 def parse_spec(spec: str, key: str) -> tuple[str, str]:
   scheme, _, location = spec.partition(':')
-  if scheme not in ('jsonl', 'tfds') or not location:
-    raise InputError(f'{key}={spec!r}: expected "jsonl:PATH", "tfds:NAME" or, on the '
+  if scheme not in SCHEMES or not location:
+    raise InputError(f'{key}={spec!r}: expected "jsonl:PATH", "tfds:NAME", "hf:DIR" or, on the '
                      f'playground, "playground:KIND" with KIND one of {KINDS}.')
   return scheme, location
 
 
 def read_source(spec: str, kinds: tuple[str, ...], *, data, key: str
                 ) -> tuple[str, dict[str, Records]]:
-  """(kind, records of both splits) of one source. `data` is the config's `data` entry.
+  """(kind, records of both splits) of one source. `data` is the config's `data` entry."""
+  kind = source_kind(spec, kinds, data=data, key=key)
+  return kind, read_records(spec, kind, data=data, key=key)
 
-  The kind is read off the fields of the first example: "chosen" → preference, "text" → text,
-  otherwise sft. It must be one of `kinds`.
-  """
+
+def source_kind(spec: str, kinds: tuple[str, ...], *, data, key: str) -> str:
+  """The kind of a source's examples, read off the fields of the first one (named through
+  config.data.field_map): "chosen" → preference, "text" → text, otherwise sft. It must be one
+  of `kinds`."""
   scheme, location = parse_spec(spec, key)
   if scheme == 'tfds':
-    kind = kind_of_fields(tfds_source.feature_names(location, data.tfds_splits['train'],
-                                                    data_dir=data.tfds_data_dir))
+    fields = tfds_source.feature_names(location, data.splits['train'],
+                                       data_dir=data.tfds_data_dir)
+  elif scheme == 'hf':
+    fields = hf_source.column_names(location, data.splits['train'])
   else:
-    kind = kind_of_fields(_first_object(location.format(split='train')))
+    fields = _first_object(location.format(split='train'))
+  ours = {theirs: our for our, theirs in field_map(data).items()}
+  kind = kind_of_fields(ours.get(field, field) for field in fields)
   if kind not in kinds:
     raise InputError(f'{key}={spec!r} holds {kind!r} examples; this trainer reads {kinds}.')
+  return kind
+
+
+def field_map(data, kind: str | None = None) -> dict[str, str]:
+  """config.data.field_map (our field name -> the data's), only `kind`'s fields if given."""
+  mapping = dict(data.get('field_map') or {})
+  known = {name for names in FIELDS.values() for name in names}
+  if set(mapping) - known:
+    raise InputError(f'config.data.field_map names {sorted(set(mapping) - known)}; our fields '
+                     f'are {", ".join(sorted(known))}.')
+  return {k: v for k, v in mapping.items() if kind is None or k in FIELDS[kind]}
+
+
+def read_records(spec: str, kind: str, *, data, key: str) -> dict[str, Records]:
+  """The validated records of both splits of a source of `kind` examples."""
+  scheme, location = parse_spec(spec, key)
+  options = dict(kind=kind, skip_invalid=data.skip_invalid, field_map=field_map(data, kind))
   if scheme == 'tfds':
-    return kind, {split: tfds_source.tfds_records(
-        location, data.tfds_splits[split], data_dir=data.tfds_data_dir, kind=kind,
-        skip_invalid=data.skip_invalid) for split in SPLITS}
+    return {split: tfds_source.tfds_records(location, data.splits[split],
+                                            data_dir=data.tfds_data_dir, **options)
+            for split in SPLITS}
+  if scheme == 'hf':
+    return {split: hf_source.hf_records(location, data.splits[split], **options)
+            for split in SPLITS}
   if '{split}' in location:
-    return kind, {split: read_jsonl(location.format(split=split), kind,
-                                    skip_invalid=data.skip_invalid) for split in SPLITS}
-  return kind, _hold_out(read_jsonl(location, kind, skip_invalid=data.skip_invalid),
-                         data.eval_fraction, seed=data.seed, key=key)
+    return {split: read_jsonl(location.format(split=split), **options) for split in SPLITS}
+  return _hold_out(read_jsonl(location, **options), data.eval_fraction, seed=data.seed, key=key)
+
+
+def source_digest(spec: str, *, data, key: str) -> str:
+  """A hash of the bytes a source's examples come from: its JSONL files, its TFDS dataset's
+  info (which lists every shard's length), or its parquet/arrow files' sizes and times."""
+  scheme, location = parse_spec(spec, key)
+  digest = hashlib.sha256(spec.encode())
+  if scheme == 'tfds':
+    for split in SPLITS:
+      digest.update(tfds_source.info_digest(location, data.splits[split],
+                                            data_dir=data.tfds_data_dir).encode())
+  elif scheme == 'hf':
+    for split in SPLITS:
+      digest.update(hf_source.files_digest(location, data.splits[split]).encode())
+  else:
+    paths = ([location.format(split=split) for split in SPLITS] if '{split}' in location
+             else [location])
+    for path in paths:
+      if not os.path.exists(path):
+        raise NotFound(f'{key}={spec!r}: no such JSONL file: {path}')
+      with open(path, 'rb') as f:
+        digest.update(hashlib.file_digest(f, 'sha256').digest())
+  return digest.hexdigest()
 
 
 def kind_of_fields(fields) -> str:
@@ -98,55 +152,63 @@ def _hold_out(records: Records, fraction: float, *, seed: int, key: str) -> dict
           'eval': split(lambda i: i in eval_rows, collections.Counter())}
 
 
-@dataclasses.dataclass
-class EncodedSplits:
-  """Examples per split of one source, the record of each, and what was skipped or cut."""
-  examples: dict[str, list[Example]]
-  records: dict[str, list]
-  stats: collections.Counter
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+  """What besides the tokenizer decides an example's tokens (config.data and config.train)."""
+  seq_len: int
+  max_prompt_len: int
+  truncation: str
+  skip_invalid: bool
+  train_turns: str = 'all'
+
+  @classmethod
+  def of(cls, config) -> 'EncodeOptions':
+    data = config.data
+    return cls(config.train.seq_len, data.max_prompt_len, data.truncation, data.skip_invalid,
+               data.train_turns)
 
 
-def encode_source(records: dict[str, Records], kind: str, tokenizer, *, data,
-                  seq_len: int) -> EncodedSplits:
-  """Token pieces of every example; invalid ones raise, or are counted when skip_invalid."""
+def encode_records(records: Sequence[Record], first_index: int, kind: str, tokenizer,
+                   options: EncodeOptions) -> tuple[list[Example], list[int], collections.Counter]:
+  """(examples, index of each one's record, counts of cut and skipped examples) of records
+  numbered from `first_index`; an invalid record raises, or is counted with skip_invalid."""
   stats = collections.Counter()
-  examples, origins = {}, {}
-  for split, recs in records.items():
-    stats.update({f'skipped/{reason}': n for reason, n in recs.skipped.items()})
-    examples[split], origins[split] = [], []
-    for record in recs.records:
-      try:
-        encoded = _encode(record, kind, tokenizer, data=data, seq_len=seq_len, stats=stats)
-        examples[split] += encoded
-        origins[split] += [record] * len(encoded)
-      except InvalidExample as e:
-        if not data.skip_invalid:
-          raise
-        logging.warning('Skipped %s', e)
-        stats[f'skipped/{e.reason}'] += 1
-    if not examples[split]:
-      raise InputError(f'No valid {split} examples in this source.')
-  return EncodedSplits(examples, origins, stats)
+  examples, record_index = [], []
+  for index, record in enumerate(records, start=first_index):
+    try:
+      encoded = _encode(record, kind, tokenizer, options=options, stats=stats)
+    except InvalidExample as e:
+      if not options.skip_invalid:
+        raise
+      logging.warning('Skipped %s', e)
+      stats[f'skipped/{e.reason}'] += 1
+      continue
+    examples += encoded
+    record_index += [index] * len(encoded)
+  return examples, record_index, stats
 
 
-def _encode(record, kind: str, tokenizer, *, data, seq_len: int, stats) -> list[Example]:
+def _encode(record, kind: str, tokenizer, *, options: EncodeOptions, stats) -> list[Example]:
+  seq_len = options.seq_len
   if kind == 'text':  # Pretraining: documents cut into rows of seq_len, loss on every token.
     ids = tokenizer.encode(record.text, add_special_tokens=False) + [tokenizer.eos_token_id]
     return [(_piece([], ids[i:i + seq_len]),) for i in range(0, len(ids), seq_len)]
-  options = dict(seq_len=seq_len, max_prompt_len=data.max_prompt_len,
-                 truncation=data.truncation)
+  fit = dict(seq_len=seq_len, max_prompt_len=options.max_prompt_len,
+             truncation=options.truncation)
   if kind == 'sft':
-    encoded = encode_sft(record, tokenizer, **options)
+    encoded = encode_sft(record, tokenizer, **fit, train_turns=options.train_turns)
     stats.update(f'truncated/{part}' for part in encoded.truncated)
-    return [(_piece(encoded.prompt_ids, encoded.response_ids),)]
-  encoded = encode_preference(record, tokenizer, **options)
+    return [(_piece(encoded.prompt_ids, encoded.response_ids, encoded.prompt_mask),)]
+  encoded = encode_preference(record, tokenizer, **fit)
   stats.update(f'truncated/{part}' for part in encoded.truncated)
   return [(_piece(encoded.prompt_ids, encoded.chosen_ids),
            _piece(encoded.prompt_ids, encoded.rejected_ids))]
 
 
-def _piece(prompt_ids, response_ids) -> Piece:
+def _piece(prompt_ids, response_ids, prompt_mask=()) -> Piece:
+  """Ids of prompt + response; the loss mask is 1 on the response (and where prompt_mask is)."""
   ids = np.asarray(list(prompt_ids) + list(response_ids), np.int32)
   mask = np.zeros(len(ids), np.int32)
+  mask[:len(prompt_mask)] = prompt_mask
   mask[len(prompt_ids):] = 1
   return ids, mask

@@ -14,6 +14,7 @@ or one with other field names through `field_map`) back into validated records.
 """
 
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -107,6 +108,12 @@ def feature_names(name: str, split: str, *, data_dir: str | os.PathLike) -> list
   """The top-level feature names of a prepared dataset."""
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   return list(source.dataset_info.features.keys())
+
+
+def info_digest(name: str, split: str, *, data_dir: str | os.PathLike) -> str:
+  """A hash of the dataset's info (version, every shard's length and size) and of `split`."""
+  info = tfds.data_source(name, split=split, data_dir=data_dir, download=False).dataset_info
+  return hashlib.sha256(f'{split}\n{info.as_json}'.encode()).hexdigest()
 
 
 def _parse_example(example, features, kind: Kind, origin: Origin,
