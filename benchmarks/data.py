@@ -13,7 +13,9 @@ training makes them: `steps` consecutive steps from `start_step`, after the batc
 `start_step` - 1 (which computes its epoch's order and packing: `first_batch_ms`).
 `ms_per_batch` is the median; `mean_ms_per_batch` the mean, which also carries the epochs that
 begin among those steps (their order and packing are O(n), once per epoch); `peak_rss_mib` is
-that process's peak resident memory.
+that process's peak resident memory, which counts the pages of the store's memory map that
+the batches touched (file cache, which the OS reclaims); `anon_rss_mib` and `file_rss_mib`
+split the resident memory at the end into the process's own (anonymous) and those pages.
 The last line printed is one JSON object for scripts.
 """
 
@@ -104,6 +106,11 @@ def measure(args) -> dict:
                  'mean_ms_per_batch': 1e3 * float(np.mean(times)), 'first_batch_ms': 1e3 * first,
                  'tokens_per_row': float(batch['attention_mask'].sum(-1).mean())}
   out['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  with open('/proc/self/status') as f:  # Linux: resident memory by kind, at the end.
+    status = dict(line.split(':', 1) for line in f)
+  for kind in ('RssAnon', 'RssFile'):
+    if kind in status:
+      out[f'{kind[3:].lower()}_rss_mib'] = int(status[kind].split()[0]) / 1024
   return out
 
 
@@ -134,7 +141,8 @@ def main():
   make_tokenizer(tokenizer)
   results = {'ms_per_batch': {}, 'ms_per_batch_packed': {}, 'mean_ms_per_batch': {},
              'mean_ms_per_batch_packed': {}, 'first_batch_ms': {},
-             'first_batch_ms_packed': {}, 'peak_rss_mib': {}, 'tokenize_s': {},
+             'first_batch_ms_packed': {}, 'peak_rss_mib': {}, 'anon_rss_mib': {},
+             'file_rss_mib': {}, 'tokenize_s': {},
              'generate_s': {}, 'tokens_per_row_packed': {}, 'cpus': os.cpu_count()}
   for size in [int(s) for s in args.sizes.split(',')]:
     jsonl = os.path.join(directory, f'sft_{size}.jsonl')
@@ -154,11 +162,14 @@ def main():
     results['first_batch_ms_packed'][size] = m['packed']['first_batch_ms']
     results['tokens_per_row_packed'][size] = m['packed']['tokens_per_row']
     results['peak_rss_mib'][size] = m['peak_rss_mib']
+    results['anon_rss_mib'][size] = m.get('anon_rss_mib')
+    results['file_rss_mib'][size] = m.get('file_rss_mib')
     print(f'{size:>9,} examples: {m["unpacked"]["ms_per_batch"]:7.2f} ms/batch (mean '
           f'{m["unpacked"]["mean_ms_per_batch"]:.2f}), packed {m["packed"]["ms_per_batch"]:7.2f} '
           f'(mean {m["packed"]["mean_ms_per_batch"]:.2f}; {m["packed"]["tokens_per_row"]:.0f} '
           f'tokens/row); first batch {m["unpacked"]["first_batch_ms"]:.0f} / '
-          f'{m["packed"]["first_batch_ms"]:.0f} ms; peak RSS {m["peak_rss_mib"]:.0f} MiB; '
+          f'{m["packed"]["first_batch_ms"]:.0f} ms; peak RSS {m["peak_rss_mib"]:.0f} MiB (at the '
+          f'end {m.get("anon_rss_mib", 0):.0f} own + {m.get("file_rss_mib", 0):.0f} mapped); '
           f'tokenized once in {results["tokenize_s"][size]:.1f} s', flush=True)
   print(json.dumps({k: {str(s): v for s, v in d.items()} if isinstance(d, dict) else d
                     for k, d in results.items()}))
