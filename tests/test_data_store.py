@@ -17,7 +17,7 @@ from rlhf_jax.data.datasets import BatchShape, TokenData
 from rlhf_jax.data.mixture import Mixture
 from rlhf_jax.data.records import InvalidExample
 from rlhf_jax.data.batching import pad_pairs, pad_rows
-from rlhf_jax.data.store import Examples, Store, StoreWriter
+from rlhf_jax.data.store import Examples, Store, StoreWriter, empty_batch, finish_batch
 from rlhf_jax.data.tokenized import tokenized_source
 from rlhf_jax.errors import NotFound
 
@@ -76,12 +76,19 @@ def test_batches_from_a_store_equal_batches_from_memory(tmp_path, paired, packin
         np.testing.assert_array_equal(got[key], want[key])
 
 
+def gathered(examples, units, length, *, pad_id, packed):
+  batch = empty_batch(len(units), 2 if examples[0][1:] else 1, length, pad_id)
+  examples.fill(batch, range(len(units)), units)
+  return finish_batch(batch, packed=packed)
+
+
 @pytest.mark.parametrize('paired,packed', [(False, False), (False, True), (True, False)])
 def test_gathered_rows_equal_rows_padded_piece_by_piece(paired, packed):
-  """Examples.rows (one gather per batch) against batching.pad_rows / pad_pairs (a loop)."""
+  """Examples.fill (a slice copy per piece) and finish_batch (whole-batch segment ids and
+  positions) against batching.pad_rows / pad_pairs (a loop over pieces)."""
   examples = _examples(30, 2, paired)
   units = [[4, 0, 7], [3], [29, 1]] if packed else [[4], [0], [29], [13]]
-  got = Examples.from_list(examples).rows(units, 32, pad_id=99, packed=packed)
+  got = gathered(Examples.from_list(examples), units, 32, pad_id=99, packed=packed)
   if paired:
     want = pad_pairs([examples[unit[0]] for unit in units], 32, pad_id=99)
   else:
@@ -91,7 +98,7 @@ def test_gathered_rows_equal_rows_padded_piece_by_piece(paired, packed):
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   with pytest.raises(ValueError, match='row length is 4'):
-    Examples.from_list(examples).rows(units, 4, pad_id=0, packed=packed)
+    gathered(Examples.from_list(examples), units, 4, pad_id=0, packed=packed)
 
 
 def _config(tmp_path, **data):

@@ -23,7 +23,7 @@ from test_resume import ROOT, TIMEOUT, finish, logged_steps, start
 
 from rlhf_jax import algorithms, errors
 from rlhf_jax.config import load_config
-from rlhf_jax.data.sources import read_source
+from rlhf_jax.data.sources import read_records
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.engine.loop import Interrupted
 
@@ -190,7 +190,7 @@ def test_skipped_examples_of_a_single_file_are_counted_once(tmp_path):
   lines = [json.dumps({'prompt': f'q{i}', 'response': f'a{i}'}) for i in range(20)]
   path.write_text('\n'.join(lines[:10] + ['{not json'] + lines[10:]) + '\n')
   data = ml_collections.ConfigDict({'skip_invalid': True, 'eval_fraction': 0.25, 'seed': 0})
-  _, splits = read_source(f'jsonl:{path}', ('sft',), data=data, key='config.data.sources.sft')
+  splits = read_records(f'jsonl:{path}', 'sft', data=data, key='config.data.sources.sft')
   assert sum(s.skipped['malformed_json'] for s in splits.values()) == 1
   assert sum(len(s.records) for s in splits.values()) == 20
 

@@ -43,13 +43,6 @@ def parse_spec(spec: str, key: str) -> tuple[str, str]:
   return scheme, location
 
 
-def read_source(spec: str, kinds: tuple[str, ...], *, data, key: str
-                ) -> tuple[str, dict[str, Records]]:
-  """(kind, records of both splits) of one source. `data` is the config's `data` entry."""
-  kind = source_kind(spec, kinds, data=data, key=key)
-  return kind, read_records(spec, kind, data=data, key=key)
-
-
 def source_kind(spec: str, kinds: tuple[str, ...], *, data, key: str) -> str:
   """The kind of a source's examples, read off the fields of the first one (named through
   config.data.field_map): "chosen" → preference, "text" → text, otherwise sft. It must be one

@@ -41,7 +41,7 @@ class Examples(Sequence):
 
   On disk (`open`) the tokens and masks are memory maps and the table is read into RAM
   (16 bytes a piece); in memory (`from_list`) all are arrays. `examples[i]` gives
-  (piece, ...) with piece = (ids [L], loss mask [L]); `rows` builds whole padded batches.
+  (piece, ...) with piece = (ids [L], loss mask [L]); `fill` writes rows of a batch.
   """
 
   def __init__(self, tokens, mask, pieces: np.ndarray, pieces_per_example: int,
@@ -83,14 +83,6 @@ class Examples(Sequence):
   def _piece(self, p: int) -> Piece:
     start, end = self._starts[p], self._starts[p] + self._lengths[p]
     return np.array(self._tokens[start:end]), self._mask[start:end].astype(np.int32)
-
-  def rows(self, units: Sequence[Sequence[int]], length: int, *, pad_id: int,
-           packed: bool = False) -> dict[str, np.ndarray]:
-    """The batch of `units` (each a list of example indices, end to end in one row), padded to
-    `length` (see `empty_batch`)."""
-    batch = empty_batch(len(units), self._k, length, pad_id)
-    self.fill(batch, range(len(units)), units)
-    return finish_batch(batch, packed=packed)
 
   def fill(self, batch: dict, at: Sequence[int], units: Sequence[Sequence[int]]) -> None:
     """Writes units[i] into row at[i] of an `empty_batch`: the examples of a unit end to end
