@@ -34,7 +34,8 @@ setuptools.setup(
     extras_require={
         # torch only builds reference models for parity tests; 2.13.0 is the CPU build that
         # pip takes from local disk on our machines (a bare 'torch' pulls a CUDA build).
-        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'torch==2.13.0'],
+        # trl: its KTO loss, run on the same inputs as ours (tests/test_kto.py).
+        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'torch==2.13.0', 'trl==1.16.0'],
         # Workdirs on Google Cloud Storage (gs://...; metrics and config.json go through fsspec).
         'gcs': ['gcsfs'],
     },

@@ -19,33 +19,12 @@ the best answer instead.
 
 import ml_collections
 
-from rlhf_jax.config import data_config, preset_config, sample_eval_config
-
-PRESETS = {
-    'tiny': dict(model='playground', steps=300, batch_size=32, seq_len=48, lr=3e-5, beta=0.3),
-    'small': dict(model='small', steps=2000, batch_size=64, seq_len=512, lr=5e-6, beta=0.1),
-    'llama-1b': dict(model='llama-1b', steps=2000, batch_size=128, seq_len=2048, lr=5e-7,
-                     beta=0.1),
-}
+from rlhf_jax.config import preference_run_config
 
 
 def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
-  c = preset_config(PRESETS, preset, 'configs/dpo.py')
-  c.algorithm = 'dpo'
-  c.train.eval_at_start = True
-  c.train.export_hf = True
-  c.optim.weight_decay = 0.0
-  c.loss = ml_collections.ConfigDict({
-      'loss_type': 'sigmoid',
-      'beta': PRESETS[preset]['beta'],
-      'label_smoothing': 0.0,
-      'precompute_ref': False,
-      'alpha': 0.0,  # rdpo: length regulariser α (Park 2024).
-      'gamma': 0.5,  # simpo: target reward margin γ (Meng 2024).
-  })
-  c.data = data_config({'pairs': 'playground:preference'})
-  # As in the DPO paper: pairs are two samples of the SFT model, labelled by the labelers.
-  c.data.playground.pairs = 'policy'
-  c.data.playground.train_size = 12000
-  c.eval = sample_eval_config(num_prompts=512)
-  return c
+  return preference_run_config(
+      preset, 'configs/dpo.py', algorithm='dpo', loss_type='sigmoid', label_smoothing=0.0,
+      precompute_ref=False,
+      alpha=0.0,  # rdpo: length regulariser α (Park 2024).
+      gamma=0.5)  # simpo: target reward margin γ (Meng 2024).

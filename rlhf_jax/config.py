@@ -185,7 +185,7 @@ def rl_config(**overrides) -> ml_collections.ConfigDict:
       # λ of 'uncertainty', mean − λ·var over members of std 1: a response on which they
       # disagree by one std loses half a std of reward (Coste et al. 2023 find UWO robust to λ).
       'uncertainty_weight': 0.5,
-      'prompts': 'playground',  # 'playground', or a text file with one prompt per line.
+      'prompts': 'playground',  # 'playground', a jsonl:/tfds:/hf: source, or a text file.
       'num_prompts': 8192,  # The playground prompts that rollouts draw from.
       'critic': 'model',  # 'model' (from value_model or the RM) | 'head' | 'none'
       'value_model': '',  # HF reward-model directory for the critic; '' = reward_model's first.
@@ -235,6 +235,34 @@ def rl_run_config(presets: dict[str, dict], preset: str, config_file: str, *,
   c.rl = rl_config(rollout_batch_size=presets[preset]['batch_size'], **rl_overrides)
   c.rl.max_new_tokens = c.train.seq_len - c.data.max_prompt_len
   c.eval = sample_eval_config(num_prompts=256, max_new_tokens=c.rl.max_new_tokens)
+  return c
+
+
+# Sizes of the offline preference runs (DPO and its family, KTO); `beta` is the loss's β.
+PREFERENCE_PRESETS = {
+    'tiny': dict(model='playground', steps=300, batch_size=32, seq_len=48, lr=3e-5, beta=0.3),
+    'small': dict(model='small', steps=2000, batch_size=64, seq_len=512, lr=5e-6, beta=0.1),
+    'llama-1b': dict(model='llama-1b', steps=2000, batch_size=128, seq_len=2048, lr=5e-7,
+                     beta=0.1),
+}
+
+
+def preference_run_config(preset: str, config_file: str, *, algorithm: str,
+                          **loss) -> ml_collections.ConfigDict:
+  """An offline preference run (`algorithm`: dpo or kto) from an SFT model, its reference:
+  evaluated at its start, exported at its end. On the playground, as in the DPO paper, the
+  pairs are two samples of the SFT model per prompt labelled by the simulated labelers.
+  `loss`: config.loss's entries besides beta."""
+  c = preset_config(PREFERENCE_PRESETS, preset, config_file)
+  c.algorithm = algorithm
+  c.train.eval_at_start = True
+  c.train.export_hf = True
+  c.optim.weight_decay = 0.0
+  c.loss = ml_collections.ConfigDict({'beta': PREFERENCE_PRESETS[preset]['beta'], **loss})
+  c.data = data_config({'pairs': 'playground:preference'})
+  c.data.playground.pairs = 'policy'
+  c.data.playground.train_size = 12000
+  c.eval = sample_eval_config(num_prompts=512)
   return c
 
 

@@ -7,7 +7,7 @@ import pytest
 from data_fixtures import write_jsonl
 
 from rlhf_jax.data.records import (InvalidExample, Origin, PreferenceRecord, SFTRecord,
-                                   TextRecord, parse_record, read_jsonl)
+                                   TextRecord, UnpairedRecord, parse_record, read_jsonl)
 
 SYSTEM, USER, ASSISTANT = 'system', 'user', 'assistant'
 
@@ -182,7 +182,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_unknown_kind_is_rejected(tmp_path):
   path = write_jsonl(tmp_path / 'a.jsonl', [_SFT_OK])
-  with pytest.raises(ValueError, match="kind='dpo'; choose one of sft, preference, text"):
+  with pytest.raises(ValueError, match="kind='dpo'; choose one of sft, preference, unpaired, text, prompt"):
     read_jsonl(path, 'dpo')
 
 
@@ -210,3 +210,20 @@ def test_trl_prompt_completion_forms_standard_and_conversational(tmp_path):
   with pytest.raises(InvalidExample, match='bad.jsonl:1: "completion" must end with an '
                                            'assistant message'):
     read_jsonl(bad, 'sft')
+
+
+def test_trl_unpaired_form_standard_and_conversational(tmp_path):
+  path = write_jsonl(tmp_path / 'kto.jsonl', [
+      {'prompt': 'Q?', 'completion': 'A.', 'label': True},
+      {'prompt': [msg(USER, 'Q?')], 'completion': [msg(ASSISTANT, 'B.')], 'label': False},
+  ])
+  p = str(path)
+  assert read_jsonl(path, 'unpaired').records == [
+      UnpairedRecord(((USER, 'Q?'),), 'A.', True, Origin(p, 1)),
+      UnpairedRecord(((USER, 'Q?'),), 'B.', False, Origin(p, 2)),
+  ]
+  for bad, error in (({'prompt': 'Q?', 'completion': 'A.', 'label': 1},
+                      '"label" must be true .desirable. or false .undesirable., got int'),
+                     ({'prompt': 'Q?', 'completion': 'A.'}, 'missing key "label"')):
+    with pytest.raises(InvalidExample, match=f'bad.jsonl:1: {error}'):
+      read_jsonl(write_jsonl(tmp_path / 'bad.jsonl', [bad]), 'unpaired')

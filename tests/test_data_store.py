@@ -14,8 +14,9 @@ from data_fixtures import tiny_tokenizer, write_jsonl
 from rlhf_jax import config as config_lib
 from rlhf_jax.data import tokenized
 from rlhf_jax.data.datasets import BatchShape, TokenData
-from rlhf_jax.data.mixture import Mixture
-from rlhf_jax.data.records import InvalidExample
+from rlhf_jax.data.mixture import Mixture, global_batch_units
+from rlhf_jax.data.encoding import encode_sft
+from rlhf_jax.data.records import InvalidExample, Message, Origin, SFTRecord
 from rlhf_jax.data.batching import pad_pairs, pad_rows
 from rlhf_jax.data.store import Examples, Store, StoreWriter, empty_batch, finish_batch
 from rlhf_jax.data.tokenized import tokenized_source
@@ -31,12 +32,14 @@ def _examples(n, seed, paired=False):
   return [(piece(), piece()) if paired else (piece(),) for _ in range(n)]
 
 
-def _store(path, splits, paired):
-  """A store of {split: examples} written in chunks of 7; record i of example i."""
-  writer = StoreWriter(str(path), kind='preference' if paired else 'sft',
-                       pieces_per_example=2 if paired else 1)
+def _store(path, splits, paired, labels=None):
+  """A store of {split: examples} written in chunks of 7; record i of example i; with
+  `labels` ({split: labels}) of unpaired examples."""
+  kind = 'unpaired' if labels else 'preference' if paired else 'sft'
+  writer = StoreWriter(str(path), kind=kind, pieces_per_example=2 if paired else 1)
   for split, examples in splits.items():
-    writer.write_split(split, ((examples[i:i + 7], range(i, i + len(examples[i:i + 7])))
+    writer.write_split(split, ((examples[i:i + 7], range(i, i + len(examples[i:i + 7])),
+                                labels[split][i:i + 7] if labels else [])
                                for i in range(0, len(examples), 7)))
   writer.close({'truncated/response': 3})
   return Store(str(path))
@@ -74,6 +77,66 @@ def test_batches_from_a_store_equal_batches_from_memory(tmp_path, paired, packin
       assert got.keys() == want.keys()
       for key in want:
         np.testing.assert_array_equal(got[key], want[key])
+
+
+def _unpaired(n, seed, seq_len=12):
+  """n (prompt, completion) examples that fit seq_len, with labels: prompts of 1–6 tokens
+  (loss mask 0), completions of the rest (mask 1)."""
+  rng = np.random.default_rng(seed)
+  examples = []
+  for _ in range(n):
+    prompt = rng.integers(5, 50, size=rng.integers(1, 7)).astype(np.int32)
+    completion = rng.integers(5, 50, size=rng.integers(1, seq_len + 1 - len(prompt)))
+    examples.append(((prompt, np.zeros_like(prompt)),
+                     (completion.astype(np.int32), np.ones_like(completion, np.int32))))
+  return examples, rng.integers(0, 2, size=n).astype(np.int8)
+
+
+def test_unpaired_rows_hold_each_example_and_the_previous_rows_completion(tmp_path):
+  """KTO's batches: row b = [prompt_b + completion_b, prompt_b + completion of the previous row
+  of the same source (cyclic)], 'labels' the examples' labels; from a store as from memory; a
+  host's rows are the global batch's; the mismatched completion is cut to seq_len."""
+  a, labels_a = _unpaired(30, 0)
+  b, labels_b = _unpaired(11, 1)
+  stored = {'a': _store(tmp_path / 'a', {'train': a}, True, {'train': labels_a}).split('train'),
+            'b': _store(tmp_path / 'b', {'train': b}, True, {'train': labels_b}).split('train')}
+  np.testing.assert_array_equal(stored['a'].labels, labels_a)
+  np.testing.assert_array_equal(stored['a'].lengths, [len(p) + len(c) for (p, _), (c, _) in a])
+  shape = BatchShape(batch_size=8, buckets=(8, 12), pad_id=0)
+  mixture = Mixture({'a': 3, 'b': 1}, 8, seed=0)
+  in_memory = TokenData({'train': {'a': Examples.from_list(a, labels_a),
+                                   'b': Examples.from_list(b, labels_b)}}, mixture, shape,
+                        seed=0)
+  on_disk = TokenData({'train': stored}, mixture, shape, seed=0)
+  examples = {0: (a, labels_a), 1: (b, labels_b)}
+  cut = 0
+  for step in range(6):
+    units, _ = global_batch_units(mixture, in_memory._streams['train'], step)
+    batch = in_memory.batch('train', step, range(8))
+    t = batch['tokens'].shape[-1]
+    for row, (source, (i,)) in enumerate(units):
+      rows = [r for r, (s, _) in enumerate(units) if s == source]
+      previous = units[rows[rows.index(row) - 1]][1][0]
+      data, labels = examples[source]
+      (prompt, _), (completion, _) = data[i]
+      other = data[previous][1][0]
+      matched, mismatched = np.concatenate([prompt, completion]), np.concatenate(
+          [prompt, other])[:12]
+      cut += len(prompt) + len(other) > 12
+      for slot, want in enumerate((matched, mismatched)):
+        np.testing.assert_array_equal(batch['tokens'][row, slot, :len(want)], want)
+        assert (batch['tokens'][row, slot, len(want):] == 0).all()
+        np.testing.assert_array_equal(batch['attention_mask'][row, slot],
+                                      np.arange(t) < len(want))
+        np.testing.assert_array_equal(batch['loss_mask'][row, slot],
+                                      (np.arange(t) >= len(prompt)) & (np.arange(t) < len(want)))
+      assert batch['labels'][row] == labels[i]
+    for rows in (range(8), range(5, 8)):
+      got = on_disk.batch('train', step, rows)
+      assert got.keys() == batch.keys()
+      for key in batch:
+        np.testing.assert_array_equal(got[key], batch[key][rows.start:], err_msg=key)
+  assert cut, 'no mismatched pair was cut to seq_len: the case is untested'
 
 
 def gathered(examples, units, length, *, pad_id, packed):
@@ -217,6 +280,34 @@ def test_hf_parquet_and_arrow_sources_read_like_jsonl(tmp_path, fmt):
         np.testing.assert_array_equal(piece_a[0], piece_b[0])
   assert str(from_hf.records('train')[6].origin).endswith(
       'train-00001-of-00002.parquet:2' if fmt == 'parquet' else 'data-00000-of-00001.arrow:7')
+
+
+def test_unpaired_files_and_preference_pairs_read_as_unpaired_examples(tmp_path):
+  """A KTO file's examples are (prompt, completion) with its labels; a preference source read
+  by an unpaired trainer gives two examples a pair, chosen desirable and rejected not."""
+  tokenizer = tiny_tokenizer(tmp_path / 'tok')
+  pairs = [{'prompt': f'p{i}', 'chosen': f'r{i}', 'rejected': f'r{i + 1} r{i}'}
+           for i in range(6)]
+  unpaired = [{'prompt': line['prompt'], 'completion': line[key], 'label': key == 'chosen'}
+              for line in pairs for key in ('chosen', 'rejected')]
+  for name, lines in (('pairs', pairs), ('kto', unpaired)):
+    for split in ('train', 'eval'):
+      write_jsonl(tmp_path / f'{name}_{split}.jsonl', lines)
+  sources = [tokenized_source(f'jsonl:{tmp_path}/{name}_{{split}}.jsonl', ('unpaired',),
+                              tokenizer, config=_config(tmp_path),
+                              cache_dir=str(tmp_path / 'cache'), key='config.data.sources.kto')
+             for name in ('pairs', 'kto')]
+  for source in sources:
+    assert source.kind == 'unpaired'
+    examples = source.examples['train']
+    assert len(examples) == 12 and examples.labels.tolist() == [1, 0] * 6
+    for (prompt, completion), line in zip(examples, unpaired):
+      sft = encode_sft(SFTRecord((Message('user', line['prompt']),), line['completion'],
+                                 Origin('', 0)), tokenizer, seq_len=48, max_prompt_len=32)
+      assert prompt[0].tolist() == sft.prompt_ids and completion[0].tolist() == sft.response_ids
+      assert not prompt[1].any() and completion[1].all()
+  assert [r.origin.line for r in sources[0].records('train')] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5,
+                                                                  6, 6]
 
 
 def test_hf_source_errors_name_what_was_looked_for(tmp_path):

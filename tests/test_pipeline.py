@@ -322,16 +322,27 @@ def test_midtraining_switches_to_sft_only_at_the_decay_stage(tokenizer_dir, tmp_
 
 def test_dpo_precomputed_reference_gives_the_on_the_fly_trace(sft_run, env, tmp_path):
   """DPO from the SFT export: the reference's log-probs computed once before training (and the
-  reference dropped) give the loss trace of a frozen reference evaluated in every step."""
+  reference dropped) give the loss trace of a frozen reference evaluated in every step. SimPO,
+  and KTO on a file in TRL's unpaired form, train from the same export."""
   common = [*RUN, *SAMPLES, f'--config.model.hf_path={sft_run / "hf"}',
             '--config.data.tokenizer=', '--config.optim.warmup_steps=1', '--config.optim.lr=1e-3']
-  workdirs = {mode: tmp_path / mode for mode in ('on_the_fly', 'precomputed', 'simpo')}
+  workdirs = {mode: tmp_path / mode for mode in ('on_the_fly', 'precomputed', 'simpo', 'kto')}
   finish_all([
       start(env, workdirs['on_the_fly'], 'dpo.py:tiny', *common),
       start(env, workdirs['precomputed'], 'dpo.py:tiny', *common,
             '--config.loss.precompute_ref=True')])
-  finish(start(env, workdirs['simpo'], 'dpo.py:tiny', *common, '--config.loss.loss_type=simpo',
-               '--config.loss.beta=2.0'))
+  for split, n in (('train', 96), ('eval', 16)):  # Every chosen answer, half the rejected.
+    write_jsonl(tmp_path / f'kto_{split}.jsonl', [
+        {'prompt': pair['prompt'], 'completion': pair[key], 'label': key == 'chosen'}
+        for i, pair in enumerate(playground_rows('preference', split, n, seed=0,
+                                                 labeler=LABELER))
+        for key in ('chosen', 'rejected') if key == 'chosen' or i % 2])
+  finish_all([
+      start(env, workdirs['simpo'], 'dpo.py:tiny', *common, '--config.loss.loss_type=simpo',
+            '--config.loss.beta=2.0'),
+      start(env, workdirs['kto'], 'kto.py:tiny', *common, '--config.loss.undesirable_weight=1.5',
+            f'--config.data.sources={{"kto": "jsonl:{tmp_path}/kto_{{split}}.jsonl"}}',
+            '--config.data.weights={"kto": 1.0}')])
   metrics = {mode: read_metrics(path / 'metrics.jsonl') for mode, path in workdirs.items()}
   on_the_fly, precomputed = (train_records(metrics[m]) for m in ('on_the_fly', 'precomputed'))
   assert [m['step'] for m in on_the_fly] == [1, 2, 3, 4]
@@ -355,6 +366,17 @@ def test_dpo_precomputed_reference_gives_the_on_the_fly_trace(sft_run, env, tmp_
   assert start_eval['eval/samples/kl'] == pytest.approx(0.0, abs=1e-5)
   simpo = train_records(metrics['simpo'])
   assert len(simpo) == STEPS and all(math.isfinite(m['loss']) for m in simpo)
+
+  kto = train_records(metrics['kto'])
+  assert [m['step'] for m in kto] == [1, 2, 3, 4]
+  # Step 1: the policy is the reference, r = z₀ = 0, each loss λ_y (1 − σ(0)) = λ_y / 2.
+  fraction = kto[0]['desirable_fraction']
+  assert 0.5 < fraction < 1  # Two desirable examples for each undesirable one, drawn at random.
+  assert kto[0]['loss'] == pytest.approx(fraction / 2 + (1 - fraction) * 1.5 / 2, abs=1e-6)
+  assert kto[0]['kl'] == 0
+  assert kto[-1]['rewards/margins'] > 0  # Desirable answers gained on undesirable ones.
+  kto_eval = [m for m in metrics['kto'] if 'eval/loss' in m][0]
+  assert kto_eval['eval/samples/win_rate'] == 0.5
 
 
 def test_a_dpo_run_reads_the_sft_checkpoint_once(sft_run, tmp_path, monkeypatch):

@@ -4,11 +4,15 @@ formulas, exact enumerations and hand values."""
 
 import importlib.util
 import itertools
+import os
 import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from data_fixtures import write_jsonl
 from flax import nnx
 from test_ppo import numpy_gae
 
@@ -18,6 +22,11 @@ from rlhf_jax.algorithms.rl.actor_critic import ActorCritic, ValueHead
 from rlhf_jax.algorithms.rl.learner import check_config
 from rlhf_jax.algorithms.rl.loss import rl_loss_fn
 from rlhf_jax.algorithms.rl.prompts import prompt_pool, rollout_prompts
+from rlhf_jax.data.encoding import encode_prompt
+from rlhf_jax.data.records import Message
+from rlhf_jax.playground.tokenizer import build_playground_tokenizer
+from rlhf_jax.rewards.functions import FunctionReward
+from rlhf_jax.sampling.text import encode_prompts
 from rlhf_jax.algorithms.rl.rollout import (advantages_and_returns, reward_model_scores,
                                        score_rollout, sequences)
 from rlhf_jax.models.scoring import sequence_kl, sequence_logps
@@ -493,6 +502,52 @@ def test_prompt_pool_from_a_text_file(tmp_path):
   config.rl.prompts = str(tmp_path / 'missing.txt')
   with pytest.raises(FileNotFoundError, match=r'config\.rl\.prompts'):
     prompt_pool(config)
+
+
+def test_prompt_pool_from_jsonl_and_parquet_sources(tmp_path):
+  """A "prompt" column (a string or messages) or a "messages" column (its final assistant turn
+  dropped), per split; one user message is its string, a conversation stays messages, which
+  the sampler renders through the chat template and reward functions get as TRL's dicts."""
+  config = load_config('ppo', 'tiny')
+  system = {'role': 'system', 'content': 'Be brief.'}
+  lines = {'train': [{'prompt': 'Sort 3 1 2.'},
+                     {'prompt': [system, {'role': 'user', 'content': 'Add 4 and 5.'}]},
+                     {'messages': [{'role': 'user', 'content': 'Hi'},
+                                   {'role': 'assistant', 'content': 'Hello!'}]}],
+           'eval': [{'prompt': 'Name a colour.'}]}
+  for split, rows in lines.items():
+    write_jsonl(tmp_path / f'prompts_{split}.jsonl', rows)
+    os.makedirs(tmp_path / 'hf' / split)
+    pq.write_table(pa.Table.from_pylist([{'question': f'{split} prompt'}]),
+                   tmp_path / 'hf' / split / 'part-0.parquet')
+  config.rl.prompts = f'jsonl:{tmp_path}/prompts_{{split}}.jsonl'
+  config.data.field_map = {'prompt': 'question'}
+  with pytest.raises(ValueError, match='prompts_train.jsonl:1: missing key "question"'):
+    prompt_pool(config)
+  config.data.field_map = {}
+  train = prompt_pool(config)
+  assert train[0] == 'Sort 3 1 2.' and train[2] == 'Hi'
+  assert train[1] == (Message('system', 'Be brief.'), Message('user', 'Add 4 and 5.'))
+  assert prompt_pool(config, 'eval') == ['Name a colour.']
+  config.data.field_map = {'prompt': 'question'}
+  config.rl.prompts = f'hf:{tmp_path}/hf'
+  config.data.splits = {'train': 'train', 'eval': 'eval'}
+  assert prompt_pool(config, 'eval') == ['eval prompt']
+
+  tokenizer = build_playground_tokenizer(512)
+  tokens, mask = encode_prompts(tokenizer, train[:2], 24)
+  want = encode_prompt(tokenizer, train[1])
+  assert tokens[1][mask[1].astype(bool)].tolist() == want
+  reward = FunctionReward(['test_rl_units:prompt_kinds'], key='config.rl.reward_fns')
+  assert reward(train[:2], ['a', 'b']).tolist() == [0.0, 1.0]
+
+
+def prompt_kinds(prompts, completions):
+  """A reward function that tells TRL's two prompt forms apart."""
+  del completions
+  assert all(isinstance(p, str) or all(set(m) == {'role', 'content'} for m in p)
+             for p in prompts)
+  return [0.0 if isinstance(p, str) else 1.0 for p in prompts]
 
 
 # The KL of sampled answers to a reference (evaluations).

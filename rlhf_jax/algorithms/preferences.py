@@ -13,14 +13,14 @@ from rlhf_jax.errors import InputError
 from rlhf_jax.sampling.text import TextSampler
 
 
-def preference_data(ctx, *, head: str):
+def preference_data(ctx, *, head: str, kinds: tuple[str, ...] = ('preference',)):
   """The pairs' TokenData of a run that trains a `head` model on them (a reward model:
   'scalar', DPO's policy: 'lm'), labelled by the run's gold (default: the playground's
-  program)."""
+  program); kinds=('unpaired',) reads them, and KTO files, as unpaired examples."""
   if ctx.config.model.head != head:
     raise InputError(f'config.algorithm={ctx.config.algorithm!r} trains a model with '
                      f'config.model.head="{head}", got {ctx.config.model.head!r}.')
-  return ctx.token_data(kinds=('preference',), gold=ctx.gold,
+  return ctx.token_data(kinds=kinds, gold=ctx.gold,
                         answer_pairs=make_answer_pairs(ctx))
 
 

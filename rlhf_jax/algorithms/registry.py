@@ -2,7 +2,7 @@
 (`config.procedure`), and one call that runs a config in a workdir."""
 
 from rlhf_jax import parallel
-from rlhf_jax.algorithms import dpo, rm, sft
+from rlhf_jax.algorithms import dpo, kto, rm, sft
 from rlhf_jax.algorithms.rl import learner as rl
 from rlhf_jax.config import check_batch_sizes, check_paths, check_run_config
 from rlhf_jax.context import RunContext
@@ -12,7 +12,8 @@ from rlhf_jax.errors import InputError
 from rlhf_jax.evals import best_of_n
 
 ALGORITHMS = {'sft': sft.make_algorithm, 'rm': rm.make_algorithm, 'dpo': dpo.make_algorithm,
-              'ppo': rl.make_algorithm, 'grpo': rl.make_algorithm, 'rloo': rl.make_algorithm}
+              'kto': kto.make_algorithm, 'ppo': rl.make_algorithm, 'grpo': rl.make_algorithm,
+              'rloo': rl.make_algorithm}
 PROCEDURES = {'best_of_n': best_of_n.run}
 
 

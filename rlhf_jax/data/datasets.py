@@ -1,10 +1,16 @@
 """Encoded examples as the trainer's data source: `batch(split, step, rows)` of fixed shape.
 
 Examples are token pieces (`batching.Piece`): one per SFT or text example, two (chosen,
-rejected) per preference pair. Rows come from the `Mixture` of the sources; each batch is padded
-to the smallest configured bucket that holds its longest row, so shapes (and compilations)
-stay few. Preference batches are [B, 2, T]: row b's chosen and rejected sequences side by side,
-so one forward pass over the reshaped [2B, T] batch scores both and each device keeps its pairs.
+rejected) per preference pair, two (prompt, completion) per unpaired example. Rows come from the
+`Mixture` of the sources; each batch is padded to the smallest configured bucket that holds its
+longest row, so shapes (and compilations) stay few. Preference batches are [B, 2, T]: row b's
+chosen and rejected sequences side by side, so one forward pass over the reshaped [2B, T] batch
+scores both and each device keeps its pairs.
+
+Unpaired batches (KTO) are [B, 2, T] too: row b's prompt + completion, and its prompt + the
+completion of the previous row of the same source in the global batch (cyclically: TRL's
+rotation of completions by one), the mismatched pair that estimates KTO's reference point; and
+'labels' [B] (1 desirable). The mismatched sequence's completion is cut to fit seq_len.
 """
 
 import dataclasses
@@ -45,12 +51,18 @@ class TokenData:
     self._attached: dict[str, dict[str, np.ndarray]] = {}
     self.paired = len(next(iter(splits['train'].values()))[0]) == 2
     if self.paired and shape.packing:
-      raise InputError('config.data.packing applies to SFT and text, not to preference pairs.')
+      raise InputError('config.data.packing applies to SFT and text, not to preference pairs '
+                       'or unpaired examples.')
     self._examples, self._streams = {}, {}
     for split, sources in splits.items():
       self._examples[split] = [
           examples if isinstance(examples, Examples) else Examples.from_list(examples)
           for examples in (sources[name] for name in mixture.names)]
+    self.unpaired = self._examples['train'][0].labels is not None
+    if self.unpaired:
+      self.attach('labels', {split: np.concatenate([e.labels for e in examples])
+                             for split, examples in self._examples.items()})
+    for split in splits:
       self._streams[split] = [
           Stream(examples.lengths, seed=seed + i, shuffle=split == 'train',
                  pack_to=shape.buckets[-1] if shape.packing else None)
@@ -82,6 +94,11 @@ class TokenData:
     example lengths alone, and reads the tokens of its own rows only."""
     streams, examples = self._streams[split], self._examples[split]
     units, lengths = global_batch_units(self.mixture, streams, step)
+    partners = []
+    if self.unpaired:  # Each row's mismatched pair (see the module doc), cut to seq_len.
+      partners = _previous_of_same_source(units)
+      lengths = np.concatenate([lengths, [min(self.shape.buckets[-1], _prompt_and_completion(
+          examples, units[r], units[p])) for r, p in enumerate(partners)]])
     length = bucket_length(int(lengths.max()), self.shape.buckets)
     attached = {}
     if self._attached:  # One example per row: its index in examples(split).
@@ -93,8 +110,28 @@ class TokenData:
     for s, source in enumerate(examples):
       at = [i for i, r in enumerate(rows) if units[r][0] == s]
       if at:
-        source.fill(batch, at, [units[rows[i]][1] for i in at])
+        source.fill(batch, at, [units[rows[i]][1] for i in at],
+                    [units[partners[rows[i]]][1][0] for i in at] if partners else ())
     return finish_batch(batch, packed=self.shape.packing) | attached
+
+
+def _previous_of_same_source(units) -> list[int]:
+  """For each row of a global batch, the previous row drawn from the same source (the last
+  such row for the first)."""
+  rows_of = {}
+  for row, (source, _) in enumerate(units):
+    rows_of.setdefault(source, []).append(row)
+  partners = [0] * len(units)
+  for rows in rows_of.values():
+    for i, row in enumerate(rows):
+      partners[row] = rows[i - 1]
+  return partners
+
+
+def _prompt_and_completion(examples, unit, other) -> int:
+  """Tokens of unit's prompt followed by other's completion (units of one source)."""
+  piece_lengths = examples[unit[0]].piece_lengths
+  return int(piece_lengths[unit[1][0], 0] + piece_lengths[other[1][0], 1])
 
 
 class Concatenation(Sequence):

@@ -12,12 +12,18 @@ Accepted forms of one example (a JSON object; other keys are ignored):
               {"chosen": messages, "rejected": messages}   TRL's implicit prompt: two whole
                                        conversations that share every turn but the last, which
                                        is the assistant's; the shared turns are the prompt
+  unpaired    {"prompt": str | messages, "completion": completion, "label": bool}
+                                       TRL's unpaired preference form (KTO): the completion is
+                                       desirable (true) or undesirable (false)
   text        {"text": str}            a document, for pretraining
+  prompt      {"prompt": str | messages} or {"messages": messages}   an RL prompt; a
+                                       conversation's last assistant message, if any, is
+                                       dropped (so SFT and preference files serve as prompts)
 
 messages = [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...] (a `tool`
 turn needs a chat template that renders it); a prompt given as a string is one user message.
 `field_map` (config.data.field_map) maps our field names (prompt, response, completion,
-messages, chosen, rejected, text) to the file's, e.g. {'response': 'answer'}.
+messages, chosen, rejected, label, text) to the file's, e.g. {'response': 'answer'}.
 
 Every problem raises `InvalidExample`, whose message names the file and line, e.g.
 `data/train.jsonl:17: missing key "response" (keys: prompt, answer)`, and whose `reason` is a
@@ -39,8 +45,10 @@ from rlhf_jax.errors import InputError, NotFound
 
 ROLES = ('system', 'user', 'assistant', 'tool')
 FIELDS = {'sft': ('prompt', 'response', 'completion', 'messages'),
-          'preference': ('prompt', 'chosen', 'rejected'), 'text': ('text',)}
-Kind = Literal['sft', 'preference', 'text']
+          'preference': ('prompt', 'chosen', 'rejected'),
+          'unpaired': ('prompt', 'completion', 'label'), 'text': ('text',),
+          'prompt': ('prompt', 'messages')}
+Kind = Literal['sft', 'preference', 'unpaired', 'text', 'prompt']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,11 @@ class Message(NamedTuple):
 
 
 Messages = tuple[Message, ...]
+Prompt = str | Messages  # A string is one user message.
+
+
+def prompt_messages(prompt: Prompt) -> Messages:
+  return (Message('user', prompt),) if isinstance(prompt, str) else prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +101,26 @@ class PreferenceRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnpairedRecord:
+  prompt: Messages
+  completion: str
+  desirable: bool
+  origin: Origin
+
+
+@dataclasses.dataclass(frozen=True)
 class TextRecord:
   text: str
   origin: Origin
 
 
-Record = SFTRecord | PreferenceRecord | TextRecord
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+  prompt: Messages
+  origin: Origin
+
+
+Record = SFTRecord | PreferenceRecord | UnpairedRecord | TextRecord | PromptRecord
 
 
 @dataclasses.dataclass
@@ -117,7 +144,8 @@ def parse_record(obj, kind: Kind, origin: Origin,
     raise InvalidExample(origin, 'not_an_object',
                          f'expected a JSON object, got {type(obj).__name__}')
   fields = _Fields(obj, field_map, origin)
-  return {'sft': _parse_sft, 'preference': _parse_preference, 'text': _parse_text}[kind](fields)
+  return {'sft': _parse_sft, 'preference': _parse_preference, 'unpaired': _parse_unpaired,
+          'text': _parse_text, 'prompt': _parse_prompt}[kind](fields)
 
 
 def read_jsonl(path: str | os.PathLike, kind: Kind, *, skip_invalid: bool = False,
@@ -282,6 +310,22 @@ def _parse_preference(fields: _Fields) -> PreferenceRecord:
   return PreferenceRecord(prompt, chosen, rejected, fields.origin)
 
 
+def _parse_unpaired(fields: _Fields) -> UnpairedRecord:
+  label = fields.typed('label', bool, 'true (desirable) or false (undesirable)')
+  return UnpairedRecord(fields.prompt(), fields.completion('completion'), label, fields.origin)
+
+
 def _parse_text(fields: _Fields) -> TextRecord:
   return TextRecord(fields.nonempty('text', fields.typed('text', str, 'a string'), 'empty_text'),
                     fields.origin)
+
+
+def _parse_prompt(fields: _Fields) -> PromptRecord:
+  if fields.has('prompt') or not fields.has('messages'):
+    return PromptRecord(fields.prompt(), fields.origin)
+  messages = fields.messages('messages')
+  if messages and messages[-1].role == 'assistant':
+    messages = messages[:-1]
+  if not messages:
+    raise fields.invalid('empty_prompt', f'"{fields.key("messages")}" holds no prompt turn')
+  return PromptRecord(messages, fields.origin)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
@@ -27,11 +28,12 @@ from absl import logging
 from rlhf_jax.data import SPLITS, hf_source, tfds_source
 from rlhf_jax.data.batching import Piece
 from rlhf_jax.data.encoding import encode_preference, encode_sft
-from rlhf_jax.data.records import FIELDS, InvalidExample, Record, Records, read_jsonl
+from rlhf_jax.data.records import (FIELDS, InvalidExample, Record, Records, SFTRecord,
+                                   UnpairedRecord, read_jsonl)
 from rlhf_jax.data.store import Example
 from rlhf_jax.errors import InputError, NotFound
 
-KINDS = ('sft', 'preference', 'text')
+KINDS = ('sft', 'preference', 'unpaired', 'text')
 SCHEMES = ('jsonl', 'tfds', 'hf')
 
 
@@ -45,8 +47,9 @@ def parse_spec(spec: str, key: str) -> tuple[str, str]:
 
 def source_kind(spec: str, kinds: tuple[str, ...], *, data, key: str) -> str:
   """The kind of a source's examples, read off the fields of the first one (named through
-  config.data.field_map): "chosen" → preference, "text" → text, otherwise sft. It must be one
-  of `kinds`."""
+  config.data.field_map): "chosen" → preference, "label" → unpaired, "text" → text, otherwise
+  sft. A trainer reads the kinds in `kinds`, and one of unpaired examples also reads preference
+  pairs (`encoded_kind`)."""
   scheme, location = parse_spec(spec, key)
   if scheme == 'tfds':
     fields = tfds_source.feature_names(location, data.splits['train'],
@@ -57,9 +60,16 @@ def source_kind(spec: str, kinds: tuple[str, ...], *, data, key: str) -> str:
     fields = _first_object(location.format(split='train'))
   ours = {theirs: our for our, theirs in field_map(data).items()}
   kind = kind_of_fields(ours.get(field, field) for field in fields)
-  if kind not in kinds:
+  if kind not in kinds and encoded_kind(kind, kinds) not in kinds:
     raise InputError(f'{key}={spec!r} holds {kind!r} examples; this trainer reads {kinds}.')
   return kind
+
+
+def encoded_kind(kind: str, kinds: tuple[str, ...]) -> str:
+  """The kind of example a source of `kind` gives a trainer of `kinds`: its own, except that
+  preference pairs read by a trainer of unpaired examples (KTO) give two each, the chosen
+  response desirable and the rejected one not (TRL's `unpair_preference_dataset`)."""
+  return 'unpaired' if kind == 'preference' and 'unpaired' in kinds else kind
 
 
 def field_map(data, kind: str | None = None) -> dict[str, str]:
@@ -113,7 +123,9 @@ def source_digest(spec: str, *, data, key: str) -> str:
 
 def kind_of_fields(fields) -> str:
   fields = set(fields)
-  return 'preference' if 'chosen' in fields else 'text' if 'text' in fields else 'sft'
+  if 'chosen' in fields:
+    return 'preference'
+  return 'unpaired' if 'label' in fields else 'text' if 'text' in fields else 'sft'
 
 
 def _first_object(path: str) -> dict:
@@ -161,27 +173,40 @@ class EncodeOptions:
                data.train_turns)
 
 
+class EncodedChunk(NamedTuple):
+  """Examples of consecutive records, the index of each one's record, each one's label
+  (unpaired examples: 1 desirable, 0 undesirable; empty for other kinds), and counts of cut and
+  skipped examples."""
+  examples: list[Example]
+  record_index: list[int]
+  labels: list[int]
+  stats: collections.Counter
+
+
 def encode_records(records: Sequence[Record], first_index: int, kind: str, tokenizer,
-                   options: EncodeOptions) -> tuple[list[Example], list[int], collections.Counter]:
-  """(examples, index of each one's record, counts of cut and skipped examples) of records
-  numbered from `first_index`; an invalid record raises, or is counted with skip_invalid."""
-  stats = collections.Counter()
-  examples, record_index = [], []
+                   options: EncodeOptions) -> EncodedChunk:
+  """The `kind` examples (`encoded_kind`) of records numbered from `first_index`; an invalid
+  record raises, or is counted with skip_invalid."""
+  chunk = EncodedChunk([], [], [], collections.Counter())
   for index, record in enumerate(records, start=first_index):
     try:
-      encoded = _encode(record, kind, tokenizer, options=options, stats=stats)
+      encoded = _encode(record, kind, tokenizer, options=options, stats=chunk.stats)
     except InvalidExample as e:
       if not options.skip_invalid:
         raise
       logging.warning('Skipped %s', e)
-      stats[f'skipped/{e.reason}'] += 1
+      chunk.stats[f'skipped/{e.reason}'] += 1
       continue
-    examples += encoded
-    record_index += [index] * len(encoded)
-  return examples, record_index, stats
+    if kind == 'unpaired':
+      encoded, labels = zip(*encoded)
+      chunk.labels.extend(labels)
+    chunk.examples.extend(encoded)
+    chunk.record_index.extend([index] * len(encoded))
+  return chunk
 
 
-def _encode(record, kind: str, tokenizer, *, options: EncodeOptions, stats) -> list[Example]:
+def _encode(record, kind: str, tokenizer, *, options: EncodeOptions, stats) -> list:
+  """The record's examples; for kind 'unpaired', (example, label) pairs."""
   seq_len = options.seq_len
   if kind == 'text':  # Pretraining: documents cut into rows of seq_len, loss on every token.
     ids = tokenizer.encode(record.text, add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -192,10 +217,25 @@ def _encode(record, kind: str, tokenizer, *, options: EncodeOptions, stats) -> l
     encoded = encode_sft(record, tokenizer, **fit, train_turns=options.train_turns)
     stats.update(f'truncated/{part}' for part in encoded.truncated)
     return [(_piece(encoded.prompt_ids, encoded.response_ids, encoded.prompt_mask),)]
+  if kind == 'unpaired' and isinstance(record, UnpairedRecord):
+    encoded = encode_sft(SFTRecord(record.prompt, record.completion, record.origin), tokenizer,
+                         **fit, train_turns='last')
+    stats.update(f'truncated/{part}' for part in encoded.truncated)
+    return [(_prompt_and_completion(encoded.prompt_ids, encoded.response_ids),
+             int(record.desirable))]
   encoded = encode_preference(record, tokenizer, **fit)
   stats.update(f'truncated/{part}' for part in encoded.truncated)
+  if kind == 'unpaired':
+    return [(_prompt_and_completion(encoded.prompt_ids, encoded.chosen_ids), 1),
+            (_prompt_and_completion(encoded.prompt_ids, encoded.rejected_ids), 0)]
   return [(_piece(encoded.prompt_ids, encoded.chosen_ids),
            _piece(encoded.prompt_ids, encoded.rejected_ids))]
+
+
+def _prompt_and_completion(prompt_ids, completion_ids) -> Example:
+  """An unpaired example's two pieces: the prompt (no loss) and the completion (loss), which
+  batches join into one sequence, and also join to other examples' prompts (KTO's KL pairs)."""
+  return _piece(prompt_ids, []), _piece([], completion_ids)
 
 
 def _piece(prompt_ids, response_ids, prompt_mask=()) -> Piece:

@@ -1,7 +1,8 @@
 """Tokenized examples on disk, read through a memory map: RAM does not grow with the data.
 
-One directory holds one source's examples (`datasets.Example`: one token piece, or two for a
-preference pair) for every split:
+One directory holds one source's examples (`datasets.Example`: one token piece, or two: a
+preference pair's chosen and rejected sequences, an unpaired example's prompt and completion)
+for every split:
 
     meta.json              kind, pieces per example, example counts, skip/truncation counts
     {split}.tokens         every piece's token ids end to end (int32, raw)
@@ -9,6 +10,7 @@ preference pair) for every split:
     {split}.pieces.npy     [n_pieces, 2] int64: start in .tokens and .mask, length
     {split}.records.npy    [n_examples] index of the record each example came from, in the
                            source's split (a text document can give several examples)
+    {split}.labels.npy     [n_examples] int8, unpaired examples only: 1 desirable, 0 not
 
 A piece is a slice of the memory map, so reading a row costs the same at 10k examples as at
 10M, and only the pages read are resident. Why not array_record (what grain reads): a record
@@ -32,7 +34,7 @@ import numpy as np
 from rlhf_jax.data.batching import Piece
 
 FORMAT = 1
-Example = tuple[Piece, ...]  # (piece,) or (chosen, rejected).
+Example = tuple[Piece, ...]  # (piece,), (chosen, rejected) or (prompt, completion).
 
 
 class Examples(Sequence):
@@ -42,34 +44,42 @@ class Examples(Sequence):
   On disk (`open`) the tokens and masks are memory maps and the table is read into RAM
   (16 bytes a piece); in memory (`from_list`) all are arrays. `examples[i]` gives
   (piece, ...) with piece = (ids [L], loss mask [L]); `fill` writes rows of a batch.
+
+  `labels` ([n] int8, or None) marks unpaired examples, whose two pieces (prompt, completion)
+  form one sequence; the pieces of other examples are sequences of their own.
   """
 
   def __init__(self, tokens, mask, pieces: np.ndarray, pieces_per_example: int,
-               record_index: np.ndarray | None = None):
+               record_index: np.ndarray | None = None, labels: np.ndarray | None = None):
     self._tokens, self._mask, self._k = tokens, mask, pieces_per_example
     self._starts, self._lengths = np.ascontiguousarray(pieces.T)
-    self.record_index = record_index
-    # The longest piece of each example: what batching and packing need, without a read.
-    self.lengths = self._lengths.reshape(-1, self._k).max(axis=1)
+    self.record_index, self.labels = record_index, labels
+    # The length of each example's longest sequence: what batching and packing need, without
+    # a read.
+    self.piece_lengths = self._lengths.reshape(-1, self._k)
+    self.lengths = (self.piece_lengths.sum(axis=1) if labels is not None
+                    else self.piece_lengths.max(axis=1))
 
   @classmethod
   def open(cls, directory: str, split: str, pieces_per_example: int) -> 'Examples':
     path = lambda suffix: os.path.join(directory, f'{split}.{suffix}')
     # Plain arrays over the maps (the maps stay open through them): slicing a np.memmap
     # makes a memmap object each time, many times slower for short pieces.
+    labels = np.load(path('labels.npy')) if os.path.exists(path('labels.npy')) else None
     return cls(np.asarray(np.memmap(path('tokens'), np.int32, mode='r')),
                np.asarray(np.memmap(path('mask'), np.uint8, mode='r')),
                np.load(path('pieces.npy')),
-               pieces_per_example, np.load(path('records.npy'), mmap_mode='r'))
+               pieces_per_example, np.load(path('records.npy'), mmap_mode='r'), labels)
 
   @classmethod
-  def from_list(cls, examples: Sequence[Example]) -> 'Examples':
+  def from_list(cls, examples: Sequence[Example],
+                labels: Sequence[int] | None = None) -> 'Examples':
     pieces = [piece for example in examples for piece in example]
     lengths = np.array([len(ids) for ids, _ in pieces], np.int64)
     return cls(np.concatenate([np.asarray(ids, np.int32) for ids, _ in pieces]),
                np.concatenate([np.asarray(mask, np.uint8) for _, mask in pieces]),
                np.stack([np.cumsum(lengths) - lengths, lengths], axis=1),
-               len(examples[0]))
+               len(examples[0]), labels=None if labels is None else np.asarray(labels, np.int8))
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -84,9 +94,12 @@ class Examples(Sequence):
     start, end = self._starts[p], self._starts[p] + self._lengths[p]
     return np.array(self._tokens[start:end]), self._mask[start:end].astype(np.int32)
 
-  def fill(self, batch: dict, at: Sequence[int], units: Sequence[Sequence[int]]) -> None:
+  def fill(self, batch: dict, at: Sequence[int], units: Sequence[Sequence[int]],
+           partners: Sequence[int] = ()) -> None:
     """Writes units[i] into row at[i] of an `empty_batch`: the examples of a unit end to end
     (one piece each), or a unit's single example's k pieces side by side (pairs are not packed).
+    An unpaired example's row holds two sequences: its prompt + completion, and its prompt +
+    the completion of example partners[i] (KTO's mismatched pair), cut to fit the row.
 
     A row is one copy of its pieces' slices: the cost grows with the tokens read, not with the
     number of examples in the source.
@@ -94,14 +107,21 @@ class Examples(Sequence):
     k = self._k
     if k > 1 and any(len(unit) != 1 for unit in units):
       raise ValueError(f'Examples of {k} pieces are not packed: one example a unit.')
+    if self.labels is not None:
+      rows = ((2 * row + j, [2 * unit[0], 2 * (partner if j else unit[0]) + 1])
+              for row, unit, partner in zip(at, units, partners, strict=True) for j in (0, 1))
+    elif k == 1:
+      rows = zip(at, units)
+    else:
+      rows = ((row * k + j, [unit[0] * k + j]) for row, unit in zip(at, units) for j in range(k))
     length = batch['tokens'].shape[-1]
     tokens, loss_mask = batch['tokens'].reshape(-1), batch['loss_mask'].reshape(-1)
-    rows = (zip(at, units) if k == 1 else
-            ((row * k + j, [unit[0] * k + j]) for row, unit in zip(at, units) for j in range(k)))
     for row, pieces in rows:
       lengths = self._lengths[pieces].tolist()
       if sum(lengths) > length:
-        raise ValueError(f'A row needs {sum(lengths)} tokens; the row length is {length}.')
+        if self.labels is None or lengths[0] >= length:
+          raise ValueError(f'A row needs {sum(lengths)} tokens; the row length is {length}.')
+        lengths[-1] = length - lengths[0]  # A mismatched pair's completion, cut.
       spans = [slice(a, a + n) for a, n in zip(self._starts[pieces].tolist(), lengths)]
       at_row = slice(row * length, row * length + sum(lengths))
       tokens[at_row] = np.concatenate([self._tokens[span] for span in spans])
@@ -154,13 +174,15 @@ class StoreWriter:
                   'examples': {}}
 
   def write_split(self, split: str,
-                  chunks: Iterable[tuple[Sequence[Example], Sequence[int]]]) -> None:
-    """chunks: (examples, index of each one's record) in order."""
+                  chunks: Iterable[tuple[Sequence[Example], Sequence[int], Sequence[int]]]
+                  ) -> None:
+    """chunks: (examples, index of each one's record, their labels: unpaired examples only,
+    else empty) in order."""
     k = self._meta['pieces_per_example']
-    pieces, records, offset = [], [], 0
+    pieces, records, labels, offset = [], [], [], 0
     with (open(os.path.join(self._partial, f'{split}.tokens'), 'wb') as tokens,
           open(os.path.join(self._partial, f'{split}.mask'), 'wb') as masks):
-      for examples, record_index in chunks:
+      for examples, record_index, chunk_labels in chunks:
         if any(len(example) != k for example in examples):
           raise ValueError(f'Examples of other than {k} pieces in a store of {k}.')
         flat = [piece for example in examples for piece in example]
@@ -171,10 +193,14 @@ class StoreWriter:
         pieces.append(np.stack([offset + np.cumsum(lengths) - lengths, lengths], axis=1))
         offset += int(lengths.sum())
         records.append(np.asarray(record_index, np.int64))
+        labels.append(np.asarray(chunk_labels, np.int8))
     pieces = np.concatenate(pieces) if pieces else np.zeros((0, 2), np.int64)
     records = np.concatenate(records) if records else np.zeros(0, np.int64)
     np.save(os.path.join(self._partial, f'{split}.pieces.npy'), pieces)
     np.save(os.path.join(self._partial, f'{split}.records.npy'), records)
+    if self._meta['kind'] == 'unpaired':
+      np.save(os.path.join(self._partial, f'{split}.labels.npy'),
+              np.concatenate(labels) if labels else np.zeros(0, np.int8))
     self._meta['examples'][split] = len(records)
 
   def close(self, stats: Mapping[str, int]) -> None:

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from rlhf_jax.data import SPLITS
 from rlhf_jax.data.records import Record, Records
-from rlhf_jax.data.sources import (EncodeOptions, encode_records, read_records, source_digest,
-                                   source_kind)
+from rlhf_jax.data.sources import (EncodeOptions, encode_records, encoded_kind, read_records,
+                                   source_digest, source_kind)
 from rlhf_jax.data.store import Store, Examples, StoreWriter
 from rlhf_jax.errors import InputError
 
@@ -49,17 +49,18 @@ def tokenized_source(spec: str, kinds: tuple[str, ...], tokenizer, *, config, ca
   """The store of `spec` in `cache_dir`, built first if it is not there."""
   data = config.data
   kind = source_kind(spec, kinds, data=data, key=key)
+  encoded = encoded_kind(kind, kinds)
   options = EncodeOptions.of(config)
   fingerprint = json.dumps({
-      'source': source_digest(spec, data=data, key=key), 'kind': kind,
+      'source': source_digest(spec, data=data, key=key), 'kind': kind, 'encoded': encoded,
       'tokenizer': tokenizer_fingerprint(tokenizer), 'options': dataclasses.asdict(options),
       'split': {'eval_fraction': data.eval_fraction, 'seed': data.seed,
                 'splits': dict(data.splits)}, 'field_map': dict(data.field_map or {})},
       sort_keys=True)
-  path = os.path.join(cache_dir, f'{kind}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:20]}')
+  path = os.path.join(cache_dir, f'{encoded}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:20]}')
   read = functools.cache(lambda: read_records(spec, kind, data=data, key=key))
   if not Store.exists(path):
-    _build(path, read(), kind, tokenizer, options, workers=_workers(data.tokenize_workers),
+    _build(path, read(), encoded, tokenizer, options, workers=_workers(data.tokenize_workers),
            key=key)
   else:
     logging.info('%s: tokenized examples from %s', key, path)
@@ -69,7 +70,7 @@ def tokenized_source(spec: str, kinds: tuple[str, ...], tokenizer, *, config, ca
   def records(split: str) -> list[Record]:
     source_records = read()[split].records
     return [source_records[i] for i in examples[split].record_index]
-  return TokenizedSource(kind, examples, store.stats, records)
+  return TokenizedSource(encoded, examples, store.stats, records)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -94,7 +95,8 @@ def _workers(setting: int) -> int | None:
 
 def _build(path: str, records: dict[str, Records], kind: str, tokenizer,
            options: EncodeOptions, *, workers: int | None, key: str) -> None:
-  writer = StoreWriter(path, kind=kind, pieces_per_example=2 if kind == 'preference' else 1)
+  writer = StoreWriter(path, kind=kind,
+                       pieces_per_example=2 if kind in ('preference', 'unpaired') else 1)
   stats = {}
   try:
     for split in SPLITS:
@@ -107,11 +109,11 @@ def _build(path: str, records: dict[str, Records], kind: str, tokenizer,
 
       def counted(chunks):
         nonlocal count
-        for examples, record_index, chunk_stats in chunks:
-          count += len(examples)
-          for name, n in chunk_stats.items():
+        for chunk in chunks:
+          count += len(chunk.examples)
+          for name, n in chunk.stats.items():
             stats[name] = stats.get(name, 0) + n
-          yield examples, record_index
+          yield chunk.examples, chunk.record_index, chunk.labels
       writer.write_split(split, counted(chunks))
       if not count:
         raise InputError(f'{key}: no valid {split} examples in this source.')

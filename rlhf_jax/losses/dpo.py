@@ -18,8 +18,8 @@ h = (π_c − ρ_c) − (π_r − ρ_r); h̄ is h with every log-prob divided by
   orpo               −π_c/|y_c| + β ℓ(log odds_c − log odds_r),      ORPO, Hong et al. 2024
                      odds = p / (1 − p), p = exp(π/|y|)
 
-KTO (Ethayarajh et al. 2024) is not here: it learns from unpaired desirable / undesirable
-examples, a different batch from these (chosen, rejected) pairs.
+KTO (Ethayarajh et al. 2024), which learns from unpaired desirable / undesirable examples, is
+in `kto.py`.
 """
 
 import math

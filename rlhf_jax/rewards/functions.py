@@ -11,6 +11,8 @@ Verifiable rewards (a unit test, an exact answer, a format check) and the playgr
 decoded text, in a thread pool (chunks of the batch in parallel: functions that wait on I/O
 overlap). A function may return None for an example it does not apply to: it adds 0 there,
 as TRL's nansum does. An exception or a non-finite value names the function and the example.
+Prompts reach them as TRL passes them: a string, or a conversation as a list of
+{"role", "content"} dicts.
 """
 
 import concurrent.futures
@@ -60,6 +62,7 @@ class FunctionReward:
     """Each function's rewards [N] (NaN where it returned None), by name."""
     if len(prompts) != len(completions):
       raise InputError(f'{len(prompts)} prompts but {len(completions)} completions.')
+    prompts = [p if isinstance(p, str) else [m._asdict() for m in p] for p in prompts]
     n = len(prompts)
     chunk = max(1, math.ceil(n / self.max_workers))
     starts = range(0, n, chunk)

@@ -20,7 +20,7 @@ from flax import nnx
 from rlhf_jax import parallel
 from rlhf_jax.data.batching import pad_rows
 from rlhf_jax.data.encoding import encode_sft
-from rlhf_jax.data.records import Message, Origin, SFTRecord
+from rlhf_jax.data.records import Origin, SFTRecord, prompt_messages
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models.loading import load_model
@@ -129,7 +129,7 @@ class ModelReward:
       raise InputError(f'{len(prompts)} prompts but {len(responses)} responses.')
     pieces = []
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
-      record = SFTRecord((Message('user', prompt),), response, Origin('teacher', i))
+      record = SFTRecord(prompt_messages(prompt), response, Origin('teacher', i))
       encoded = encode_sft(record, self.tokenizer, seq_len=self.seq_len,
                            max_prompt_len=self.max_prompt_len, truncation='response')
       ids = np.array(encoded.prompt_ids + encoded.response_ids, np.int32)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data.encoding import encode_prompt
-from rlhf_jax.data.records import Message
+from rlhf_jax.data.records import Prompt, prompt_messages
 from rlhf_jax.errors import InputError
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.sampling.sampler import make_sampler
@@ -31,10 +31,10 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int):
   return tokens, mask
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_len: int):
-  """(tokens [N, max_prompt_len], mask): each prompt one user message through the chat
-  template, left-padded."""
-  ids = [encode_prompt(tokenizer, (Message('user', p),)) for p in prompts]
+def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_prompt_len: int):
+  """(tokens [N, max_prompt_len], mask): each prompt (a string: one user message) through the
+  chat template, left-padded."""
+  ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
   return left_pad(ids, max_prompt_len, tokenizer.pad_token_id)
 
 

@@ -4,26 +4,47 @@ import os
 
 import numpy as np
 
+from rlhf_jax.data.records import Prompt
+from rlhf_jax.data.sources import SCHEMES, read_records
 from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.playground import tasks
 
 
-def prompt_pool(config, split: str = 'train', n: int | None = None) -> list[str]:
-  """config.rl.prompts: 'playground' (n prompts of `split`, default config.rl.num_prompts) or a
-  text file with one prompt per line (it has no held-out split: the same file for both)."""
+def prompt_pool(config, split: str = 'train', n: int | None = None) -> list[Prompt]:
+  """config.rl.prompts:
+    'playground'             n prompts of `split` (default config.rl.num_prompts);
+    jsonl:, tfds:, hf: specs  a source's "prompt" (a string or messages) or "messages" column
+                             (a final assistant message dropped), its splits as for training
+                             data (`rlhf_jax.data.sources`; config.data.field_map applies);
+    a text file              one prompt per line, the same file for both splits.
+  A prompt of one user message is its string, as reward functions and the playground take it;
+  others stay messages, which the chat template renders.
+  """
   spec = config.rl.prompts
   if spec == 'playground':
     return tasks.sample_prompts(config.data.playground.seed, split, n or config.rl.num_prompts)
-  if not os.path.exists(spec):
-    raise NotFound(f'config.rl.prompts={spec!r}: no such file (or "playground").')
-  with open(spec, encoding='utf-8') as f:
-    prompts = [line.rstrip('\n') for line in f if line.strip()]
+  if spec.partition(':')[0] in SCHEMES:
+    records = read_records(spec, 'prompt', data=config.data, key='config.rl.prompts')[split]
+    prompts = [_plain(record.prompt) for record in records.records]
+  elif not os.path.exists(spec):
+    raise NotFound(f'config.rl.prompts={spec!r}: no such file (give "playground", a text file '
+                   'or a jsonl:, tfds: or hf: source).')
+  else:
+    with open(spec, encoding='utf-8') as f:
+      prompts = [line.rstrip('\n') for line in f if line.strip()]
   if not prompts:
-    raise InputError(f'config.rl.prompts={spec!r} holds no prompt.')
+    raise InputError(f'config.rl.prompts={spec!r} holds no prompt for split {split!r}.')
   return prompts
 
 
-def rollout_prompts(pool: list[str], config, iteration: int) -> list[str]:
+def _plain(messages) -> Prompt:
+  """One user message as its string; any other conversation as it is."""
+  if len(messages) == 1 and messages[0].role == 'user':
+    return messages[0].content
+  return messages
+
+
+def rollout_prompts(pool: list[Prompt], config, iteration: int) -> list[Prompt]:
   """The rollout's rows: rollout_batch_size / G prompts drawn without replacement from the
   pool for (seed, iteration), each repeated G times in consecutive rows."""
   rl = config.rl
