@@ -31,3 +31,14 @@ os.environ.update({
     # A size limit makes concurrent processes read and write the cache under a file lock.
     'JAX_COMPILATION_CACHE_MAX_SIZE': str(2**31),
 })
+
+
+def pytest_configure(config):
+  """Processes started by tests run without torch (tests/no_torch/sitecustomize.py); the test
+  processes keep it for the parity tests, so pytest-xdist's controller, whose workers inherit
+  its environment, leaves PYTHONPATH as it is."""
+  if config.getoption('numprocesses', None) and not hasattr(config, 'workerinput'):
+    return
+  shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'no_torch')
+  os.environ['PYTHONPATH'] = os.pathsep.join(
+      [shim] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
