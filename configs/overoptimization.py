@@ -81,6 +81,9 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'comparisons': p['comparisons'],  # Gold-labelled pairs of the policy's samples.
           'steps': p['rm_steps'],
           'label_temperature': 0.1,  # Bradley-Terry labels on the gold reward; 0: argmax.
+          # The temperature the policy's compared answers are sampled at: 1 is its own
+          # distribution; above 1, answers further from it, where PPO goes.
+          'answer_temperature': p.get('answer_temperature', 1.0),
           # (comparisons, epochs): proxies of the first model trained that many epochs (steps =
           # comparisons · epochs / batch size), to set data against epochs at equal steps.
           'epochs': p.get('epochs', ()),

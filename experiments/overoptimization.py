@@ -169,6 +169,7 @@ def train_proxies(experiment, workdir: str, policy: str) -> list[dict]:
                  'train.eval_at_start': False, 'data.playground.pairs': policy,
                  'data.playground.train_size': proxy['proxy_comparisons'],
                  'data.playground.label_temperature': p.label_temperature,
+                 'data.playground.pair_temperature': p.answer_temperature,
                  'data.tokenizer': policy, 'seed': proxy['proxy_seed'],
                  'data.seed': proxy['proxy_seed']}  # The order of its data.
     backbone = proxy_backbone(proxy['proxy_model'], policy, workdir)

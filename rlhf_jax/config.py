@@ -157,8 +157,8 @@ def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
                      'gold': 'program', 'teacher_preset': 'playground-teacher',
                      # Preference pairs: 'corruptions' of the best answer, two samples of
                      # 'policy' (the run's initial model, config.model.hf_path) or of the
-                     # policy in an HF directory.
-                     'pairs': 'corruptions'},
+                     # policy in an HF directory, its answers sampled at pair_temperature.
+                     'pairs': 'corruptions', 'pair_temperature': 1.0},
   })
 
 

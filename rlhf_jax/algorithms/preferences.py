@@ -2,8 +2,9 @@
 
 `config.data.playground.pairs` = 'policy' samples two answers per prompt from the run's initial
 model (`config.model.hf_path`, read as a causal LM even when the run trains a reward model);
-a directory samples from the policy saved there. Answers are drawn at temperature 1 with at
-most seq_len − max_prompt_len new tokens, so every pair fits the run's rows.
+a directory samples from the policy saved there. Answers are drawn at
+`config.data.playground.pair_temperature` (1: the policy's own distribution) with at most
+seq_len − max_prompt_len new tokens, so every pair fits the run's rows.
 """
 
 import functools
@@ -46,7 +47,8 @@ def make_answer_pairs(ctx):
     return params, TextSampler(
         ctx.tokenizer, graphdef, mesh=ctx.mesh, rules=ctx.rules,
         batch_size=config.train.batch_size, max_prompt_len=config.data.max_prompt_len,
-        max_new_tokens=config.train.seq_len - config.data.max_prompt_len, temperature=1.0)
+        max_new_tokens=config.train.seq_len - config.data.max_prompt_len,
+        temperature=config.data.playground.pair_temperature)
 
   def answer_pairs(prompts, split):
     params, sampler = policy()

@@ -30,6 +30,8 @@ def source_spec(kind: str, p, cache_dir: str, *, gold=None, answer_pairs=None,
   if kind == 'preference':
     name += (f'-T{p.label_temperature}-len{p.length_bias}-gold-{_slug(p.gold)}'
              f'-pairs-{_slug(p.pairs)}')
+    if p.pairs != 'corruptions':
+      name += f'-at{p.pair_temperature}'
   pattern = os.path.join(cache_dir, name + '.jsonl')
   for split in SPLITS:
     write_file(kind, split, p, pattern.format(split=split), gold=gold,
