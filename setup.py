@@ -35,8 +35,12 @@ setuptools.setup(
         # torch only builds reference models for parity tests; 2.13.0 is the CPU build that
         # pip takes from local disk on our machines (a bare 'torch' pulls a CUDA build).
         # trl: its KTO loss, run on the same inputs as ours (tests/test_kto.py).
-        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'torch==2.13.0', 'trl==1.16.0'],
-        # Workdirs on Google Cloud Storage (gs://...; metrics and config.json go through fsspec).
+        # wandb: config.train.wandb, run offline (WANDB_MODE=offline) in tests/test_metrics.py.
+        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'torch==2.13.0', 'trl==1.16.0',
+                 'wandb>=0.19'],
+        # Workdirs on Google Cloud Storage (gs://...): every file of a workdir, TensorBoard's
+        # events included, goes through fsspec, which reads gs:// with gcsfs.
         'gcs': ['gcsfs'],
+        'wandb': ['wandb>=0.19'],  # config.train.wandb: metrics, figures and tables to W&B.
     },
 )

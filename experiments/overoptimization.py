@@ -54,7 +54,7 @@ from rlhf_jax import algorithms, parallel
 from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import load_config, model_config_dict, reward_model_paths
 from rlhf_jax.context import RunContext
-from rlhf_jax.engine.metrics import read_metrics
+from rlhf_jax.engine.metrics import log_media, read_metrics
 from rlhf_jax.evals import best_of_n, bon_kl
 from rlhf_jax.models import save_first_layers
 from rlhf_jax.models.loading import is_export
@@ -513,23 +513,23 @@ def analyse(experiment, runs, bon_exact_runs, bon_kl_table, workdir: str, extra:
       json.dump(summary, f, indent=1)
     plots = os.path.join(workdir, 'plots')
     os.makedirs(plots, exist_ok=True)
+    figures = {}
+
+    def plot(name: str, draw, *args, **kwargs):
+      figures[f'plots/{name}'] = draw(*args, os.path.join(plots, f'{name}.png'), **kwargs)
     for method in experiment.methods:
-      overoptimization.plot_curves(summary, runs, os.path.join(plots, f'{method}.png'),
-                                   method=method)
+      plot(method, overoptimization.plot_curves, summary, runs, method=method)
     if bon_exact_runs:
-      overoptimization.plot_curves(exact, bon_exact_runs,
-                                   os.path.join(plots, 'bon_exact_kl.png'), method='bon')
-    overoptimization.plot_coefficients([f for f in summary['fits'] if 'proxy_comparisons' in f],
-                                       os.path.join(plots, 'coefficients.png'),
-                                       by='proxy_comparisons')
+      plot('bon_exact_kl', overoptimization.plot_curves, exact, bon_exact_runs, method='bon')
+    plot('coefficients', overoptimization.plot_coefficients,
+         [f for f in summary['fits'] if 'proxy_comparisons' in f], by='proxy_comparisons')
     if summary['size_scaling']:
-      overoptimization.plot_coefficients(summary['fits'],
-                                         os.path.join(plots, 'coefficients_by_size.png'))
+      plot('coefficients_by_size', overoptimization.plot_coefficients, summary['fits'])
     if summary['kl_penalty']:
-      overoptimization.plot_kl_penalty(summary['kl_penalty'], runs,
-                                       os.path.join(plots, 'kl_penalty.png'))
+      plot('kl_penalty', overoptimization.plot_kl_penalty, summary['kl_penalty'], runs)
     if summary['kl_efficiency']:
-      overoptimization.plot_gold_against_proxy(summary, os.path.join(plots, 'gold_vs_proxy.png'))
+      plot('gold_vs_proxy', overoptimization.plot_gold_against_proxy, summary)
+    log_media(workdir, figures)  # TensorBoard, beside each stage's own logs.
   return summary
 
 

@@ -12,6 +12,7 @@ from ml_collections import config_dict
 from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.presets import get_preset
+from rlhf_jax.models.sources import local_dir
 from rlhf_jax.parallel import DEFAULT_RULES
 
 # ModelConfig fields that default to None, with the type a command-line override may give them.
@@ -79,12 +80,20 @@ def base_config() -> ml_collections.ConfigDict:
       'eval_batches': 4,
       'eval_at_start': False,  # Also evaluate the initial model (step 0).
       'checkpoint_every': 50,
-      'keep_checkpoints': 2,
+      'keep_checkpoints': 2,  # The last K checkpoints; older ones are deleted, except:
+      # Also save and keep the checkpoint of every evaluation step (eval_every), so that the
+      # policy at each point of a curve can be exported later (python -m rlhf_jax.export).
+      'keep_eval_checkpoints': True,
       'async_checkpoint': True,
       'progress_bar': True,
-      'tensorboard': True,
+      'tensorboard': True,  # Also on a URL workdir: staged locally, uploaded every minute.
+      # Weights & Biases (pip install wandb, the `wandb` extra): a run whose id is derived from
+      # the workdir, so a resumed run continues it; WANDB_MODE=offline writes <workdir>/wandb.
+      'wandb': False,
+      'wandb_project': 'rlhf_jax',
       'logprob_chunk_size': 256,  # Sequence chunk for log-probs without [B, T, V] logits.
       'export_hf': False,  # Write the final model (+ tokenizer) to <workdir>/hf.
+      'export_dtype': 'float32',  # Of its weights: float32 | bfloat16 (half the size) | float16.
       # A step whose loss or gradient norm is not finite: 'stop' the run there (nothing after
       # the last checkpoint is saved or exported) or 'skip' its update and go on (counted as
       # update_skipped in metrics.jsonl).
@@ -299,6 +308,7 @@ def load_config(name: str) -> ml_collections.ConfigDict:
 
 
 NONFINITE = ('stop', 'skip')
+EXPORT_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def check_run_config(config) -> None:
@@ -322,6 +332,9 @@ def check_run_config(config) -> None:
       raise InputError(f'{key}={value} must be ≥ 0.')
   if train.nonfinite not in NONFINITE:
     raise InputError(f'config.train.nonfinite={train.nonfinite!r}; choose one of {NONFINITE}.')
+  if train.export_dtype not in EXPORT_DTYPES:
+    raise InputError(f'config.train.export_dtype={train.export_dtype!r}; choose one of '
+                     f'{EXPORT_DTYPES}.')
   check_paths(config)
 
 
@@ -332,9 +345,19 @@ def reward_model_paths(spec: str) -> list[str]:
 
 
 def check_paths(config) -> None:
-  """Every local model or tokenizer directory the config names exists."""
+  """Every model or tokenizer the config names is there: a local directory, a URL's directory
+  (copied to this host now) or a Hub id (downloaded into the Hugging Face cache now), so that
+  a missing one stops the run before anything else, naming its key (`models.sources`); the
+  loaders then find each in place."""
+  data = config.get('data', {})
   paths = [('config.model.hf_path', config.model.get('hf_path')),
-           ('config.data.tokenizer', config.get('data', {}).get('tokenizer'))]
+           ('config.data.tokenizer', data.get('tokenizer'))]
+  playground = data.get('playground', {})
+  if playground.get('pairs') not in (None, 'corruptions', 'policy'):
+    paths.append(('config.data.playground.pairs', playground.pairs))
+  scheme, _, teacher = (playground.get('gold') or '').partition(':')
+  if scheme == 'teacher' and teacher != 'random':
+    paths.append(('config.data.playground.gold', teacher))
   for entry in ('rl', 'bon'):
     if entry in config:
       paths += [(f'config.{entry}.reward_model', path)
@@ -342,8 +365,8 @@ def check_paths(config) -> None:
   if 'rl' in config:
     paths.append(('config.rl.value_model', config.rl.get('value_model')))
   for key, path in paths:
-    if path and path != 'playground' and '://' not in path and not os.path.isdir(path):
-      raise NotFound(f'{key}={path!r}: no such directory.')
+    if path and path != 'playground':
+      local_dir(path, key=key)
 
 
 def check_batch_sizes(config, mesh) -> None:

@@ -18,6 +18,7 @@ from rlhf_jax.engine.optimizer import decay_start_step
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import read_hf_config
 from rlhf_jax.models.loading import LoadedModel, build_model, load_model
+from rlhf_jax.models.sources import local_dir
 from rlhf_jax.playground import files as playground_files
 from rlhf_jax.playground.tokenizer import saved_tokenizer
 from rlhf_jax.rewards.ensemble import EnsembleReward
@@ -42,7 +43,8 @@ class RunContext:
 
   @functools.cached_property
   def tokenizer(self):
-    """config.data.tokenizer: a directory, 'playground', or '' for config.model.hf_path's.
+    """config.data.tokenizer: a directory (local, a URL or a Hub id), 'playground', or '' for
+    config.model.hf_path's.
 
     Its ids must fit the model's embedding: config.model.vocab_size, or the checkpoint's
     vocab_size when the model is loaded from config.model.hf_path.
@@ -55,9 +57,10 @@ class RunContext:
                        'to take a tokenizer from.')
     if spec == PLAYGROUND:
       spec = saved_tokenizer(self.cache_dir, seed=self.config.data.playground.seed)
-    tokenizer = load_tokenizer(spec, key=key)
+    tokenizer = load_tokenizer(local_dir(spec, key=key), key=key)
     if model.hf_path:
-      vocab_size = read_hf_config(model.hf_path, head=model.head).vocab_size
+      vocab_size = read_hf_config(local_dir(model.hf_path, key='config.model.hf_path'),
+                                  head=model.head).vocab_size
       where = (f'the checkpoint config.model.hf_path={model.hf_path!r} has '
                f'vocab_size={vocab_size}')
     else:

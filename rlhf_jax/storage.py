@@ -3,16 +3,20 @@
 
 Local paths keep the builtin `open` and `os`; a URL's objects have no directories, cannot be
 appended to and land whole when uploaded. Caches that each host may build for itself go to a
-local directory instead (`local_cache_dir`).
+local directory instead (`local_cache_dir`), and so do copies of directories that a library
+reads only from local disk (a model's, `local_copy`).
 """
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 
 import fsspec
+
+from rlhf_jax.errors import NotFound
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -86,6 +90,36 @@ def staged_dir(path: str):
   finally:
     if os.path.exists(partial):
       shutil.rmtree(partial)
+
+
+def local_copy(url: str) -> str:
+  """A local copy of the directory at `url`, made once per host and per version of its files
+  (their listing: names, sizes, times) in `local_cache_dir(url)`, and reused while they stay as
+  they are. It is copied into a temporary directory and renamed into place whole, so processes
+  of one host that copy at once never see a partial copy: the first rename wins, the others use
+  it."""
+  fs, fs_path = fsspec.core.url_to_fs(url)
+  files = fs.find(fs_path, detail=True)
+  if not files:
+    raise NotFound(f'{url}: no such directory, or it is empty.')
+  listing = json.dumps(sorted(files.items()), sort_keys=True, default=str)
+  parent = local_cache_dir(url)
+  copy = os.path.join(parent, hashlib.sha256(listing.encode()).hexdigest()[:16])
+  if os.path.isdir(copy):
+    return copy
+  os.makedirs(parent, exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=os.path.basename(copy) + '.partial-', dir=parent)
+  try:
+    fs.get(fs_path.rstrip('/') + '/', partial, recursive=True)
+    try:
+      os.rename(partial, copy)
+    except OSError:  # Another process renamed its copy into place first.
+      if not os.path.isdir(copy):
+        raise
+  finally:
+    if os.path.exists(partial):
+      shutil.rmtree(partial)
+  return copy
 
 
 def local_cache_dir(path: str) -> str:

@@ -1,5 +1,6 @@
-"""Checkpoints restore bit for bit into their shardings, keep the last K, and never surface a
-half-written step: neither one cut short by a real SIGKILL nor a manufactured leftover."""
+"""Checkpoints restore bit for bit into their shardings (the params alone too), keep the last K
+and a run's evaluation steps, and never surface a half-written step: neither one cut short by a
+real SIGKILL nor a manufactured leftover."""
 
 import os
 import signal
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlhf_jax import parallel
+from rlhf_jax import algorithms, parallel
+from rlhf_jax.config import load_config
 from rlhf_jax.engine.checkpoint import Checkpointer
 from rlhf_jax.engine.state import abstract_like
 
@@ -90,6 +92,52 @@ def test_saves_only_due_steps_unless_forced(tmp_path, monkeypatch):
   assert checkpointer.save(5, make_state(5), {'step': 5})
   assert steps_on_disk(tmp_path / 'relative/dir') == ['3', '5']
   checkpointer.close()
+
+
+def test_keeps_every_keep_every_th_step_besides_the_last_k(tmp_path):
+  checkpointer = Checkpointer(str(tmp_path), save_every=4, keep=2, keep_every=3,
+                              async_save=False)
+  saved = [step for step in range(1, 10) if checkpointer.save(step, make_state(step),
+                                                               {'step': step})]
+  assert saved == [3, 4, 6, 8, 9]  # Due every 4 steps, and every 3.
+  assert checkpointer.save(10, make_state(10), {'step': 10}, force=True)
+  assert steps_on_disk(tmp_path) == ['10', '3', '6', '9']  # The last two, and every third.
+  checkpointer.close()
+
+
+def test_restore_params_reads_a_subtree_of_the_params_alone(tmp_path):
+  """Into the shardings asked for, bit for bit, and nothing else of the train state; a step
+  that is not there is an error listing those that are."""
+  checkpointer = Checkpointer(str(tmp_path), save_every=2, keep=5, async_save=False)
+  for step in (2, 4):
+    state = make_state(step)
+    state['params'] = {'policy': state['params'], 'critic': make_state(step + 1)['params']}
+    checkpointer.save(step, state, {'step': step})
+  replicated = NamedSharding(parallel.make_mesh({'data': -1}), P())
+  target = {'kernel': jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=replicated)}
+  for step in (None, 2):
+    restored_step, params = checkpointer.restore_params(step, target, within=('policy',))
+    assert restored_step == (step or 4)
+    assert_same(params, jax.device_put(make_state(step or 4)['params'], replicated))
+  with pytest.raises(FileNotFoundError, match=r'No checkpoint of step 3 in .*; it has steps '
+                     r'2, 4\.'):
+    checkpointer.restore_params(3, target, within=('policy',))
+  checkpointer.close()
+
+
+@pytest.mark.parametrize('keep_eval', [True, False])
+def test_a_run_keeps_its_evaluation_steps_and_the_last_k(tmp_path, keep_eval):
+  """10 steps, evaluations at 3, 6, 9 and the end, checkpoints due every 4, the last 2 kept:
+  the policies of every evaluation remain too, unless config.train.keep_eval_checkpoints is
+  off."""
+  config = load_config('sft.py:sorting')
+  config.train.update(steps=10, eval_every=3, eval_batches=1, checkpoint_every=4,
+                      keep_checkpoints=2, keep_eval_checkpoints=keep_eval, batch_size=8,
+                      seq_len=16, progress_bar=False, tensorboard=False)
+  config.data.max_items = 6
+  algorithms.run(config, str(tmp_path))
+  kept = sorted(int(step) for step in steps_on_disk(tmp_path / 'checkpoints'))
+  assert kept == ([3, 6, 9, 10] if keep_eval else [8, 10])
 
 
 def assert_resumes_from_step_4(directory):

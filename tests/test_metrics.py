@@ -1,6 +1,7 @@
 """MetricWriter: JSONL round trip, resume truncation, TensorBoard events, process 0 only; the
 other files of a workdir (samples, plots, HF export, reference log-probs) on a URL (storage)."""
 
+import glob
 import json
 import os
 import pathlib
@@ -30,14 +31,18 @@ from rlhf_jax.storage import (exists, is_remote, local_cache_dir, open_file, rep
                               staged_dir, upload_dir)
 from rlhf_jax.algorithms.dpo import attach_reference_logps
 from rlhf_jax.models.loading import LoadedModel, export_hf
-from rlhf_jax.engine.metrics import MetricWriter, progress_bar, read_metrics, write_config
+from rlhf_jax.engine.metrics import (MetricWriter, WandbOptions, log_media, progress_bar,
+                                     read_metrics, wandb_run_id, write_config)
+from rlhf_jax.evals.media import Table
 
 
 def read_events(logdir) -> list[list[event_pb2.Event]]:
-  """The events of each file in a TensorBoard logdir (TFRecords: length, crc, data, crc)."""
+  """The events of each file in a TensorBoard logdir, local or a URL (TFRecords: length, crc,
+  data, crc)."""
   files = []
-  for name in os.listdir(logdir):
-    with open(os.path.join(logdir, name), 'rb') as f:
+  fs, path = fsspec.core.url_to_fs(os.fspath(logdir))
+  for name in fs.ls(path, detail=False):
+    with fs.open(name, 'rb') as f:
       data = f.read()
     events, offset = [], 0
     while offset < len(data):
@@ -130,7 +135,7 @@ def remote_workdir(tmp_path):
 def test_remote_writer_uploads_every_record_and_resumes_like_a_local_one(remote_workdir,
                                                                          tmp_path):
   path = f'{remote_workdir}/metrics.jsonl'
-  writer = MetricWriter(remote_workdir)  # TensorBoard asked for, skipped with a warning.
+  writer = MetricWriter(remote_workdir, tensorboard=False)
   writer.write(1, {'loss': jnp.float32(0.5)})
   assert read_metrics(path) == [{'step': 1, 'loss': 0.5}]  # Readable before close().
   writer.write(2, {'loss': 0.25})
@@ -144,7 +149,8 @@ def test_remote_writer_uploads_every_record_and_resumes_like_a_local_one(remote_
   assert records[3] == {'step': 4, 'loss': 0.25, 'tokens': 4}
   assert records[5] == {'step': 6, 'loss': np.float32(2 / 6).item(), 'tokens': 6}
   assert fsspec.filesystem('memory').ls(remote_workdir, detail=False) == [
-      f'/{tmp_path.name}/run/metrics.jsonl']  # No TensorBoard events, no temporary files.
+      f'/{tmp_path.name}/run/metrics.jsonl', f'/{tmp_path.name}/run/tensorboard']
+  assert len(read_events(f'{remote_workdir}/tensorboard')) == 2  # A file per writer, no temp.
 
 
 def test_remote_and_local_files_are_byte_for_byte_equal(remote_workdir, tmp_path):
@@ -294,3 +300,110 @@ def test_reference_logps_are_written_to_a_remote_workdir_and_read_back(remote_wo
                              expected, rtol=1e-5)
   for split in examples:
     np.testing.assert_array_equal(read_values[split], values[split])
+
+
+def test_tensorboard_in_a_remote_workdir_is_uploaded_and_resumes_like_a_local_one(
+    remote_workdir, tmp_path):
+  writer = MetricWriter(remote_workdir, upload_every_s=0)
+  writer.write(1, {'loss': 0.5})
+  [events] = read_events(f'{remote_workdir}/tensorboard')  # Uploaded before close().
+  assert scalars(events) == [(1, 'loss', 0.5)]
+  writer.close()
+  fsspec.filesystem('memory').rm(remote_workdir, recursive=True)
+
+  for workdir in (remote_workdir, tmp_path):  # Uploaded at the first write and at close.
+    write_steps(workdir, range(1, 7))
+    write_steps(workdir, (5, 6), start_step=4, scale=2.0)
+  remote, local = ([(scalars(events), [e.step for e in events if e.session_log.status])
+                    for events in sorted(read_events(f'{workdir}/tensorboard'), key=len)]
+                   for workdir in (remote_workdir, tmp_path))
+  assert remote == local
+  assert local[0] == ([(5, 'loss', np.float32(0.4)), (5, 'tokens', 5.0),
+                       (6, 'loss', np.float32(2 / 6)), (6, 'tokens', 6.0)],
+                      [5])  # The resumed writer hides steps 5 on.
+
+
+def test_figures_and_tables_go_to_tensorboard_and_numbers_alone_to_jsonl(tmp_path):
+  figure = reliability_diagram([0.2, 0.9, 0.6], [0, 1, 0])  # 4 × 5 inches at 100 dpi.
+  table = Table(('prompt', 'answer', 'gold'), [('2+2?', 'a | b\nc', 0.123456)])
+  assert table.markdown() == ('| prompt | answer | gold |\n| --- | --- | --- |\n'
+                              '| 2+2? | a \\| b c | 0.1235 |')
+  writer = MetricWriter(str(tmp_path))
+  writer.write(3, {'loss': 1.0, 'eval/pairs/reliability': figure, 'eval/answers': table})
+  writer.close()
+  assert read_metrics(tmp_path / 'metrics.jsonl') == [{'step': 3, 'loss': 1.0}]
+  [events] = read_events(tmp_path / 'tensorboard')
+  values = {v.tag: v for e in events for v in e.summary.value}
+  image = values['eval/pairs/reliability'].image
+  assert (image.height, image.width) == (500, 400)
+  assert image.encoded_image_string[:8] == b'\x89PNG\r\n\x1a\n'
+  [text] = values['eval/answers/text_summary'].tensor.string_val
+  assert text.decode() == table.markdown()
+  assert values['loss'].simple_value == 1.0
+
+  log_media(str(tmp_path / 'experiment'), {'plots/rl': figure})  # No metrics.jsonl there.
+  assert os.listdir(tmp_path / 'experiment') == ['tensorboard']
+  [events] = read_events(tmp_path / 'experiment' / 'tensorboard')
+  assert [(e.step, v.tag) for e in events for v in e.summary.value] == [(0, 'plots/rl')]
+
+
+def wandb_records(path) -> list:
+  """The records of a W&B run file: a 7-byte header, then LevelDB-log blocks of 32 KiB, each
+  record with a 7-byte header (crc, length, type: 1 whole, 2 first, 3 middle, 4 last part)."""
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    data = f.read()
+  assert data[:4] == b':W&B'
+  offset, parts, records = 7, b'', []
+  while offset + 7 <= len(data):
+    if 32768 - offset % 32768 < 7:  # A block's tail too short for a header is padding.
+      offset += 32768 - offset % 32768
+      continue
+    _, length, kind = struct.unpack('<IHB', data[offset:offset + 7])
+    parts += data[offset + 7:offset + 7 + length]
+    offset += 7 + length
+    if kind in (1, 4):
+      records.append(wandb_internal_pb2.Record.FromString(parts))
+      parts = b''
+  return records
+
+
+def test_wandb_offline_logs_numbers_and_tables_and_a_resumed_run_continues_it(tmp_path,
+                                                                             monkeypatch):
+  monkeypatch.setenv('WANDB_MODE', 'offline')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  options = WandbOptions('rlhf_jax-tests', {'optim': {'lr': 1e-3}})
+  table = Table(('prompt', 'answer', 'gold'), [('2+2?', '4', 1.0)])
+  writer = MetricWriter(str(tmp_path), tensorboard=False, wandb=options)
+  writer.write(1, {'loss': 0.5, 'eval/answers': table})
+  writer.write(2, {'loss': 0.25, 'eval/reliability': reliability_diagram([0.2, 0.9], [0, 1])})
+  writer.close()
+  writer = MetricWriter(str(tmp_path), start_step=2, tensorboard=False, wandb=options)
+  writer.write(3, {'loss': 0.125})
+  writer.close()
+
+  run_id = wandb_run_id(str(tmp_path))
+  assert run_id == wandb_run_id(str(tmp_path) + '/') != wandb_run_id(str(tmp_path / 'other'))
+  runs = sorted(glob.glob(str(tmp_path / 'wandb' / 'offline-run-*')))
+  assert len(runs) == 2 and all(run.endswith(f'-{run_id}') for run in runs)
+  logged = []
+  for run in runs:
+    [path] = glob.glob(os.path.join(run, '*.wandb'))
+    records = wandb_records(path)
+    [start] = [r.run for r in records if r.WhichOneof('record_type') == 'run']
+    assert (start.run_id, start.project, start.display_name) == (
+        run_id, 'rlhf_jax-tests', tmp_path.name)
+    assert {u.key: json.loads(u.value_json) for u in start.config.update}['optim'] == {
+        'lr': 1e-3}
+    logged.append([{item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                    for item in r.history.item}
+                   for r in records if r.WhichOneof('record_type') == 'history'])
+  assert [[(h['_step'], h['loss']) for h in run] for run in logged] == [
+      [(1, 0.5), (2, 0.25)], [(3, 0.125)]]
+  shown = logged[0][0]
+  assert shown['eval/answers/_type'] == 'table-file'
+  with open(os.path.join(runs[0], 'files', shown['eval/answers/path'])) as f:
+    assert json.load(f) == {'columns': ['prompt', 'answer', 'gold'], 'data': [['2+2?', '4', 1.0]]}
+  image = logged[0][1]
+  assert (image['eval/reliability/_type'], image['eval/reliability/format']) == ('image-file', 'png')
+  assert (image['eval/reliability/height'], image['eval/reliability/width']) == (500, 400)

@@ -109,8 +109,10 @@ def test_ece_rejects_bad_inputs():
 def test_reliability_diagram_writes_a_readable_png(tmp_path):
   rng = np.random.default_rng(0)
   probs = rng.uniform(size=500)
-  path = reliability_diagram(probs, rng.uniform(size=500) < probs, tmp_path / 'reliability.png',
-                             num_bins=8, title='test')
+  path = tmp_path / 'reliability.png'
+  figure = reliability_diagram(probs, rng.uniform(size=500) < probs, path, num_bins=8,
+                               title='test')
+  assert len(figure.axes) == 2 and figure.axes[0].get_title().startswith('test: ECE = 0.')
   assert path.stat().st_size > 0
   image = matplotlib.image.imread(path)
   assert image.ndim == 3 and image.shape[2] == 4

@@ -651,7 +651,7 @@ def _finite(rows):
   return rows
 
 
-def plot_curves(summary: dict, runs, path: str, *, method: str) -> str:
+def plot_curves(summary: dict, runs, path: str, *, method: str) -> Figure:
   """Writes Gao et al.'s figure 1 for one method as a PNG, one colour per proxy: each seed's gold
   curve (thin), the mean over seeds (points, its bootstrap interval shaded) and its fit
   (dashed); the mean proxy reward dotted on a twin axis.
@@ -690,10 +690,10 @@ def plot_curves(summary: dict, runs, path: str, *, method: str) -> str:
   proxy_axes.set_ylabel('proxy reward − initial')
   gold_axes.legend(title='proxy', fontsize=7)
   figure.savefig(path)
-  return path
+  return figure
 
 
-def plot_coefficients(fits, path: str, *, by: str = 'proxy_params') -> str:
+def plot_coefficients(fits, path: str, *, by: str = 'proxy_params') -> Figure:
   """Writes a PNG: α and β of each method against fits[by] (log scale), with their intervals
   where the fits have them ('interval'), each point annotated with its fit's R² (Gao et al.
   2022, figure 3)."""
@@ -725,10 +725,10 @@ def plot_coefficients(fits, path: str, *, by: str = 'proxy_params') -> str:
     ax.set(xscale='log', xlabel=by, ylabel=name, title=f'{name} against {by}')
     ax.legend()
   figure.savefig(path)
-  return path
+  return figure
 
 
-def plot_gold_against_proxy(summary: dict, path: str) -> str:
+def plot_gold_against_proxy(summary: dict, path: str) -> Figure:
   """Writes a PNG: each mean curve's gold gain against its proxy gain, best-of-n solid and RL
   dashed, one colour per proxy (Gao et al. 2022, figure 7: against the proxy reward instead of
   the KL, the two methods nearly coincide)."""
@@ -747,10 +747,10 @@ def plot_gold_against_proxy(summary: dict, path: str) -> str:
            ylabel='gold reward − initial')
   axes.legend(fontsize=7)
   figure.savefig(path)
-  return path
+  return figure
 
 
-def plot_kl_penalty(table: list[dict], runs, path: str) -> str:
+def plot_kl_penalty(table: list[dict], runs, path: str) -> Figure:
   """Writes a PNG per `kl_penalty`'s table: for each proxy, gold gain (left) and proxy gain
   (right) against d, one colour per KL coefficient, each seed thin and the mean over seeds
   with points; the pooled R_RL fit dashed on the left (Gao et al. 2022, figure 10)."""
@@ -785,4 +785,4 @@ def plot_kl_penalty(table: list[dict], runs, path: str) -> str:
     proxy_axes.set(title='proxy', xlabel='d = √KL(π ‖ π_init)', ylabel='proxy reward − initial')
     gold_axes.legend(title='KL coefficient', fontsize=7)
   figure.savefig(path)
-  return path
+  return figure

@@ -24,26 +24,53 @@ def _absolute(directory: str) -> str:
 
 
 class Checkpointer:
-  """Saves every `save_every` steps, keeps the last `keep`, restores into given shardings."""
+  """Saves every `save_every` steps, keeps the last `keep`, restores into given shardings.
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+  With `keep_every`, every `keep_every`-th step is saved too and kept for good (a run's
+  evaluation steps: the policies of a curve's points stay exportable).
+  """
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, keep_every: int = 0,
+               async_save: bool = True):
+    policies = ocp.checkpoint_managers
+    # Not orbax's default policy, which also saves the first step of a run, whatever it is.
+    save = [policies.FixedIntervalPolicy(save_every)]
+    preserve = [policies.LatestN(keep)]
+    if keep_every:
+      save.append(policies.FixedIntervalPolicy(keep_every))
+      preserve.append(policies.EveryNSteps(keep_every))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-        # Not orbax's default policy, which also saves the first step of a run, whatever it is.
-        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every))
+        enable_async_checkpointing=async_save, create=True,
+        save_decision_policy=policies.AnySavePolicy(save),
+        preservation_policy=policies.AnyPreservationPolicy(preserve))
     self._manager = ocp.CheckpointManager(_absolute(directory), options=options)
 
   @classmethod
   def for_run(cls, workdir: str, train) -> 'Checkpointer':
     """The checkpoints of a run in `<workdir>/checkpoints`, as config.train asks."""
     return cls(os.path.join(workdir, 'checkpoints'), save_every=train.checkpoint_every,
-               keep=train.keep_checkpoints, async_save=train.async_checkpoint)
+               keep=train.keep_checkpoints,
+               keep_every=train.eval_every if train.keep_eval_checkpoints else 0,
+               async_save=train.async_checkpoint)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def _existing(self, step: int | None) -> int:
+    """`step` (None: the latest) if it has a checkpoint; else an error listing those there are."""
+    steps = sorted(self._manager.all_steps())
+    if not steps:
+      raise NotFound(f'No checkpoint in {self._manager.directory}.')
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise NotFound(f'No checkpoint of step {step} in {self._manager.directory}; it has steps '
+                     f'{", ".join(map(str, steps))}.')
+    return step
+
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-    """Saves if `step % save_every == 0` or `force`; returns whether it saved.
+    """Saves if `step` is a multiple of `save_every` (or `keep_every`) or `force`; returns
+    whether it saved.
 
     state: a pytree of jax.Arrays (params, optimizer state, step; typed PRNG keys work too).
     data_state: a JSON-able dict, e.g. the data position.
@@ -62,13 +89,31 @@ class Checkpointer:
     abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding`, so every array is read
     straight into its sharded layout (each host reads only its own shards).
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise NotFound(f'No checkpoint in {self._manager.directory}.')
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=ocp.args.JsonRestore()))
+        self._existing(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, restored.data
+
+  def restore_params(self, step: int | None, abstract_params, *,
+                     within: tuple[str, ...] = ()) -> tuple[int, object]:
+    """(the step, its parameters) for `step` (None: the latest): only the train state's
+    `params` (the subtree at `within`, e.g. ('policy',)), read straight into the layout of
+    `abstract_params` (jax.ShapeDtypeStructs with `.sharding`), without the optimizer's
+    moments. What `python -m rlhf_jax.export` writes out."""
+    step = self._existing(step)
+    target = abstract_params
+    for key in reversed(('params', *within)):
+      target = {key: target}
+    # Read by a PyTree checkpointer of its own: the manager's item 'state' is bound to the
+    # StandardRestore of `restore`, which cannot read part of a tree.
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      params = checkpointer.restore(
+          self._manager.directory / str(step) / 'state', args=ocp.args.PyTreeRestore(
+              target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+    for key in ('params', *within):
+      params = params[key]
+    return step, params
 
   def restore_latest_readable(self, abstract_state) -> tuple[int, object, dict] | None:
     """(step, state, data_state) of the latest checkpoint that reads back, or None if there is

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from rlhf_jax.engine.checkpoint import Checkpointer
-from rlhf_jax.engine.metrics import MetricWriter, progress_bar, write_config
+from rlhf_jax.engine.metrics import MetricWriter, WandbOptions, progress_bar, write_config
 from rlhf_jax.engine.optimizer import make_optimizer
 from rlhf_jax.engine.state import abstract_like, init_train_state, train_state_shardings
 from rlhf_jax.engine.step import LossFn, make_train_step
@@ -70,7 +70,9 @@ class Engine:
       logging.warning('Resumed %s from step %d.', workdir, self.start)
     self.saved = self.start  # The last step with a checkpoint.
     self.signal = None  # SIGTERM or SIGINT, once received.
-    self.writer = MetricWriter(workdir, start_step=self.start, tensorboard=tc.tensorboard)
+    wandb = WandbOptions(tc.wandb_project, config.to_dict()) if tc.wandb else None
+    self.writer = MetricWriter(workdir, start_step=self.start, tensorboard=tc.tensorboard,
+                               wandb=wandb)
 
     self.frozen, frozen_shardings = algorithm.frozen or (None, None)
     self.train_step = make_train_step(algorithm.loss_fn, optimizer, graphdef,
@@ -156,7 +158,8 @@ class Engine:
         unchecked = (done, metrics)
         if done % tc.log_every == 0 or done == tc.steps:
           pending = (done, metrics)
-        if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+        evaluated = tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps)
+        if evaluated:
           check()
           flush()
           reason = algorithm.stop(self.evaluate(done))
@@ -165,7 +168,7 @@ class Engine:
             logging.warning('%s: %s after step %d; stopping.', ctx.workdir, reason, done)
         interrupted = self._interrupted(done)
         if (done % tc.checkpoint_every == 0 or done == tc.steps or self.stopped
-            or interrupted):
+            or interrupted or (evaluated and tc.keep_eval_checkpoints)):
           check()  # Never a checkpoint of a step that went non-finite.
           flush()  # A checkpoint's step must never lack its metrics line.
           self.save(done)
@@ -191,7 +194,7 @@ class Engine:
             raise  # Else the error on its way out comes first (a full disk fails both).
     if tc.export_hf:
       export_hf(*algorithm.exported(self.state.params), os.path.join(ctx.workdir, 'hf'),
-                algorithm.tokenizer)
+                algorithm.tokenizer, dtype=tc.export_dtype)
 
   def save(self, step: int) -> None:
     if step > self.saved:

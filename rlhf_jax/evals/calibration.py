@@ -59,9 +59,10 @@ def expected_calibration_error(probs, labels, *, num_bins: int = 10) -> float:
   return _ece(reliability_bins(probs, labels, num_bins=num_bins))
 
 
-def reliability_diagram(probs, labels, path, *, num_bins: int = 10, title: str | None = None):
-  """Writes a PNG to `path` (local or a URL): empirical frequency per bin against the diagonal,
-  the bin counts below."""
+def reliability_diagram(probs, labels, path=None, *, num_bins: int = 10,
+                        title: str | None = None) -> Figure:
+  """The figure of empirical frequency per bin against the diagonal, the bin counts below;
+  also written as a PNG to `path` (local or a URL) if given."""
   bins = reliability_bins(probs, labels, num_bins=num_bins)
   centers, width = (bins.edges[:-1] + bins.edges[1:]) / 2, 1.0 / num_bins
   figure = Figure(figsize=(4, 5), dpi=100, layout='constrained')
@@ -74,9 +75,10 @@ def reliability_diagram(probs, labels, path, *, num_bins: int = 10, title: str |
   top.legend(loc='upper left')
   bottom.bar(centers, bins.count, width, edgecolor='black')
   bottom.set(xlabel='predicted probability', ylabel='count')
-  with open_file(path, 'wb') as f:
-    figure.savefig(f, format='png')
-  return path
+  if path is not None:
+    with open_file(path, 'wb') as f:
+      figure.savefig(f, format='png')
+  return figure
 
 
 def _pairwise_accuracy(gaps) -> float:

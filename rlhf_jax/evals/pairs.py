@@ -2,7 +2,7 @@
 
 Every held-out pair is scored once per evaluation. Against the labels the model is judged by
 accuracy and by the calibration of σ(r_c − r_r) (ECE, and a reliability diagram written to
-`<workdir>/plots/reliability_step_<N>.png`). Where a gold reward and the labelers' model are
+`<workdir>/plots/reliability_step_<N>.png` and, as 'reliability', to TensorBoard). Where a gold reward and the labelers' model are
 known (the playground), it also reports agreement with the gold preference and the accuracy
 ceiling that the labelers' own noise allows (`bradley_terry_ceiling`).
 """
@@ -23,7 +23,8 @@ from rlhf_jax.evals.calibration import (bradley_terry_ceiling, preference_metric
 
 
 class PairEvaluation:
-  """Callable `(params, step) -> metrics` for a scalar-head model."""
+  """Callable `(params, step) -> metrics` for a scalar-head model (with the reliability
+  diagram, a matplotlib figure, on process 0 of a run with a workdir)."""
 
   def __init__(self, examples: Sequence, *, score_pairs: Callable, graphdef, seq_len: int,
                pad_id: int, mesh, rules, batch_size: int, workdir: str | None,
@@ -68,8 +69,9 @@ class PairEvaluation:
     if self.workdir is not None and jax.process_index() == 0:
       gaps = np.concatenate([r_chosen - r_rejected, r_rejected - r_chosen])
       labels = np.concatenate([np.ones(len(r_chosen)), np.zeros(len(r_chosen))])
-      reliability_diagram(1 / (1 + np.exp(-gaps)), labels,
-                          os.path.join(self.workdir, 'plots', f'reliability_step_{step}.png'),
-                          title=f'Reward model, step {step}')
+      metrics['reliability'] = reliability_diagram(
+          1 / (1 + np.exp(-gaps)), labels,
+          os.path.join(self.workdir, 'plots', f'reliability_step_{step}.png'),
+          title=f'Reward model, step {step}')
     return metrics
 

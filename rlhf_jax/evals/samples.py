@@ -4,7 +4,8 @@ The prompts go through the chat template, left-padded to `max_prompt_len`; the p
 up to `max_new_tokens` with the KV-cache sampler; the decoded answers are scored by a gold
 reward `gold_fn(prompts, responses) -> rewards`. Reported: the mean gold reward, per group (e.g.
 per playground task), mean response length and the share of answers that ended with EOS; the
-samples themselves go to `<workdir>/samples/step_<N>.jsonl`, each with its measurements.
+samples themselves go to `<workdir>/samples/step_<N>.jsonl`, each with its measurements, and
+the first `SHOWN` of them, as a table ('answers'), to TensorBoard.
 """
 
 import collections
@@ -17,10 +18,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.evals.media import Table
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.storage import open_file
 from rlhf_jax.models.scoring import sequence_kl
+
+SHOWN = 8  # Answers shown in the table of each evaluation (same prompts every time).
 
 
 class GoldRewardOfSamples:
@@ -82,6 +86,9 @@ class GoldRewardOfSamples:
       per_answer |= self._against_reference(params, samples, gold)
       metrics |= {'win_rate': per_answer['win'].mean(), 'kl': per_answer['kl'].mean()}
     self._write_samples(step, samples.responses, per_answer)
+    metrics['answers'] = Table(('prompt', 'answer', *per_answer), [
+        (prompt, response, *(float(v[i]) for v in per_answer.values()))
+        for i, (prompt, response) in enumerate(zip(self.prompts[:SHOWN], samples.responses))])
     return metrics
 
   def _against_reference(self, params, samples, gold) -> dict[str, np.ndarray]:

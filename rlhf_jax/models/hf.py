@@ -2,7 +2,8 @@
 
 Covers Llama, Mistral, Qwen2 and GPT-2 causal LMs, and their *ForSequenceClassification
 reward models (`head='scalar'`). One table, `_name_table`, pairs every HF tensor with the
-parameters it holds; loading and saving both read it. Tokenizers need nothing from here:
+parameters it holds; loading and saving both read it. A checkpoint is read from a local
+directory, a URL or a Hub id (`sources.local_dir`). Tokenizers need nothing from here:
 `transformers.AutoTokenizer.from_pretrained(local_dir)`.
 
 `transformers` is imported inside the functions that build HF configs, so importing this
@@ -24,6 +25,7 @@ from flax import nnx
 
 from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.sources import local_dir
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.storage import staged_dir
 
@@ -264,14 +266,16 @@ def _unbox(x):
 
 
 def read_hf_config(path, *, head: str = 'lm') -> ModelConfig:
-  """`ModelConfig` of the checkpoint directory at `path`."""
+  """`ModelConfig` of the checkpoint at `path` (a directory, a URL or a Hub id)."""
   import transformers
-  return config_from_hf(transformers.AutoConfig.from_pretrained(path), head=head)
+  return config_from_hf(transformers.AutoConfig.from_pretrained(local_dir(str(path))),
+                        head=head)
 
 
 def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
             compute_dtype: str | None = None, remat: bool = False) -> Transformer:
-  """Loads an HF checkpoint directory (config.json + safetensors, single or sharded).
+  """Loads an HF checkpoint (config.json + safetensors, single or sharded) from a directory,
+  a URL or a Hub id (`sources.local_dir`).
 
   Parameters are stored in `dtype`; matmuls run in `compute_dtype` (default: `dtype`), with
   activation rematerialisation if `remat`. The model is built abstractly and filled tensor by
@@ -279,7 +283,7 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
   `jax.sharding.Sharding`) each tensor goes straight to its devices.
   `head='scalar'` takes `score.weight` of a sequence classifier, or zeros if there is none.
   """
-  path = pathlib.Path(path)
+  path = pathlib.Path(local_dir(str(path)))
   param_dtype = jnp.dtype(dtype).name
   cfg = read_hf_config(path, head=head).replace(
       param_dtype=param_dtype, dtype=compute_dtype or param_dtype, remat=remat)
@@ -312,20 +316,48 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
   return nnx.merge(graphdef, state)
 
 
-def save_hf(model: Transformer, path, **config_fields):
-  """Writes config.json and model.safetensors that transformers' `from_pretrained` loads.
+def save_hf(model: Transformer, path, *, dtype=None, max_shard_size: int | str = '5GB',
+            **config_fields):
+  """Writes config.json and the safetensors weights that transformers' `from_pretrained` loads.
 
-  `config_fields` go to the transformers config (e.g. `eos_token_id`, `pad_token_id`).
+  The weights are stored in `dtype` (default: the model's param_dtype), which the config names
+  too; over `max_shard_size` (bytes, or '500MB', '5GB') they are split into shards with an
+  index (`_write_weights`). `config_fields` go to the transformers config (e.g.
+  `eos_token_id`, `pad_token_id`).
   """
   path = pathlib.Path(path)
-  hf_config = hf_config_from(model.cfg, **config_fields)
+  dtype = jnp.dtype(dtype or model.cfg.param_dtype)
+  hf_config = hf_config_from(model.cfg.replace(param_dtype=dtype.name), **config_fields)
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  tensors = {name: np.ascontiguousarray(_to_hf([np.asarray(params[p][...]) for p in paths],
-                                               layout))
-             for name, paths, layout in _name_table(model.cfg)}
+  tensors = {}
+  for name, paths, layout in _name_table(model.cfg):
+    tensor = _to_hf([np.asarray(params[p][...]) for p in paths], layout)
+    tensors[name] = np.ascontiguousarray(tensor.astype(dtype, copy=False))
   path.mkdir(parents=True, exist_ok=True)
   hf_config.save_pretrained(path)
-  safetensors.numpy.save_file(tensors, path / 'model.safetensors', metadata={'format': 'pt'})
+  _write_weights(tensors, path, max_shard_size)
+
+
+def _write_weights(tensors: dict[str, np.ndarray], path: pathlib.Path,
+                   max_shard_size: int | str = '5GB') -> None:
+  """`tensors` as transformers' `save_pretrained` writes them: model.safetensors, or, over
+  `max_shard_size`, model-00001-of-0000N.safetensors files (filled in order, a tensor larger
+  than the limit alone in its file) and model.safetensors.index.json mapping each tensor to
+  its file."""
+  from huggingface_hub.serialization import split_state_dict_into_shards_factory
+  try:
+    split = split_state_dict_into_shards_factory(
+        tensors, get_storage_size=lambda tensor: tensor.nbytes,
+        filename_pattern='model{suffix}.safetensors', max_shard_size=max_shard_size)
+  except ValueError as error:
+    raise InputError(f'max_shard_size={max_shard_size!r}: {error}') from error
+  for file, names in split.filename_to_tensors.items():
+    safetensors.numpy.save_file({name: tensors[name] for name in names}, path / file,
+                                metadata={'format': 'pt'})
+  if split.is_sharded:
+    index = {'metadata': split.metadata, 'weight_map': dict(sorted(
+        split.tensor_to_filename.items()))}
+    (path / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2) + '\n')
 
 
 def save_first_layers(path, out_path, n_layers: int) -> None:
@@ -335,7 +367,7 @@ def save_first_layers(path, out_path, n_layers: int) -> None:
   one pretraining, e.g. reward models of several sizes (Gao et al. 2022 §3.2 on a budget). The
   output appears whole or not at all (`storage.staged_dir`)."""
   import transformers
-  path = pathlib.Path(path)
+  path = pathlib.Path(local_dir(str(path)))
   hf_config = transformers.AutoConfig.from_pretrained(path)
   classifier = any(a.endswith('ForSequenceClassification')
                    for a in hf_config.architectures or ())
@@ -353,9 +385,8 @@ def save_first_layers(path, out_path, n_layers: int) -> None:
                if name in locations}
   with staged_dir(str(out_path)) as staged:
     hf_config.save_pretrained(staged)
-    safetensors.numpy.save_file(tensors, pathlib.Path(staged) / 'model.safetensors',
-                                metadata={'format': 'pt'})
-    for file in path.iterdir():
-      if file.is_file() and file.name != 'config.json' and not file.name.startswith(
-          'model.safetensors'):
+    _write_weights(tensors, pathlib.Path(staged))
+    for file in path.iterdir():  # Not the source's weights (its shards too) nor its config.
+      if (file.is_file() and file.suffix != '.safetensors'
+          and file.name not in ('config.json', 'model.safetensors.index.json')):
         shutil.copy2(file, staged)

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from rlhf_jax import parallel
+from rlhf_jax import parallel, storage
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.hf import load_hf, read_hf_config, save_hf
+from rlhf_jax.models.sources import local_dir
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.storage import staged_dir
 
 
 class LoadedModel(NamedTuple):
@@ -39,8 +39,10 @@ def build_model(cfg: ModelConfig, mesh, rules, *, seed: int) -> LoadedModel:
 
 
 def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedModel:
-  """The HF checkpoint at `path` with a `head` head ('lm' or 'scalar'), each host reading only
-  its shards. `numerics` (a config.model) sets dtype, param_dtype and remat; None: float32."""
+  """The HF checkpoint at `path` (a directory, a URL or a Hub id) with a `head` head ('lm' or
+  'scalar'), each host reading only its shards. `numerics` (a config.model) sets dtype,
+  param_dtype and remat; None: float32."""
+  path = local_dir(path)
   cfg = read_hf_config(path, head=head)
   abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   shardings = parallel.state_shardings(abstract_state, mesh, rules)
@@ -53,21 +55,24 @@ def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedMod
 
 
 def is_export(path: str) -> bool:
-  """Whether `path` holds a whole local HF checkpoint: config.json and every weights file it
-  lists (model.safetensors, or each shard of model.safetensors.index.json)."""
-  if not os.path.isfile(os.path.join(path, 'config.json')):
+  """Whether `path` (a local directory or a URL) holds a whole HF checkpoint: config.json and
+  every weights file it lists (model.safetensors, or each shard of
+  model.safetensors.index.json)."""
+  if not storage.exists(os.path.join(path, 'config.json')):
     return False
   index = os.path.join(path, 'model.safetensors.index.json')
-  if os.path.isfile(index):
-    with open(index) as f:
+  if storage.exists(index):
+    with storage.open_file(index) as f:
       shards = set(json.load(f)['weight_map'].values())
   else:
     shards = {'model.safetensors'}
-  return all(os.path.isfile(os.path.join(path, shard)) for shard in shards)
+  return all(storage.exists(os.path.join(path, shard)) for shard in shards)
 
 
-def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
-  """The model (and its tokenizer) as a Hugging Face checkpoint directory.
+def export_hf(graphdef, params, path: str, tokenizer=None, *, dtype=None,
+              max_shard_size: int | str = '5GB') -> None:
+  """The model (and its tokenizer) as a Hugging Face checkpoint directory, its weights in
+  `dtype` (default: the parameters') and sharded over `max_shard_size` (`save_hf`).
 
   The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
   parameters are gathered to every host (save_hf writes from one host's memory). It is written
@@ -80,8 +85,9 @@ def export_hf(graphdef, params, path: str, tokenizer=None) -> None:
     token_ids = {}
     if tokenizer is not None:
       token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    with staged_dir(path) as local_path:
-      save_hf(nnx.merge(graphdef, params), local_path, **token_ids)
+    with storage.staged_dir(path) as local_path:
+      save_hf(nnx.merge(graphdef, params), local_path, dtype=dtype,
+              max_shard_size=max_shard_size, **token_ids)
       if tokenizer is not None:
         tokenizer.save_pretrained(local_path)
   parallel.barrier(f'export_hf {path}')
