@@ -12,6 +12,8 @@ import jax.numpy as jnp
 
 from rlhf_jax.errors import InputError
 
+ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'auto')
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -46,8 +48,13 @@ class ModelConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: bool = False  # Recompute each block's activations in the backward pass.
+  # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores.
+  attention: Literal['dense', 'chunked', 'auto'] = 'dense'
 
   def __post_init__(self):
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise InputError(f'config.model.attention={self.attention!r}; choose one of '
+                       f'{ATTENTION_IMPLEMENTATIONS}.')
     if self.n_heads % self.n_kv_heads:
       raise InputError(
           f'n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}.')

@@ -133,7 +133,7 @@ def hf_config_from(cfg: ModelConfig, **fields):
       architectures=[lm_class if cfg.head == 'lm' else classifier_class],
       dtype=jnp.dtype(cfg.param_dtype).name, **fields)
   # The HF config must describe the same architecture, or `cfg` has no HF equivalent.
-  numerics = dict(dtype='float32', param_dtype='float32', remat=False)
+  numerics = dict(dtype='float32', param_dtype='float32', remat=False, attention='dense')
   canonical = lambda c: c.replace(head_dim=c.resolved_head_dim, **numerics)
   if canonical(config_from_hf(hf_config, head=cfg.head)) != canonical(cfg):
     raise InputError(f'{cfg} has no {config_class} equivalent.')
@@ -273,20 +273,22 @@ def read_hf_config(path, *, head: str = 'lm') -> ModelConfig:
 
 
 def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
-            compute_dtype: str | None = None, remat: bool = False) -> Transformer:
+            compute_dtype: str | None = None, remat: bool = False,
+            attention: str = 'dense') -> Transformer:
   """Loads an HF checkpoint (config.json + safetensors, single or sharded) from a directory,
   a URL or a Hub id (`sources.local_dir`).
 
   Parameters are stored in `dtype`; matmuls run in `compute_dtype` (default: `dtype`), with
-  activation rematerialisation if `remat`. The model is built abstractly and filled tensor by
-  tensor; with `shardings` (a pytree shaped like `nnx.state(model)` of
-  `jax.sharding.Sharding`) each tensor goes straight to its devices.
+  activation rematerialisation if `remat`, attention as `attention` says. The model is built
+  abstractly and filled tensor by tensor; with `shardings` (a pytree shaped like
+  `nnx.state(model)` of `jax.sharding.Sharding`) each tensor goes straight to its devices.
   `head='scalar'` takes `score.weight` of a sequence classifier, or zeros if there is none.
   """
   path = pathlib.Path(local_dir(str(path)))
   param_dtype = jnp.dtype(dtype).name
   cfg = read_hf_config(path, head=head).replace(
-      param_dtype=param_dtype, dtype=compute_dtype or param_dtype, remat=remat)
+      param_dtype=param_dtype, dtype=compute_dtype or param_dtype, remat=remat,
+      attention=attention)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   variables = dict(nnx.to_flat_state(abstract))
   placements = ({} if shardings is None else

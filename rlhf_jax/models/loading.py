@@ -41,7 +41,7 @@ def build_model(cfg: ModelConfig, mesh, rules, *, seed: int) -> LoadedModel:
 def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedModel:
   """The HF checkpoint at `path` (a directory, a URL or a Hub id) with a `head` head ('lm' or
   'scalar'), each host reading only its shards. `numerics` (a config.model) sets dtype,
-  param_dtype and remat; None: float32."""
+  param_dtype, remat and attention; None: float32, dense attention."""
   path = local_dir(path)
   cfg = read_hf_config(path, head=head)
   abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -49,7 +49,7 @@ def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedMod
   options = {}
   if numerics is not None:
     options = dict(dtype=numerics.param_dtype, compute_dtype=numerics.dtype,
-                   remat=numerics.remat)
+                   remat=numerics.remat, attention=numerics.attention)
   graphdef, params = nnx.split(load_hf(path, head=head, shardings=shardings, **options))
   return LoadedModel(graphdef, params, shardings)
 

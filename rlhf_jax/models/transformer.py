@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.errors import InputError
+from rlhf_jax.models.attention import AttentionMask, attend
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import (Dense, Norm, apply_rope, make_attention_mask, param,
-                                    positions_from_mask, rope_inverse_frequencies)
+from rlhf_jax.models.layers import (Dense, Norm, apply_rope, param, positions_from_mask,
+                                    rope_inverse_frequencies)
 
 
 @flax.struct.dataclass
@@ -61,7 +62,8 @@ class Attention(nnx.Module):
                    rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, kv_cache=None, cache_end=None):
+  def __call__(self, x_BxTxD, positions_BxT, mask: AttentionMask, kv_cache=None,
+               cache_end=None):
     b, t, _ = x_BxTxD.shape
     q = self.q(x_BxTxD).reshape(b, t, self.n_heads, self.head_dim)
     k = self.k(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -76,8 +78,8 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
       v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
       kv_cache = (k, v)
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
-                                       mask=mask_Bx1xTxS)
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                 implementation=self.cfg.attention)
     return self.o(out.reshape(b, t, -1)), kv_cache
 
 
@@ -148,15 +150,14 @@ class Transformer(nnx.Module):
       if cache is not None:
         positions += cache.key_valid_BxS.sum(-1, dtype=jnp.int32)[:, None]
     if cache is None:
-      mask = make_attention_mask(positions, positions, attention_mask,
-                            query_segment_BxT=segment_ids, key_segment_BxS=segment_ids,
-                            sliding_window=cfg.sliding_window)
+      mask = AttentionMask(positions, positions, attention_mask, query_segments_BxT=segment_ids,
+                           key_segments_BxS=segment_ids, sliding_window=cfg.sliding_window)
     else:
       if segment_ids is not None:
         raise InputError('segment_ids (packing) cannot be combined with a KV cache.')
       cache = cache.write(positions, attention_mask)
-      mask = make_attention_mask(positions, cache.key_positions_BxS, cache.key_valid_BxS,
-                            sliding_window=cfg.sliding_window)
+      mask = AttentionMask(positions, cache.key_positions_BxS, cache.key_valid_BxS,
+                           sliding_window=cfg.sliding_window)
 
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
     if self.pos_embed is not None:

@@ -1,0 +1,210 @@
+"""Attention behind `config.model.attention`; every implementation computes
+
+    out_t = Σ_s softmax_s(q_t·k_s / √Dh) v_s      over the keys s that query t may attend.
+
+- 'dense': `jax.nn.dot_product_attention` with a boolean [B, 1, T, S] mask.
+- 'chunked': FlashAttention's tiling in plain JAX (Dao et al. 2022): queries in blocks, keys and
+  values in blocks, an online softmax across key blocks (Milakov & Gimelshein 2018) and a
+  backward pass that recomputes each block's probabilities from the saved row maxima and
+  denominators. At most one [B, H, q_block, kv_block] block of scores exists at a time, forward
+  or backward; its mask is built from positions, validity and segments, never cut from a
+  [T, S] mask.
+- 'auto': the implementation for the backend: 'dense' everywhere for now; this is where TPU
+  splash attention and GPU cuDNN flash attention go.
+
+A query that may attend no key (a row of padding) gets the mean of all values from both: its
+masked scores are dense attention's large negative number, not −∞. Finite, and unused.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.layers import make_attention_mask
+
+# jax.nn.dot_product_attention's score for a masked key: −0.7 · float32 max.
+_MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@flax.struct.dataclass
+class AttentionMask:
+  """Who may attend whom, kept per position: query t sees key s when `make_attention_mask`
+  says so (causal by position, real key, same segment, within the sliding window)."""
+  query_positions_BxT: jax.Array
+  key_positions_BxS: jax.Array
+  key_valid_BxS: jax.Array
+  query_segments_BxT: jax.Array | None = None
+  key_segments_BxS: jax.Array | None = None
+  sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)
+
+  def dense(self) -> jax.Array:
+    """Boolean [B, 1, T, S]."""
+    return make_attention_mask(self.query_positions_BxT, self.key_positions_BxS,
+                               self.key_valid_BxS, query_segment_BxT=self.query_segments_BxT,
+                               key_segment_BxS=self.key_segments_BxS,
+                               sliding_window=self.sliding_window)
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
+           implementation: str) -> jax.Array:
+  """[B, T, N, H] attention output; N query heads share each of the K key/value heads."""
+  if implementation == 'auto':  # Dense on every backend for now: see the module's docstring.
+    implementation = 'dense'
+  if implementation == 'chunked':
+    return chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask.dense())
+
+
+class _QueryBlocks(NamedTuple):
+  positions: jax.Array  # [T / q_block, B, q_block].
+  segments: jax.Array | None
+
+
+class _KeyBlocks(NamedTuple):
+  positions: jax.Array  # [S / kv_block, B, kv_block].
+  valid: jax.Array
+  segments: jax.Array | None
+  in_range: jax.Array  # False for the keys added to fill the last block.
+
+
+def chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
+                      q_block: int = 512, kv_block: int = 512) -> jax.Array:
+  """Dense attention's output [B, T, N, H], one [B, N, q_block, kv_block] block of scores at a
+  time.
+
+  Blocks are clipped to T and S, which need not be multiples of them: the last blocks are
+  filled with queries whose outputs are dropped and keys no query attends. Grouped-query heads
+  share keys and values without copies: the N = K·G query heads are reshaped into K groups of G.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  kv_heads = k_BxSxKxH.shape[2]
+  q_block, kv_block = min(q_block, t), min(kv_block, k_BxSxKxH.shape[1])
+  query_blocks = functools.partial(_blocks, block=q_block)
+  key_blocks = functools.partial(_blocks, block=kv_block)
+  queries = _QueryBlocks(query_blocks(mask.query_positions_BxT),
+                         query_blocks(mask.query_segments_BxT))
+  keys = _KeyBlocks(key_blocks(mask.key_positions_BxS), key_blocks(mask.key_valid_BxS),
+                    key_blocks(mask.key_segments_BxS),
+                    key_blocks(jnp.ones(mask.key_valid_BxS.shape, jnp.bool_)))
+  q_blocks = query_blocks(q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h))
+  out_blocks = _flash_attention(mask.sliding_window, q_blocks, key_blocks(k_BxSxKxH),
+                                key_blocks(v_BxSxKxH), queries, keys)
+  return jnp.moveaxis(out_blocks, 0, 1).reshape(b, -1, n, h)[:, :t]
+
+
+def _blocks(x_BxL, *, block: int):
+  """[B, L, ...] → [⌈L / block⌉, B, block, ...], the last block filled with zeros (False)."""
+  if x_BxL is None:
+    return None
+  fill = -x_BxL.shape[1] % block
+  x = jnp.pad(x_BxL, [(0, 0), (0, fill)] + [(0, 0)] * (x_BxL.ndim - 2))
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
+
+
+def _block_scores(q_BxQxKxGxH, k_BxCxKxH, queries, keys, sliding_window):
+  """Scores q·k / √H [B, K, G, Q, C] in float32 (masked: `_MASKED_SCORE`) and the mask."""
+  scores = jnp.einsum('bqkgh,bckh->bkgqc', q_BxQxKxGxH, k_BxCxKxH,
+                      preferred_element_type=jnp.float32)
+  scores *= 1 / math.sqrt(q_BxQxKxGxH.shape[-1])
+  may_attend = make_attention_mask(queries.positions, keys.positions, keys.valid,
+                                   query_segment_BxT=queries.segments,
+                                   key_segment_BxS=keys.segments,
+                                   sliding_window=sliding_window)[:, :, None]
+  return jnp.where(may_attend, scores, _MASKED_SCORE), may_attend
+
+
+def _probabilities(scores, keys, row_max):
+  """exp(score − row max), 0 for the keys that only fill the last block."""
+  return jnp.where(keys.in_range[:, None, None, None], jnp.exp(scores - row_max[..., None]), 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_attention(sliding_window, q_blocks, k_blocks, v_blocks, queries, keys):
+  """Output blocks [T / q_block, B, q_block, K, G, H] of blocked queries, keys and values."""
+  return _flash_forward(sliding_window, q_blocks, k_blocks, v_blocks, queries, keys)[0]
+
+
+def _flash_forward(sliding_window, q_blocks, k_blocks, v_blocks, queries, keys):
+  """For each query block, an online softmax over the key blocks (Milakov & Gimelshein 2018):
+
+      m' = max(m, max_c s_c),  l' = l·e^(m − m') + Σ_c e^(s_c − m'),
+      acc' = acc·e^(m − m') + Σ_c e^(s_c − m') v_c,   out = acc / l.
+
+  Returns the output blocks and each row's final m and l (the backward pass's statistics).
+  """
+  def one_query_block(q_and_queries):
+    q, query = q_and_queries
+    b, q_len, kv_heads, groups, h = q.shape
+
+    def one_key_block(carry, key_block):
+      row_max, denominator, acc = carry
+      k, v, key = key_block
+      scores, _ = _block_scores(q, k, query, key, sliding_window)
+      new_max = jnp.maximum(row_max, scores.max(-1))
+      probs = _probabilities(scores, key, new_max)
+      rescale = jnp.exp(row_max - new_max)
+      denominator = denominator * rescale + probs.sum(-1)
+      acc = acc * rescale[..., None] + jnp.einsum(
+          'bkgqc,bckh->bkgqh', probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+      return (new_max, denominator, acc), None
+
+    stats_shape = (b, kv_heads, groups, q_len)
+    init = (jnp.full(stats_shape, _MASKED_SCORE, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(stats_shape + (h,), jnp.float32))
+    (row_max, denominator, acc), _ = jax.lax.scan(one_key_block, init,
+                                                  (k_blocks, v_blocks, keys))
+    out = jnp.einsum('bkgqh->bqkgh', acc / denominator[..., None]).astype(q.dtype)
+    return out, row_max, denominator
+
+  return jax.lax.map(one_query_block, (q_blocks, queries))
+
+
+def _flash_attention_fwd(sliding_window, q_blocks, k_blocks, v_blocks, queries, keys):
+  out, row_max, denominator = _flash_forward(sliding_window, q_blocks, k_blocks, v_blocks,
+                                             queries, keys)
+  return out, (q_blocks, k_blocks, v_blocks, queries, keys, out, row_max, denominator)
+
+
+def _flash_attention_bwd(sliding_window, residuals, dout_blocks):
+  """FlashAttention-2's backward pass (Dao 2023), block by block, with P recomputed:
+
+      P = e^(s − m) / l,  dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − rowsum(dO ∘ O)),
+      dQ = dS K / √H,  dK = dSᵀ Q / √H   (dS = 0 where the mask forbids).
+  """
+  q_blocks, k_blocks, v_blocks, queries, keys, out_blocks, max_blocks, denom_blocks = residuals
+  scale = 1 / math.sqrt(q_blocks.shape[-1])
+
+  def one_query_block(dk_dv_blocks, query_block):
+    q, query, out, dout, row_max, denominator = query_block
+    dout_dot_out = jnp.einsum('bqkgh,bqkgh->bkgq', dout, out,
+                              preferred_element_type=jnp.float32)
+
+    def one_key_block(dq, key_block):
+      k, v, key, dk, dv = key_block
+      scores, may_attend = _block_scores(q, k, query, key, sliding_window)
+      probs = _probabilities(scores, key, row_max) / denominator[..., None]
+      dv = dv + jnp.einsum('bkgqc,bqkgh->bckh', probs, dout,
+                           preferred_element_type=jnp.float32)
+      dprobs = jnp.einsum('bqkgh,bckh->bkgqc', dout, v, preferred_element_type=jnp.float32)
+      dscores = jnp.where(may_attend, probs * (dprobs - dout_dot_out[..., None]), 0) * scale
+      dq = dq + jnp.einsum('bkgqc,bckh->bqkgh', dscores, k, preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum('bkgqc,bqkgh->bckh', dscores, q, preferred_element_type=jnp.float32)
+      return dq, (dk, dv)
+
+    dq, dk_dv_blocks = jax.lax.scan(one_key_block, jnp.zeros(q.shape, jnp.float32),
+                                    (k_blocks, v_blocks, keys, *dk_dv_blocks))
+    return dk_dv_blocks, dq
+
+  zeros = jnp.zeros(k_blocks.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(
+      one_query_block, (zeros, zeros),
+      (q_blocks, queries, out_blocks, dout_blocks, max_blocks, denom_blocks))
+  return (dq.astype(q_blocks.dtype), dk.astype(k_blocks.dtype), dv.astype(v_blocks.dtype),
+          None, None)
+
+
+_flash_attention.defvjp(_flash_attention_fwd, _flash_attention_bwd)

@@ -1,0 +1,156 @@
+"""Every attention implementation equals 'dense', forward and backward, on padded, packed and
+sliding-window batches; 'chunked' never holds a [T, S] block of scores."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from rlhf_jax.config import configs_dir, to_model_config
+from rlhf_jax.errors import InputError
+from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.models.attention import AttentionMask, attend, chunked_attention
+from rlhf_jax.models.layers import positions_from_mask
+
+TOL = 1e-5
+BATCH, LENGTH, HEADS, HEAD_DIM = 3, 37, 4, 8
+
+
+def left_padding():
+  """Rows with 5, 0 and all 37 tokens of padding (the last attends no key)."""
+  valid = np.arange(LENGTH) >= np.array([[5], [0], [LENGTH]])
+  positions = positions_from_mask(jnp.asarray(valid))
+  return AttentionMask(positions, positions, jnp.asarray(valid))
+
+
+def right_padding(sliding_window=None):
+  valid = jnp.asarray(np.arange(LENGTH) < np.array([[30], [LENGTH], [12]]))
+  positions = positions_from_mask(valid)
+  return AttentionMask(positions, positions, valid, sliding_window=sliding_window)
+
+
+def packed():
+  """Segments of 12, 15 and 7 tokens in every row, then 3 of padding (segment 0)."""
+  lengths = (12, 15, 7)
+  segments_T = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [[0] * 3])
+  positions_T = np.concatenate([np.arange(n) for n in lengths] + [[0] * 3])
+  segments = jnp.asarray(np.broadcast_to(segments_T, (BATCH, LENGTH)))
+  positions = jnp.asarray(np.broadcast_to(positions_T, (BATCH, LENGTH)))
+  return AttentionMask(positions, positions, segments > 0, query_segments_BxT=segments,
+                       key_segments_BxS=segments)
+
+
+CASES = {  # name: (mask, key/value heads, q_block, kv_block)
+    'left_padding': (left_padding, 2, 8, 8),
+    'right_padding': (right_padding, 2, 8, 16),
+    'packed': (packed, 2, 16, 8),
+    'sliding_window': (lambda: right_padding(sliding_window=5), 2, 8, 8),
+    'multi_head_one_block': (left_padding, HEADS, 512, 512),
+    'multi_query_odd_blocks': (packed, 1, 5, 7),
+}
+
+
+def qkv(kv_heads, length=LENGTH, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM):
+  rng = np.random.default_rng(0)
+  draw = lambda n: jnp.asarray(rng.standard_normal((batch, length, n, head_dim)), jnp.float32)
+  return draw(heads), draw(kv_heads), draw(kv_heads)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_chunked_equals_dense_with_its_gradients(case):
+  make_mask, kv_heads, q_block, kv_block = CASES[case]
+  mask, (q, k, v) = make_mask(), qkv(kv_heads)
+  dense = lambda q, k, v: attend(q, k, v, mask, implementation='dense')
+  chunked = lambda q, k, v: chunked_attention(q, k, v, mask, q_block=q_block,
+                                              kv_block=kv_block)
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+  results = {}
+  for name, fn in {'dense': dense, 'chunked': chunked}.items():
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    results[name] = (out, *vjp(cotangent))
+  for expected, got in zip(results['dense'], results['chunked']):
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+def test_chunked_never_holds_a_length_by_length_block_of_scores():
+  """Backward pass included: dense attention's temporaries hold the [B, N, T, S] float32 scores;
+  chunked's stay under one byte per (query, key) pair, so not even a boolean [T, S] mask."""
+  length, heads, block = 4096, 2, 256
+  q, k, v = qkv(1, length=length, batch=1, heads=heads, head_dim=16)
+  valid = jnp.ones((1, length), jnp.bool_)
+  positions = positions_from_mask(valid)
+
+  def temp_bytes(attention_fn):
+    def loss(q, k, v, positions, valid):
+      return jnp.sum(attention_fn(q, k, v, AttentionMask(positions, positions, valid)) ** 2)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    compiled = grads.lower(q, k, v, positions, valid).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  dense = functools.partial(attend, implementation='dense')
+  chunked = functools.partial(chunked_attention, q_block=block, kv_block=block)
+  assert temp_bytes(dense) > heads * length * length * 4
+  assert temp_bytes(chunked) < length * length
+
+
+def test_transformer_logits_and_gradients_equal_dense_on_a_padded_batch():
+  """Longer than one default block (512): two query and two key blocks per row."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+  length = 600
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, 64, size=(2, length)))
+  mask = jnp.asarray(np.arange(length) >= np.array([[0], [77]]))
+
+  def logits_and_grads(attention):
+    graphdef, params = nnx.split(Transformer(cfg.replace(attention=attention),
+                                             rngs=nnx.Rngs(0)))
+    def loss(params):
+      logits = nnx.merge(graphdef, params)(tokens, attention_mask=mask)
+      return jnp.sum(jnp.where(mask[..., None], logits, 0) ** 2), logits
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  dense_grads, dense_logits = logits_and_grads('dense')
+  grads, logits = logits_and_grads('chunked')
+  np.testing.assert_allclose(logits, dense_logits, atol=TOL, rtol=0)
+  for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads)):
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
+
+
+def test_kv_cache_prefill_and_decode_equal_dense():
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                    sliding_window=4)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 64, size=(2, 7)))
+  mask = jnp.asarray(np.arange(7) >= np.array([[0], [3]]))
+
+  @nnx.jit(static_argnums=0)
+  def prefill_and_decode(attention):
+    model = Transformer(cfg.replace(attention=attention), rngs=nnx.Rngs(0))
+    prefill, cache = model.step(tokens[:, :6], model.init_cache(2, 9), attention_mask=mask[:, :6])
+    decode, _ = model.step(tokens[:, 6:], cache, attention_mask=mask[:, 6:])
+    return prefill, decode
+
+  for got, expected in zip(prefill_and_decode('chunked'), prefill_and_decode('dense')):
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+def model_config_from_command_line(*overrides):
+  """config.model of `python -m rlhf_jax.main --config=configs/sft.py:tiny <overrides>`."""
+  argv = ['main', f'--config={configs_dir() / "sft.py"}:tiny', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  flag_values(argv)
+  return to_model_config(flag_values.config.model)
+
+
+def test_the_command_line_sets_attention_and_a_bad_value_names_the_key():
+  assert model_config_from_command_line().attention == 'dense'
+  assert model_config_from_command_line('--config.model.attention=chunked').attention == 'chunked'
+  with pytest.raises(InputError, match=r"config\.model\.attention='flash'; choose one of"):
+    model_config_from_command_line('--config.model.attention=flash')
