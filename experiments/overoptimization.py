@@ -55,6 +55,7 @@ from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import load_config, model_config_dict, reward_model_paths
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.metrics import log_media, read_metrics
+from rlhf_jax.engine.progress import RunsProgress
 from rlhf_jax.evals import best_of_n, bon_kl
 from rlhf_jax.models import save_first_layers
 from rlhf_jax.models.loading import is_export
@@ -75,7 +76,8 @@ def run_stage(config, workdir: str) -> str:
 
 def run_stages(stages: list[tuple], workers: int) -> None:
   """Trains each unfinished (config, workdir); with workers > 1, that many at once, each in a
-  process of its own (without progress bars, which would overwrite one another).
+  process of its own, without its progress bar (they would overwrite one another): one bar
+  counts the steps of all of them instead, read from their metrics.jsonl.
 
   On a CPU one run leaves cores idle (on this 2-core machine 1.7 of 2 are busy), so two at once
   finish sooner; a process computes exactly what the run computes alone. On an accelerator,
@@ -99,10 +101,15 @@ def run_stages(stages: list[tuple], workers: int) -> None:
     config = config.copy_and_resolve_references()
     config.train.progress_bar = False
     quiet.append((config, workdir))
-  with futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:
+  progress = RunsProgress([(workdir, config.train.steps) for config, workdir in todo],
+                          enabled=any(config.train.progress_bar for config, _ in todo),
+                          desc='stages')
+  with progress, futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context('spawn')) as pool:
     running = {pool.submit(algorithms.run, *stage): stage[1] for stage in quiet}
     for future in futures.as_completed(running):
       future.result()  # A failed stage raises its error here.
+      progress.done(running[future])
       logging.warning('%s: done %.0f s after the %d started', running[future],
                       time.perf_counter() - start, len(todo))
 

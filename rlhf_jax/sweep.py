@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from rlhf_jax.errors import InputError
 from rlhf_jax.storage import replace_file
 from rlhf_jax.engine.metrics import read_metrics
+from rlhf_jax.engine.progress import RunsProgress
 
 RANDOM_SPECS = ('choice', 'uniform', 'log_uniform', 'int')  # int: [lo, hi], both included.
 MARKER = 'sweep_point.json'
@@ -159,6 +160,11 @@ def point_flags(point: Point, *, config_file: str, overrides: Mapping) -> list[s
   return [f'--config={config_file}', *(f'--config.{k}={flag_value(v)}' for k, v in values.items())]
 
 
+def point_steps(point: Point, config, overrides: Mapping) -> int:
+  """The steps `point` trains for (its config.train.steps), for the sweep's progress bar."""
+  return int({**overrides, **point.values}.get('train.steps', config.train.steps))
+
+
 def final_metrics(records: list[dict]) -> dict:
   """The last value of every metric key (and the last step) of metrics.jsonl records."""
   return {key: value for record in records for key, value in record.items()}
@@ -234,14 +240,16 @@ def run_sweep(config, *, config_file: str, workdir: str, overrides: Mapping | No
   overrides = {key: value for key, value in (overrides or {}).items()
                if key.split('.')[0] != 'sweep'}
   print(f'sweep: {len(points)} points in {workdir}/points, {workers} at a time', flush=True)
-  todo = []
+  todo, steps, finished = [], [], []
   for i, point in enumerate(points, 1):
     point_dir = os.path.join(workdir, 'points', point.name)
     label = f'[{i}/{len(points)}] {point.name}'
     args = point_flags(point, config_file=config_file, overrides=overrides)
+    steps.append((point_dir, point_steps(point, config, overrides)))
     marker = _read_marker(point_dir)
     if marker is not None and marker['flags'] == args:
       print(f'{label}: skipped (finished)')
+      finished.append(point_dir)
       continue
     os.makedirs(point_dir, exist_ok=True)
     todo.append((point, point_dir, args, label))
@@ -249,14 +257,19 @@ def run_sweep(config, *, config_file: str, workdir: str, overrides: Mapping | No
 
   failures = []
   pool = futures.ThreadPoolExecutor(workers)
-  try:
-    running = {pool.submit(_run_point, *job): job[0].name for job in todo}
-    for future in futures.as_completed(running):
-      if not future.result():
-        failures.append(running[future])
-      write_results(points, workdir)
-  finally:
-    pool.shutdown(cancel_futures=True)  # On Ctrl-C, start no more points.
+  # One bar over all points: the steps in their metrics.jsonl (the points' own bars are in
+  # their logs), the finished ones whole.
+  with RunsProgress(steps, done=finished, desc='sweep') as progress:
+    try:
+      running = {pool.submit(_run_point, *job): job for job in todo}
+      for future in futures.as_completed(running):
+        point, point_dir = running[future][:2]
+        progress.done(point_dir)
+        if not future.result():
+          failures.append(point.name)
+        write_results(points, workdir)
+    finally:
+      pool.shutdown(cancel_futures=True)  # On Ctrl-C, start no more points.
 
   rows, columns = write_results(points, workdir)
   print(format_table(rows, columns))

@@ -11,13 +11,16 @@ import importlib.util
 import json
 import pathlib
 import shutil
+import types
+from concurrent import futures
 
 import numpy as np
 import pytest
 import safetensors
 
 from rlhf_jax.analysis import overoptimization
-from rlhf_jax.config import load_config
+from rlhf_jax.config import base_config, load_config
+from rlhf_jax.engine.progress import RunsProgress
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO_MODEL = {'model.n_layers': 2, 'model.d_model': 32, 'model.n_heads': 2,
@@ -69,6 +72,38 @@ def test_proxy_specs_name_data_steps_and_epochs():
   members = load_config('overoptimization.py:ensembles').proxies
   assert [(s['proxy'], s['proxy_seed']) for s in load_experiment().proxy_specs(members, 32)] == [
       (f'policy-2000-seed{seed}', seed) for seed in (1, 2, 3, 4, 5)]
+
+
+def test_stages_side_by_side_have_one_bar_over_their_steps(tmp_path, monkeypatch):
+  experiment = load_experiment()
+
+  def stage(steps):
+    config = base_config()
+    config.train.steps = steps
+    return config
+
+  def run(config, workdir):
+    """Stops one step short (a stop rule), without its own bar."""
+    assert not config.train.progress_bar
+    records = ''.join(f'{{"step": {s}}}\n' for s in range(1, config.train.steps))
+    pathlib.Path(workdir).mkdir()
+    (pathlib.Path(workdir) / 'metrics.jsonl').write_text(records)
+
+  bars = []
+
+  def recorded(*args, **kwargs):
+    bars.append(RunsProgress(*args, **kwargs))
+    return bars[-1]
+
+  # Threads for processes: the stages are fakes that a spawned process would not see.
+  monkeypatch.setattr(experiment, 'futures', types.SimpleNamespace(
+      ProcessPoolExecutor=lambda workers, mp_context: futures.ThreadPoolExecutor(workers),
+      as_completed=futures.as_completed))
+  monkeypatch.setattr(experiment.algorithms, 'run', run)
+  monkeypatch.setattr(experiment, 'RunsProgress', recorded)
+  experiment.run_stages([(stage(4), str(tmp_path / 'a')), (stage(6), str(tmp_path / 'b'))], workers=2)
+  [bar] = [progress.bar for progress in bars]
+  assert (bar.n, bar.total, bar.desc, bar.postfix) == (10, 10, 'stages', '2/2 runs done')
 
 
 @pytest.fixture(scope='module')

@@ -17,6 +17,7 @@ import pytest
 
 from rlhf_jax import sweep
 from rlhf_jax.config import base_config
+from rlhf_jax.engine.progress import RunsProgress
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',
@@ -114,6 +115,39 @@ def test_final_metrics_are_the_last_of_each_key():
   assert sweep.final_metrics(records) == {'step': 2, 'loss': 2.0, 'eval/loss': 5.0}
 
 
+def test_one_bar_counts_every_points_steps(tmp_path, monkeypatch):
+  config = config_with(grid={'train': {'steps': [3, 5]}, 'optim': {'lr': [0.1]}})
+  first, second = sweep.expand(config)
+  first_dir, second_dir = (str(tmp_path / 'points' / p.name) for p in (first, second))
+  os.makedirs(first_dir)
+  with open(os.path.join(first_dir, sweep.MARKER), 'w') as f:  # Finished by an earlier sweep.
+    json.dump({'values': first.values, 'result': {'step': 3},
+               'flags': sweep.point_flags(first, config_file='c.py', overrides={})}, f)
+
+  def run_point(point, point_dir, args, label):
+    """Stops at step 2 of 5 (a stop rule), as far as its metrics.jsonl tells."""
+    with open(os.path.join(point_dir, 'metrics.jsonl'), 'w') as f:
+      f.write('{"step": 1}\n{"step": 2}\n')
+    return False
+
+  bars = []
+
+  def recorded(*args, **kwargs):
+    bars.append(RunsProgress(*args, **kwargs))
+    return bars[-1]
+
+  monkeypatch.setattr(sweep, '_run_point', run_point)
+  monkeypatch.setattr(sweep, 'RunsProgress', recorded)
+  assert sweep.run_sweep(config, config_file='c.py', workdir=str(tmp_path)) == [second.name]
+  [bar] = [progress.bar for progress in bars]
+  assert (bar.initial, bar.n, bar.total) == (3, 8, 8)  # The finished point counts whole.
+  assert bar.postfix == '2/2 runs done' and bar.desc == 'sweep'
+  # A point's steps: its value, else the command's --config.train.steps, else the config's.
+  assert sweep.point_steps(first, config, {'train.steps': 7}) == 3
+  assert sweep.point_steps(sweep.Point('p', {}), config, {'train.steps': 7}) == 7
+  assert sweep.point_steps(sweep.Point('p', {}), config, {}) == config.train.steps == 100
+
+
 def run_sweep_command(workdir, *flags):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   command = [sys.executable, '-m', 'rlhf_jax.sweep', f'--workdir={workdir}', *TINY, *flags]
@@ -143,6 +177,7 @@ def test_sweep_runs_points_collects_results_and_skips_finished_points(tmp_path):
     assert int(row['step']) == record['step'] == 4
   assert records[0]['loss'] != records[1]['loss']
   assert 'results (2 of 2 points)' in result.stdout
+  assert '8/8 [' in result.stderr and '2/2 runs done' in result.stderr  # The sweep's bar.
 
   rerun = run_sweep_command(tmp_path, grid)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
