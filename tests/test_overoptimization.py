@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import scipy.special
+from matplotlib.figure import Figure
 
 from rlhf_jax.analysis.overoptimization import (Run, disagreement, fit, fit_all,
                                                 fit_bon, fit_rl, fit_shared_alpha, kl_penalty,
@@ -423,9 +424,8 @@ def test_a_kl_penalty_that_only_stops_early_lies_on_the_frontier(tmp_path):
     # standard error of (0.10, 0.11, 0.12) is 0.01/√3.
     assert row['proxy_at_matched_d'] == pytest.approx(0.11 if coef else 0.0)
     assert row['proxy_at_matched_d_se'] == pytest.approx(0.01 / math.sqrt(3) if coef else 0.0)
-  assert plot_kl_penalty([entry], _penalised_runs(), str(tmp_path / 'kl.png')) == str(
-      tmp_path / 'kl.png')
-  assert (tmp_path / 'kl.png').read_bytes()[:8] == PNG_MAGIC
+  assert written(plot_kl_penalty([entry], _penalised_runs(), str(tmp_path / 'kl.png')),
+                 tmp_path / 'kl.png')
 
 
 def test_a_kl_penalty_below_the_frontier_shows_in_its_residuals():
@@ -485,20 +485,25 @@ def test_runs_round_trip_through_npz_and_give_records(tmp_path):
                         'proxy_reward': pytest.approx(1.9)}
 
 
+def written(figure, path) -> bool:
+  """Whether a plot returned its figure (TensorBoard logs it) and wrote it to `path` as PNG."""
+  with open(path, 'rb') as f:
+    return isinstance(figure, Figure) and bool(figure.axes) and f.read(8) == PNG_MAGIC
+
+
 def test_plots_write_png_files(tmp_path):
   runs = _runs(COEFFICIENTS, noise=0.1)
   summary = summarize(runs, num_resamples=20)
   for method in ('bon', 'rl'):
-    path = plot_curves(summary, runs, str(tmp_path / f'{method}.png'), method=method)
-    assert open(path, 'rb').read(8) == PNG_MAGIC
-  path = plot_coefficients(summary['fits'], str(tmp_path / 'coefficients.png'),
-                           by='proxy_comparisons')
-  assert open(path, 'rb').read(8) == PNG_MAGIC
-  path = plot_gold_against_proxy(summary, str(tmp_path / 'gold_vs_proxy.png'))
-  assert open(path, 'rb').read(8) == PNG_MAGIC
+    path = tmp_path / f'{method}.png'
+    assert written(plot_curves(summary, runs, str(path), method=method), path)
+  path = tmp_path / 'coefficients.png'
+  assert written(plot_coefficients(summary['fits'], str(path), by='proxy_comparisons'), path)
+  path = tmp_path / 'gold_vs_proxy.png'
+  assert written(plot_gold_against_proxy(summary, str(path)), path)
   records, _ = _synthetic_records()
-  path = plot_coefficients(fit_all(records), str(tmp_path / 'no_intervals.png'))
-  assert open(path, 'rb').read(8) == PNG_MAGIC
+  path = tmp_path / 'no_intervals.png'
+  assert written(plot_coefficients(fit_all(records), str(path)), path)
   with pytest.raises(ValueError, match="'reward_params'"):
     plot_coefficients(summary['fits'], str(tmp_path / 'x.png'), by='reward_params')
   with pytest.raises(ValueError, match="no 'rl' fits"):
