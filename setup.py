@@ -36,8 +36,12 @@ setuptools.setup(
         # pip takes from local disk on our machines (a bare 'torch' pulls a CUDA build).
         # trl: its KTO loss, run on the same inputs as ours (tests/test_kto.py).
         # wandb: config.train.wandb, run offline (WANDB_MODE=offline) in tests/test_metrics.py.
+        # libtpu: tests/test_aot.py compiles train steps for TPU slices on CPU machines (the
+        # version tested with jax 0.10.2).
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'torch==2.13.0', 'trl==1.16.0',
-                 'wandb>=0.19'],
+                 'wandb>=0.19', 'libtpu==0.0.52'],
+        # The TPU runtime and compiler; python -m rlhf_jax.aot needs it, not a TPU.
+        'tpu': ['libtpu==0.0.52'],
         # Workdirs on Google Cloud Storage (gs://...): every file of a workdir, TensorBoard's
         # events included, goes through fsspec, which reads gs:// with gcsfs.
         'gcs': ['gcsfs'],

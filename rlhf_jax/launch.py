@@ -23,7 +23,6 @@ installs it: `python3 -m pip install -e '.[gcs]' 'jax[tpu]'`.
 after another, the run of line i (from 0, blank lines skipped) in <workdir>/<i>.
 """
 
-import dataclasses
 import pathlib
 import posixpath
 import re
@@ -34,6 +33,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from rlhf_jax.errors import InputError
+from rlhf_jax.tpu import topology
 
 _TPU = flags.DEFINE_string('tpu', None, 'Name of the TPU VM (slice).')
 _ZONE = flags.DEFINE_string('zone', None, 'Its zone, e.g. us-central2-b.')
@@ -53,58 +53,6 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the commands without runni
 
 # What --setup copies, relative to the repository root.
 SOURCES = ('setup.py', 'rlhf_jax', 'configs')
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  """How the accelerator types of a TPU generation (`v4-32`) map to hosts and JAX devices."""
-  cores_per_chip: int  # The number in the type counts TensorCores (2 a chip) or chips (1).
-  devices_per_chip: int  # JAX devices: one a chip with megacore (v4, v5p), else one a core.
-  single_host_chips: int  # The largest slice on one TPU VM.
-  chips_per_host: int  # Chips on each TPU VM of a multi-host slice.
-
-
-# Cloud TPU docs (cloud.google.com/tpu/docs/v4, v5p, v5e, v6e): v4-32 is 32 TensorCores = 16
-# chips = 4 VMs of 4 chips; v5litepod-N (v5e) and v6e-N have N chips, one VM up to 8 and VMs of
-# 4 chips beyond (v6e-16: 4 VMs).
-GENERATIONS = {
-    'v2': Generation(cores_per_chip=2, devices_per_chip=2, single_host_chips=4,
-                     chips_per_host=4),
-    'v3': Generation(cores_per_chip=2, devices_per_chip=2, single_host_chips=4,
-                     chips_per_host=4),
-    'v4': Generation(cores_per_chip=2, devices_per_chip=1, single_host_chips=4,
-                     chips_per_host=4),
-    'v5p': Generation(cores_per_chip=2, devices_per_chip=1, single_host_chips=4,
-                      chips_per_host=4),
-    'v5litepod': Generation(cores_per_chip=1, devices_per_chip=1, single_host_chips=8,
-                            chips_per_host=4),
-    'v6e': Generation(cores_per_chip=1, devices_per_chip=1, single_host_chips=8,
-                      chips_per_host=4),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  hosts: int  # TPU VMs = JAX processes (jax.process_count()).
-  devices: int  # jax.device_count().
-
-
-def topology(accelerator: str) -> Topology:
-  """The hosts and JAX devices of a slice of accelerator type `accelerator` (e.g. 'v4-32')."""
-  name, _, number = accelerator.rpartition('-')
-  if name not in GENERATIONS or not number.isdigit():
-    raise InputError(f'Unknown --accelerator={accelerator!r}; known types: '
-                     + ', '.join(f'{known}-N' for known in GENERATIONS) + '.')
-  generation, number = GENERATIONS[name], int(number)
-  chips, cores_left = divmod(number, generation.cores_per_chip)
-  multi_host = chips > generation.single_host_chips
-  if not chips or cores_left or (multi_host and chips % generation.chips_per_host):
-    raise InputError(f'--accelerator={accelerator!r} is not a {name} slice: its number counts '
-                     + ('TensorCores (2 a chip)' if generation.cores_per_chip == 2 else 'chips')
-                     + f', and a slice beyond one host has {generation.chips_per_host} chips '
-                     'a host.')
-  return Topology(hosts=chips // generation.chips_per_host if multi_host else 1,
-                  devices=chips * generation.devices_per_chip)
 
 
 def check_workdir(workdir: str, hosts: int) -> None:

@@ -66,7 +66,7 @@ def train(model: str, mesh_name: str, grad_accum_steps: int = 1):
   losses, grad_norms = [], []
   for i in range(STEPS):
     batch = parallel.shard_batch(data.batch('train', i, range(BATCH)), mesh, RULES)
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch)  # Under the mesh: the activations' constraints apply.
     losses.append(float(metrics['loss']))
     grad_norms.append(float(metrics['grad_norm']))
   return initial_params, losses, grad_norms, state

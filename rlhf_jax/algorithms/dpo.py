@@ -69,6 +69,12 @@ def loss_options(loss) -> dict:
               **{name: loss[name] for name in VARIANT_ARGS.get(loss.loss_type, ())})
 
 
+def make_loss_fn(config):
+  """dpo_loss_fn with config.loss's options and config.train.logprob_chunk_size."""
+  return functools.partial(dpo_loss_fn, loss_options=loss_options(config.loss),
+                           chunk_size=config.train.logprob_chunk_size)
+
+
 def make_algorithm(ctx) -> Algorithm:
   config = ctx.config
   data = preference_data(ctx, head='lm')
@@ -86,10 +92,8 @@ def make_algorithm(ctx) -> Algorithm:
   if not on_mesh:  # Its log-probs are computed: only the trained copy stays.
     ctx.release(config.model.hf_path, head='lm')
     reference = None
-  loss_fn = functools.partial(dpo_loss_fn, loss_options=loss_options(config.loss),
-                              chunk_size=config.train.logprob_chunk_size)
   return Algorithm(
-      model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
+      model=model, loss_fn=make_loss_fn(config), batches=DataBatches.for_run(ctx, data),
       frozen=((reference.params, reference.shardings) if needs_reference and not precompute
               else None),
       evaluations=sample_evaluations(ctx, model.graphdef,

@@ -32,12 +32,17 @@ def rm_loss_fn(model, batch, rng=None, frozen=None, *, center_coef: float):
   return bradley_terry_loss(*pair_rewards(model, batch), center_coef=center_coef)
 
 
+def make_loss_fn(config):
+  """rm_loss_fn with config.loss.center_coef."""
+  return functools.partial(rm_loss_fn, center_coef=config.loss.center_coef)
+
+
 def make_algorithm(ctx) -> Algorithm:
   config = ctx.config
   data = preference_data(ctx, head='scalar')
   model = ctx.initial_model()
-  loss_fn = functools.partial(rm_loss_fn, center_coef=config.loss.center_coef)
-  return Algorithm(model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
+  return Algorithm(model=model, loss_fn=make_loss_fn(config),
+                   batches=DataBatches.for_run(ctx, data),
                    evaluations=pair_evaluations(ctx, data, model.graphdef),
                    data_stats=data.stats, tokenizer=ctx.tokenizer)
 

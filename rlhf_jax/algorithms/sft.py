@@ -27,10 +27,15 @@ def sft_loss_fn(model, batch, rng=None, frozen=None, *, normalize: str, chunk_si
   return sft_loss(logps, mask, normalize=normalize)
 
 
+def make_loss_fn(config):
+  """sft_loss_fn with config.loss.normalize and config.train.logprob_chunk_size."""
+  return functools.partial(sft_loss_fn, normalize=config.loss.normalize,
+                           chunk_size=config.train.logprob_chunk_size)
+
+
 def make_algorithm(ctx) -> Algorithm:
   config = ctx.config
-  loss_fn = functools.partial(sft_loss_fn, normalize=config.loss.normalize,
-                              chunk_size=config.train.logprob_chunk_size)
+  loss_fn = make_loss_fn(config)
   tokenizer, stats, evaluations = None, {}, {}
   if config.data.name == 'sorting':
     data = SortingTask(seq_len=config.train.seq_len, vocab_size=config.model.vocab_size,

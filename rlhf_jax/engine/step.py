@@ -20,11 +20,25 @@ from rlhf_jax.errors import InputError
 LossFn = Callable[[nnx.Module, dict, jax.Array, object], tuple[jax.Array, dict]]
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    graphdef: nnx.GraphDef, *, state_shardings: TrainState, batch_shardings,
-                    frozen_shardings=None, schedule: optax.Schedule | None = None,
-                    grad_accum_steps: int = 1):
-  """Jitted `step(state, batch, frozen=None) -> (state, metrics)` with explicit shardings.
+def make_train_step(*args, **kwargs):
+  """`jit_train_step`'s step with `frozen` optional: `step(state, batch, frozen=None)`, traced
+  and run under the mesh of its state's shardings (`jax.set_mesh`), so that the model's
+  activation constraints (`parallel.constrain`) apply."""
+  jitted = jit_train_step(*args, **kwargs)
+  mesh = jax.tree.leaves(kwargs['state_shardings'])[0].mesh
+
+  def step(state, batch, frozen=None):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch, frozen)
+  return step
+
+
+def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                   graphdef: nnx.GraphDef, *, state_shardings: TrainState, batch_shardings,
+                   frozen_shardings=None, schedule: optax.Schedule | None = None,
+                   grad_accum_steps: int = 1):
+  """Jitted `step(state, batch, frozen) -> (state, metrics)` with explicit shardings (what
+  `rlhf_jax.aot` lowers and compiles).
 
   With `grad_accum_steps` = A > 1 the global batch is split into A micro-batches that run one
   after another in a `lax.scan`; gradients and metrics are averaged over them (the mean of
@@ -79,6 +93,5 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     return x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps,
                      *x.shape[1:]).swapaxes(0, 1)
 
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
-  return lambda state, batch, frozen=None: jitted(state, batch, frozen)
+  return jax.jit(step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=0)

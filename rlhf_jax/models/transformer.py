@@ -22,6 +22,14 @@ from rlhf_jax.models.attention import AttentionMask, attend
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import (Dense, Norm, apply_rope, param, positions_from_mask,
                                     rope_inverse_frequencies)
+from rlhf_jax.parallel import constrain
+
+
+_RESIDUAL_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+_Q_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
+_KV_AXES = ('activation_batch', 'activation_length', 'activation_kv_heads', None)
+_MLP_AXES = ('activation_batch', 'activation_length', 'activation_mlp')
+_LOGITS_AXES = ('activation_batch', 'activation_length', 'activation_vocab')
 
 
 @flax.struct.dataclass
@@ -65,9 +73,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask: AttentionMask, kv_cache=None,
                cache_end=None):
     b, t, _ = x_BxTxD.shape
-    q = self.q(x_BxTxD).reshape(b, t, self.n_heads, self.head_dim)
-    k = self.k(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim)
-    v = self.v(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim)
+    q = constrain(self.q(x_BxTxD).reshape(b, t, self.n_heads, self.head_dim), _Q_AXES)
+    k = constrain(self.k(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim), _KV_AXES)
+    v = constrain(self.v(x_BxTxD).reshape(b, t, self.n_kv_heads, self.head_dim), _KV_AXES)
     if self.cfg.position == 'rope':
       inv_freq = rope_inverse_frequencies(self.cfg)
       q = apply_rope(q, positions_BxT, inv_freq)
@@ -95,8 +103,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     if self.gate is not None:
-      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-    return self.down(jax.nn.gelu(self.up(x), approximate=True))
+      hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+    else:
+      hidden = jax.nn.gelu(self.up(x), approximate=True)
+    return self.down(constrain(hidden, _MLP_AXES))
 
 
 class Block(nnx.Module):
@@ -111,7 +121,7 @@ class Block(nnx.Module):
     attn_out, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, cache_end)
     x = x + attn_out
     x = x + self.mlp(self.mlp_norm(x))
-    return x, kv_cache
+    return constrain(x, _RESIDUAL_AXES), kv_cache
 
 
 class Transformer(nnx.Module):
@@ -159,9 +169,13 @@ class Transformer(nnx.Module):
       mask = AttentionMask(positions, cache.key_positions_BxS, cache.key_valid_BxS,
                            sliding_window=cfg.sliding_window)
 
-    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_dtype)
+    # Tables gathered over `fsdp` first, so the lookups give batch-sharded rows.
+    table = constrain(self.embed[...], ('vocab', None))
+    x = jnp.take(table, tokens_BxT, axis=0).astype(cfg.compute_dtype)
     if self.pos_embed is not None:
-      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.compute_dtype)
+      table = constrain(self.pos_embed[...], (None, None))
+      x = x + jnp.take(table, positions, axis=0).astype(cfg.compute_dtype)
+    x = constrain(x, _RESIDUAL_AXES)
 
     def run_block(block, x, kv):
       return block(x, positions, mask, kv, None if cache is None else cache.end)
@@ -184,8 +198,9 @@ class Transformer(nnx.Module):
     """LM: float32 logits [B, T, V]. Scalar: float32 values [B, T]."""
     if self.cfg.head == 'scalar':
       return self.head(hidden_BxTxD)[..., 0].astype(jnp.float32)
-    return jnp.dot(hidden_BxTxD, self.unembedding().astype(hidden_BxTxD.dtype),
-                   preferred_element_type=jnp.float32)
+    logits = jnp.dot(hidden_BxTxD, self.unembedding().astype(hidden_BxTxD.dtype),
+                     preferred_element_type=jnp.float32)
+    return constrain(logits, _LOGITS_AXES)
 
   def unembedding(self) -> jax.Array:
     """The [D, V] matrix that maps hidden states to logits (for chunked log-probs)."""

@@ -2,7 +2,7 @@
 
 from rlhf_jax.parallel.batched import map_batches
 from rlhf_jax.parallel.sharding import (DEFAULT_RULES, MESH_AXES, barrier, batch_sharding,
-                                        create_sharded, local_rows, logical_to_spec,
-                                        make_mesh,
+                                        constrain, create_sharded, local_rows,
+                                        logical_to_spec, make_mesh,
                                         maybe_initialize_distributed, shard_batch,
                                         state_shardings)

@@ -6,6 +6,9 @@ heads, MLP and vocabulary). Parameters name their dimensions logically (`embed`,
 `heads`, `kv_heads`, `vocab`, `norm`); the config's rules table maps each name to mesh axes:
 
     rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ...)
+
+Activations name theirs in the same table (`activation_batch`, `activation_embed`, ...);
+`constrain` pins them inside a step traced under `jax.set_mesh`.
 """
 
 import math
@@ -32,6 +35,13 @@ DEFAULT_RULES: Rules = (
     ('kv_heads', 'tensor'),
     ('vocab', 'tensor'),
     ('norm', None),
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
 )
 
 
@@ -81,6 +91,16 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
     used.update(kept)
     spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None],
+              rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """`x` pinned to the sharding its logical axes map to on the current mesh (`jax.set_mesh`);
+  unchanged when no mesh is set (eager code, single-device tests)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
