@@ -28,30 +28,18 @@ from flax import nnx
 
 from rlhf_jax import errors, parallel
 from rlhf_jax.algorithms import dpo, rm, sft
-from rlhf_jax.config import check_batch_sizes, to_model_config
+from rlhf_jax.config import architecture, check_batch_sizes
+from rlhf_jax.data.store import empty_batch, finish_batch
 from rlhf_jax.engine.optimizer import make_optimizer
 from rlhf_jax.engine.state import TrainState, train_state_shardings
 from rlhf_jax.engine.step import jit_train_step
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses.dpo import REFERENCE_FREE
-from rlhf_jax.models import Transformer, read_hf_config
-from rlhf_jax.models.sources import local_dir
+from rlhf_jax.models import Transformer
 from rlhf_jax.tpu import Slice, parse_slice
 
 LOSS_FNS = {'sft': sft.make_loss_fn, 'rm': rm.make_loss_fn, 'dpo': dpo.make_loss_fn}
 GIB = 2**30
-
-
-def model_config(config):
-  """config.model's architecture: the preset's, or config.json's of config.model.hf_path (no
-  weights read), in config.model's numerics."""
-  model = config.model
-  if not model.hf_path:
-    return to_model_config(model)
-  return read_hf_config(local_dir(model.hf_path, key='config.model.hf_path'),
-                        head=model.head).replace(param_dtype=model.param_dtype,
-                                                 dtype=model.dtype, remat=model.remat,
-                                                 attention=model.attention)
 
 
 def dpo_reference(config) -> str | None:
@@ -62,17 +50,17 @@ def dpo_reference(config) -> str | None:
 
 
 def abstract_batch(config, mesh) -> dict:
-  """One global train batch as ShapeDtypeStructs, sharded as `DataBatches` shards it: SFT rows
-  [B, T] (packed: with segment_ids and positions), RM and DPO pairs [B, 2, T]; T = seq_len,
-  the longest bucket."""
+  """One global train batch as ShapeDtypeStructs, with the keys and dtypes of the data path's
+  batches (`store.finish_batch` of one padding row) and sharded as `DataBatches` shards them:
+  SFT rows [B, T] (packed: with segment_ids and positions), RM and DPO pairs [B, 2, T];
+  T = seq_len, the longest bucket."""
   train = config.train
-  rows = (train.batch_size,) if config.algorithm == 'sft' else (train.batch_size, 2)
-  keys = ['tokens', 'attention_mask', 'loss_mask']
-  if config.algorithm == 'sft' and config.data.get('packing'):
-    keys += ['segment_ids', 'positions']
-  shapes = {k: (rows + (train.seq_len,), jnp.int32) for k in keys}
+  pieces = 1 if config.algorithm == 'sft' else 2
+  packed = config.algorithm == 'sft' and bool(config.data.get('packing'))
+  one_row = finish_batch(empty_batch(1, pieces, train.seq_len, pad_id=0), packed=packed)
+  shapes = {k: ((train.batch_size, *x.shape[1:]), x.dtype) for k, x in one_row.items()}
   if dpo_reference(config) == 'precomputed':
-    shapes['ref_logps'] = (rows, jnp.float32)
+    shapes['ref_logps'] = ((train.batch_size, pieces), jnp.float32)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(
       mesh, config.sharding_rules, len(shape))) for k, (shape, dtype) in shapes.items()}
 
@@ -98,7 +86,7 @@ def compile_train_step(config, slice_: Slice) -> Compiled:
                      f'{sorted(LOSS_FNS)} (not KTO or online RL yet).')
   mesh = parallel.make_mesh(config.mesh, slice_.devices())
   check_batch_sizes(config, mesh)
-  cfg = model_config(config)
+  cfg = architecture(config.model)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   param_shardings = parallel.state_shardings(params, mesh, config.sharding_rules)
   optimizer, schedule = make_optimizer(config.optim, config.train.steps)

@@ -11,6 +11,7 @@ from ml_collections import config_dict
 
 from rlhf_jax.errors import InputError, NotFound
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.parallel import DEFAULT_RULES
@@ -38,6 +39,18 @@ def to_model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(**fields)
   except TypeError as e:
     raise InputError(f'config.model: {e}') from e
+
+
+def architecture(model: ml_collections.ConfigDict, *, head: str | None = None) -> ModelConfig:
+  """The architecture config.model trains: its own fields, or the config.json of
+  config.model.hf_path (no weights read) with a `head` head (default config.model.head), in
+  config.model's numerics. What `export` and `aot` rebuild abstractly."""
+  if not model.hf_path:
+    return to_model_config(model)
+  cfg = read_hf_config(local_dir(model.hf_path, key='config.model.hf_path'),
+                       head=head or model.head)
+  return cfg.replace(param_dtype=model.param_dtype, dtype=model.dtype, remat=model.remat,
+                     attention=model.attention)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -24,10 +24,10 @@ from absl import app, flags, logging
 from flax import nnx
 
 from rlhf_jax import errors, parallel
-from rlhf_jax.config import EXPORT_DTYPES, to_model_config
+from rlhf_jax.config import EXPORT_DTYPES, architecture
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.checkpoint import Checkpointer
-from rlhf_jax.models import ModelConfig, Transformer, read_hf_config
+from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models.loading import export_hf
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.storage import open_file
@@ -50,14 +50,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 def trained_model(config) -> tuple[ModelConfig, tuple[str, ...]]:
   """The architecture of the model a run exports (online RL's: the policy) and the path of its
   parameters within the train state's params."""
-  model = config.model
-  if not model.hf_path:
-    return to_model_config(model), ()
   online = config.get('algorithm') in ONLINE_RL
-  cfg = read_hf_config(local_dir(model.hf_path, key='config.model.hf_path'),
-                       head='lm' if online else model.head)
-  cfg = cfg.replace(param_dtype=model.param_dtype, dtype=model.dtype, remat=model.remat)
-  return cfg, ('policy',) if online else ()
+  return architecture(config.model, head='lm' if online else None), ('policy',) if online else ()
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfloat16',
