@@ -7,6 +7,7 @@ import os
 import pathlib
 import struct
 import tempfile
+import time
 import types
 
 import fsspec
@@ -360,12 +361,27 @@ def wandb_records(path) -> list:
       offset += 32768 - offset % 32768
       continue
     _, length, kind = struct.unpack('<IHB', data[offset:offset + 7])
+    if offset + 7 + length > len(data):  # A record still being written.
+      break
     parts += data[offset + 7:offset + 7 + length]
     offset += 7 + length
     if kind in (1, 4):
       records.append(wandb_internal_pb2.Record.FromString(parts))
       parts = b''
   return records
+
+
+def finished_wandb_records(path, timeout_s: float = 60.0) -> list:
+  """The records of a W&B run file once its 'exit' record is there: W&B's service process
+  writes the file, and on a loaded machine it may still be writing after `finish()` returns."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    records = wandb_records(path)
+    kinds = [r.WhichOneof('record_type') for r in records]
+    if 'exit' in kinds or time.monotonic() > deadline:
+      assert 'exit' in kinds, (path, kinds)
+      return records
+    time.sleep(0.5)
 
 
 def test_wandb_offline_logs_numbers_and_tables_and_a_resumed_run_continues_it(tmp_path,
@@ -389,7 +405,7 @@ def test_wandb_offline_logs_numbers_and_tables_and_a_resumed_run_continues_it(tm
   logged = []
   for run in runs:
     [path] = glob.glob(os.path.join(run, '*.wandb'))
-    records = wandb_records(path)
+    records = finished_wandb_records(path)
     [start] = [r.run for r in records if r.WhichOneof('record_type') == 'run']
     assert (start.run_id, start.project, start.display_name) == (
         run_id, 'rlhf_jax-tests', tmp_path.name)
