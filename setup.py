@@ -46,5 +46,6 @@ setuptools.setup(
         # events included, goes through fsspec, which reads gs:// with gcsfs.
         'gcs': ['gcsfs'],
         'wandb': ['wandb>=0.19'],  # config.train.wandb: metrics, figures and tables to W&B.
+        'bench': ['torch==2.13.0', 'trl==1.16.0'],  # benchmarks/vs_trl.py: TRL's trainers.
     },
 )
