@@ -143,4 +143,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # CPU one run leaves cores idle. 1 on an accelerator, which one run fills.
       'workers': p['workers'],
       'progress_bar': True,
+      # Keys of every stage's config ('all') or of one kind's ('pretrain', 'rm', 'ppo', …), nested
+      # like that config, set before the stage's own: e.g. a smaller model for a quick test.
+      'stage_overrides': {},
   })

@@ -39,10 +39,8 @@ notebooks/overoptimization.ipynb redraws the plots from a workdir.
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import time
-from concurrent import futures
 
 import jax
 import numpy as np
@@ -50,96 +48,18 @@ import safetensors
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import algorithms, parallel
+from rlhf_jax import parallel
 from rlhf_jax.analysis import overoptimization
-from rlhf_jax.config import load_config, model_config_dict, reward_model_paths
+from rlhf_jax.config import model_config_dict, reward_model_paths
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.metrics import log_media, read_metrics
-from rlhf_jax.engine.progress import RunsProgress
 from rlhf_jax.evals import best_of_n, bon_kl
 from rlhf_jax.models import save_first_layers
 from rlhf_jax.models.loading import is_export
 from rlhf_jax.playground import tasks
 from rlhf_jax.rewards.ensemble import aggregate, warm_average
+from rlhf_jax.stages import initial_policy, read_samples, run_stages, stage_config
 from rlhf_jax.storage import replace_file
-
-def finished(workdir: str) -> bool:
-  """A stage is done once its model is exported whole (the last thing a run does)."""
-  return is_export(os.path.join(workdir, 'hf'))
-
-
-def run_stage(config, workdir: str) -> str:
-  """Trains `config` in `workdir` unless it has finished; returns its exported model."""
-  run_stages([(config, workdir)], workers=1)
-  return os.path.join(workdir, 'hf')
-
-
-def run_stages(stages: list[tuple], workers: int) -> None:
-  """Trains each unfinished (config, workdir); with workers > 1, that many at once, each in a
-  process of its own, without its progress bar (they would overwrite one another): one bar
-  counts the steps of all of them instead, read from their metrics.jsonl.
-
-  On a CPU one run leaves cores idle (on this 2-core machine 1.7 of 2 are busy), so two at once
-  finish sooner; a process computes exactly what the run computes alone. On an accelerator,
-  where one run fills the device, keep workers = 1.
-  """
-  todo = [(config, workdir) for config, workdir in stages if not finished(workdir)]
-  start = time.perf_counter()
-  if workers == 1 or len(todo) <= 1:
-    for config, workdir in todo:
-      algorithms.run(config, workdir)
-      logging.warning('%s: %.0f s', workdir, time.perf_counter() - start)
-      start = time.perf_counter()
-    return
-  if jax.process_count() > 1:
-    raise ValueError('config.workers > 1 runs stages side by side on one host; a multi-host '
-                     'run needs config.workers = 1.')
-  logging.warning('%s: %d at a time, progress in each metrics.jsonl',
-                  ', '.join(workdir for _, workdir in todo), workers)
-  quiet = []
-  for config, workdir in todo:
-    config = config.copy_and_resolve_references()
-    config.train.progress_bar = False
-    quiet.append((config, workdir))
-  progress = RunsProgress([(workdir, config.train.steps) for config, workdir in todo],
-                          enabled=any(config.train.progress_bar for config, _ in todo),
-                          desc='stages')
-  with progress, futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-    running = {pool.submit(algorithms.run, *stage): stage[1] for stage in quiet}
-    for future in futures.as_completed(running):
-      future.result()  # A failed stage raises its error here.
-      progress.done(running[future])
-      logging.warning('%s: done %.0f s after the %d started', running[future],
-                      time.perf_counter() - start, len(todo))
-
-
-def stage_config(name: str, experiment, **overrides):
-  """configs/<name>.py at the experiment's stage preset, with its gold reward."""
-  c = load_config(f'{name}.py:{experiment.stage_preset}')
-  c.data.playground.gold = experiment.gold
-  c.train.progress_bar = experiment.progress_bar
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split('.')
-    for part in path:
-      target = target[part]
-    if last not in target:
-      raise KeyError(f'configs/{name}.py has no key {key!r} to set from the experiment\'s config.')
-    target[last] = value
-  return c
-
-
-def initial_policy(experiment, workdir: str) -> str:
-  """π_init: config.policy, or pretraining then an SFT stopped early."""
-  if experiment.policy:
-    return experiment.policy
-  base = run_stage(stage_config('pretrain', experiment,
-                                **{'train.steps': experiment.pretrain_steps}),
-                   os.path.join(workdir, 'policy', 'pretrain'))
-  return run_stage(stage_config('sft', experiment, **{'train.steps': experiment.sft_steps,
-                                                      'model.hf_path': base}),
-                   os.path.join(workdir, 'policy', 'sft'))
 
 
 def proxy_specs(proxies, batch_size: int) -> list[dict]:
@@ -395,15 +315,6 @@ def rl_runs(experiment, workdir: str, policy: str, targets) -> list:
         **{f'{key}_PxI': np.array([m[key] for m in measured]) for key in ('kl', 'gold', 'proxy')},
         metadata=target['metadata'] | {'proxy_name': target['name'], 'kl_coef': kl_coef}))
   return runs
-
-
-def read_samples(path: str) -> dict[str, np.ndarray]:
-  """An evaluation's per-prompt 'kl', 'gold' and 'proxy' (evals/samples.py writes them), and
-  its 'prompt' and 'response' texts."""
-  with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  return {key: np.array([row[key] for row in rows], np.float64) for key in ('kl', 'gold', 'proxy')
-          } | {key: [row[key] for row in rows] for key in ('prompt', 'response')}
 
 
 def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict:

@@ -8,7 +8,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'rlhf_jax'
 LAYERS = [('errors', 'storage', 'losses', 'parallel'), ('models',), ('data',), ('sampling',),
           ('playground',), ('rewards',), ('evals', 'analysis'), ('config',), ('engine',),
           ('context',), ('algorithms',),
-          ('main', 'sweep', 'launch', 'export', 'aot', 'tpu')]
+          ('main', 'sweep', 'stages', 'launch', 'export', 'aot', 'tpu')]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 

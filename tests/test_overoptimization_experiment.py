@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import safetensors
 
+from rlhf_jax import stages
 from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import base_config, load_config
 from rlhf_jax.engine.progress import RunsProgress
+from rlhf_jax.errors import InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MICRO_MODEL = {'model.n_layers': 2, 'model.d_model': 32, 'model.n_heads': 2,
-               'model.n_kv_heads': 1, 'model.d_ff': 64}
+MICRO_MODEL = {'n_layers': 2, 'd_model': 32, 'n_heads': 2, 'n_kv_heads': 1, 'd_ff': 64}
 
 
 def load_experiment():
@@ -54,8 +55,13 @@ def test_the_presets_rl_keys_set_keys_of_the_ppo_config(preset):
 def test_a_key_the_stage_config_lacks_is_an_error_naming_it():
   experiment = load_experiment()
   config = load_config('overoptimization.py:tiny')
-  with pytest.raises(KeyError, match=r"configs/ppo.py has no key 'rl.kl_coeff'"):
+  with pytest.raises(InputError, match=r"configs/ppo.py \(set by the experiment's ppo stage\) "
+                                       r"has no key 'rl.kl_coeff'"):
     experiment.stage_config('ppo', config, **{'rl.kl_coeff': 0.1})
+  config.stage_overrides = {'all': {'train': {'stepz': 3}}}
+  with pytest.raises(InputError, match=r"configs/rm.py \(set by config.stage_overrides.all\) "
+                                       r"has no key 'train.stepz'"):
+    experiment.stage_config('rm', config)
 
 
 def test_proxy_specs_name_data_steps_and_epochs():
@@ -75,8 +81,6 @@ def test_proxy_specs_name_data_steps_and_epochs():
 
 
 def test_stages_side_by_side_have_one_bar_over_their_steps(tmp_path, monkeypatch):
-  experiment = load_experiment()
-
   def stage(steps):
     config = base_config()
     config.train.steps = steps
@@ -96,12 +100,12 @@ def test_stages_side_by_side_have_one_bar_over_their_steps(tmp_path, monkeypatch
     return bars[-1]
 
   # Threads for processes: the stages are fakes that a spawned process would not see.
-  monkeypatch.setattr(experiment, 'futures', types.SimpleNamespace(
+  monkeypatch.setattr(stages, 'futures', types.SimpleNamespace(
       ProcessPoolExecutor=lambda workers, mp_context: futures.ThreadPoolExecutor(workers),
       as_completed=futures.as_completed))
-  monkeypatch.setattr(experiment.algorithms, 'run', run)
-  monkeypatch.setattr(experiment, 'RunsProgress', recorded)
-  experiment.run_stages([(stage(4), str(tmp_path / 'a')), (stage(6), str(tmp_path / 'b'))], workers=2)
+  monkeypatch.setattr(stages.algorithms, 'run', run)
+  monkeypatch.setattr(stages, 'RunsProgress', recorded)
+  stages.run_stages([(stage(4), str(tmp_path / 'a')), (stage(6), str(tmp_path / 'b'))], workers=2)
   [bar] = [progress.bar for progress in bars]
   assert (bar.n, bar.total, bar.desc, bar.postfix) == (10, 10, 'stages', '2/2 runs done')
 
@@ -116,20 +120,13 @@ def micro():
   config.bon.update(n_max=4, num_prompts=16)
   config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3, rollout_batch_size=16,
                    num_minibatches=2, ppo_epochs=1)
-  stage_config = experiment.stage_config
-
-  def micro_stage_config(name, experiment_config, **overrides):
-    """Every stage shrunk: a two-layer model (pretraining sets it; later stages load it)."""
-    shrink = {'train.eval_every': 0 if name in ('pretrain', 'sft', 'rm') else None,
-              'train.batch_size': 16, 'train.tensorboard': False,
-              'data.playground.train_size': 64, 'data.playground.eval_size': 16,
-              **(MICRO_MODEL if name == 'pretrain' else {})}
-    if name == 'ppo':
-      shrink['rl.num_prompts'] = 64
-    shrink = {k: v for k, v in shrink.items() if v is not None}
-    return stage_config(name, experiment_config, **{**shrink, **overrides})
-
-  experiment.stage_config = micro_stage_config
+  # Every stage shrunk: a two-layer model (pretraining sets it; later stages load it).
+  config.stage_overrides = {
+      'all': {'train': {'batch_size': 16, 'tensorboard': False},
+              'data': {'playground': {'train_size': 64, 'eval_size': 16}}},
+      'pretrain': {'model': MICRO_MODEL, 'train': {'eval_every': 0}},
+      'sft': {'train': {'eval_every': 0}}, 'rm': {'train': {'eval_every': 0}},
+      'ppo': {'rl': {'num_prompts': 64}}}
   return experiment, config
 
 
@@ -148,12 +145,12 @@ def test_stages_run_side_by_side_compute_what_each_computes_alone(micro, tmp_pat
     stage.seed = seed
     return stage
 
-  experiment.run_stages([(pretraining(0), str(tmp_path / 'a')),
-                         (pretraining(1), str(tmp_path / 'b'))], workers=2)
-  experiment.run_stages([(pretraining(0), str(tmp_path / 'alone'))], workers=1)
+  stages.run_stages([(pretraining(0), str(tmp_path / 'a')),
+                     (pretraining(1), str(tmp_path / 'b'))], workers=2)
+  stages.run_stages([(pretraining(0), str(tmp_path / 'alone'))], workers=1)
   metrics = {run: (tmp_path / run / 'metrics.jsonl').read_text() for run in ('a', 'b', 'alone')}
   assert metrics['a'] == metrics['alone'] != metrics['b']
-  assert all(experiment.finished(str(tmp_path / run)) for run in ('a', 'b'))
+  assert all(stages.finished(str(tmp_path / run)) for run in ('a', 'b'))
 
 
 def test_the_experiment_writes_measurements_fits_and_plots(run):
@@ -335,7 +332,7 @@ def test_a_rerun_skips_every_finished_stage(run, micro, monkeypatch):
   workdir, summary = run
   experiment, config = micro
   calls = []
-  monkeypatch.setattr(experiment.algorithms, 'run', lambda *args: calls.append(args))
+  monkeypatch.setattr(stages.algorithms, 'run', lambda *args: calls.append(args))
   assert experiment.run(config, str(workdir)) == summary
   assert not calls
 

@@ -14,7 +14,7 @@ from rlhf_jax.storage import open_file
 
 
 class ReliabilityBins(NamedTuple):
-  """Equal-width bins over [0, 1]: edges [n+1]; count, confidence, frequency [n] (NaN if empty)."""
+  """Bins of predictions: edges [n+1]; count, confidence, frequency [n] (NaN if empty)."""
   edges: np.ndarray
   count: np.ndarray
   confidence: np.ndarray  # Mean predicted probability in the bin.
@@ -47,16 +47,39 @@ def reliability_bins(probs, labels, *, num_bins: int = 10) -> ReliabilityBins:
   return ReliabilityBins(edges, count, confidence, frequency)
 
 
+def equal_mass_bins(probs, labels, *, num_bins: int = 10) -> ReliabilityBins:
+  """The predictions sorted by probability, cut into num_bins bins of (nearly) equal counts, so
+  that no bin is nearly empty when the probabilities crowd near 0 or 1 (Kadavath et al. 2022);
+  edges are each bin's lowest probability, then the highest one."""
+  probs, labels = _checked(probs, labels)
+  if not 1 <= num_bins <= probs.size:
+    raise InputError(f'num_bins={num_bins}: need 1 to {probs.size} (the predictions).')
+  bins = np.array_split(np.argsort(probs, kind='stable'), num_bins)
+  return ReliabilityBins(edges=np.array([probs[b[0]] for b in bins] + [probs[bins[-1][-1]]]),
+                         count=np.array([b.size for b in bins]),
+                         confidence=np.array([probs[b].mean() for b in bins]),
+                         frequency=np.array([labels[b].mean() for b in bins]))
+
+
 def _ece(bins: ReliabilityBins) -> float:
   filled = bins.count > 0
   weights = bins.count[filled] / bins.count.sum()
   return float(np.sum(weights * np.abs(bins.frequency[filled] - bins.confidence[filled])))
 
 
-def expected_calibration_error(probs, labels, *, num_bins: int = 10) -> float:
-  """ECE = Σ_bins (n_bin / N) · |mean(label) − mean(prob)| over equal-width bins (Guo et al.
-  2017, "On Calibration of Modern Neural Networks")."""
-  return _ece(reliability_bins(probs, labels, num_bins=num_bins))
+def expected_calibration_error(probs, labels, *, num_bins: int = 10,
+                               equal_mass: bool = False) -> float:
+  """ECE = Σ_bins (n_bin / N) · |mean(label) − mean(prob)| over equal-width bins, or equal-mass
+  ones (Guo et al. 2017, "On Calibration of Modern Neural Networks")."""
+  binning = equal_mass_bins if equal_mass else reliability_bins
+  return _ece(binning(probs, labels, num_bins=num_bins))
+
+
+def log_loss(probs, labels) -> float:
+  """Mean −[y log p + (1 − y) log(1 − p)] of the labels y under the probabilities p."""
+  probs, labels = _checked(probs, labels)
+  probs = np.clip(probs, 1e-12, 1 - 1e-12)
+  return float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log1p(-probs)))
 
 
 def reliability_diagram(probs, labels, path=None, *, num_bins: int = 10,
