@@ -1,0 +1,110 @@
+"""Stanford CS336 (2025) lecture 15's claims about RLHF, measured on the playground.
+
+  python experiments/lecture.py --config=configs/lecture.py:tiny --workdir=runs/lecture
+  python experiments/lecture.py --config=configs/lecture.py:tiny --workdir=runs/lecture \
+      --only=calibration
+
+One π_init (pretraining, then an SFT stopped early, as in configs/overoptimization.py), one
+proxy reward model on gold-labelled comparisons of its answers; PPO against the proxy under
+adaptive KL targets and against the gold itself, DPO at several β on the same comparisons, and
+best-of-n under the proxy, each evaluated along its run on the same held-out prompts. The
+phenomena read those runs: `frontier` (gold against KL per method, the DPO paper's figure 2)
+and `calibration` (ECE, temperature scaling, entropy and diversity, after SFT, PPO and DPO).
+Stage configs are the `stage_preset` of configs/{pretrain,sft,rm,ppo,dpo,bon}.py, changed
+here; `stage_overrides` changes every stage ('all') or one kind, as nested keys of its config.
+"""
+
+import ml_collections
+
+PHENOMENA = ('frontier', 'calibration')
+
+# This 2-core CPU. π_init is the overoptimization experiment's (the same steps). PPO takes the
+# settings that experiment froze (rollouts of 256, one epoch in 2 minibatches, lr 7e-5, a value
+# head, 20 + 16 tokens), for 80 iterations, evaluated every 20 on the 1,024 held-out prompts
+# that every method is measured on. DPO: one epoch of the 8,000 comparisons (250 steps of 32).
+TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, comparisons=8000,
+            rm_steps=400, eval_prompts=1024, max_prompt_len=20, max_new_tokens=16,
+            ppo_steps=80, ppo_eval_every=20, ppo_batch_size=256, ppo_minibatches=2, ppo_lr=7e-5,
+            kl_targets=(1.0, 4.0), dpo_betas=(0.03, 0.1, 0.3), dpo_steps=250,
+            dpo_eval_every=50, dpo_lr=3e-5, n_max=16, calibration_prompts=1024,
+            calibration_samples=16, workers=2)
+
+PRESETS = {
+    'tiny': TINY,
+    # Every stage at a toy size, for tests: a two-layer model, a few steps of each run.
+    'micro': dict(TINY, pretrain_steps=6, sft_steps=6, comparisons=64, rm_steps=6,
+                  eval_prompts=32, ppo_steps=2, ppo_eval_every=1, ppo_batch_size=16,
+                  ppo_lr=3e-3, kl_targets=(1.0,), dpo_betas=(0.1,), dpo_steps=4,
+                  dpo_eval_every=2, dpo_lr=3e-3, n_max=4, calibration_prompts=24,
+                  calibration_samples=3, bootstrap=50, workers=1, stage_overrides={
+                      'all': {'train': {'batch_size': 16, 'tensorboard': False},
+                              'data': {'playground': {'train_size': 64, 'eval_size': 16}}},
+                      'pretrain': {'model': {'n_layers': 2, 'd_model': 32, 'n_heads': 2,
+                                             'n_kv_heads': 1, 'd_ff': 64},
+                                   'train': {'eval_every': 0}},
+                      'sft': {'train': {'eval_every': 0}},
+                      'rm': {'train': {'eval_every': 0}},
+                      'ppo': {'rl': {'num_prompts': 64}}}),
+    # Accelerators: the small model, longer answers, more of everything.
+    'small': dict(TINY, stage_preset='small', pretrain_steps=4000, sft_steps=1000,
+                  comparisons=32000, rm_steps=2000, max_prompt_len=32, max_new_tokens=128,
+                  ppo_steps=300, ppo_eval_every=25, ppo_batch_size=512, ppo_minibatches=4,
+                  ppo_lr=1e-5, dpo_steps=1000, dpo_eval_every=100, dpo_lr=5e-6, n_max=64,
+                  calibration_samples=16, workers=1),
+}
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f'Unknown preset {preset!r} for configs/lecture.py; choose from '
+                     f'{sorted(PRESETS)}.')
+  p = PRESETS[preset]
+  return ml_collections.ConfigDict({
+      'stage_preset': p['stage_preset'],
+      'gold': 'program',  # As in configs/overoptimization.py.
+      'policy': '',  # π_init: an HF directory, or '' to pretrain and fine-tune one here.
+      'pretrain_steps': p['pretrain_steps'],
+      'sft_steps': p['sft_steps'],
+      'stage_overrides': p.get('stage_overrides', {}),
+      'phenomena': PHENOMENA,  # What to measure (--only picks some).
+      # Every method's points are measured on the same held-out prompts, their answers as long
+      # as the tasks need (prompts of ≤ 19 tokens, reference answers of ≤ 13 with EOS).
+      'eval_prompts': p['eval_prompts'],
+      'max_prompt_len': p['max_prompt_len'],
+      'max_new_tokens': p['max_new_tokens'],
+      # The proxy reward model, and DPO's data: comparisons of π_init's answers, labelled by
+      # Bradley-Terry labelers on the gold (temperature 0.1).
+      'proxy': {'comparisons': p['comparisons'], 'steps': p['rm_steps'],
+                'label_temperature': 0.1},
+      # PPO against the proxy, one run per KL target (Ziegler et al. 2019's controller, from
+      # β = kl_coef, horizon kl_horizon responses), and one against the gold itself (PPO-GT:
+      # the playground's program as a reward function, no KL penalty).
+      'ppo': {'steps': p['ppo_steps'], 'eval_every': p['ppo_eval_every'],
+              'rollout_batch_size': p['ppo_batch_size'], 'num_minibatches': p['ppo_minibatches'],
+              'ppo_epochs': 1, 'critic': 'head', 'lr': p['ppo_lr'],
+              'kl_targets': p['kl_targets'], 'kl_coef': 0.1, 'kl_horizon': 1000, 'gold': True},
+      # DPO (sigmoid) at each β on the proxy's comparisons, evaluated every eval_every steps.
+      'dpo': {'betas': p['dpo_betas'], 'steps': p['dpo_steps'], 'eval_every': p['dpo_eval_every'],
+              'lr': p['dpo_lr']},
+      # Best-of-n under the proxy: n_max answers per evaluation prompt; n = 1, 2, 4, … n_max.
+      'bon': {'n_max': p['n_max']},
+      'frontier': {
+          # KL bins (nats per prompt) of the envelope; the last edge is open.
+          'kl_edges': (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 1e9),
+      },
+      'calibration': {
+          # Held-out prompts of the tasks with one right answer (sort, add, repeat): the first
+          # half fits the temperature, the second measures the ECE after it.
+          'prompts': p['calibration_prompts'],
+          'samples': p['calibration_samples'],  # Answers per prompt, for distinct_answers.
+          'num_bins': 10,  # Equal-mass bins of the ECE.
+          'temperatures': tuple(round(0.5 + 0.1 * i, 2) for i in range(46)),  # 0.5 … 5.0
+          'dpo_beta': 0.1,  # The DPO policy measured (its last step): one of dpo.betas.
+          'ppo_kl_target': p['kl_targets'][-1],  # The PPO policy measured: one of kl_targets.
+      },
+      'bootstrap': p.get('bootstrap', 1000),  # Resamples of every interval (over prompts).
+      'seed': 0,
+      # Stages trained this many at a time in processes of their own (1 on an accelerator).
+      'workers': p['workers'],
+      'progress_bar': True,
+  })
