@@ -24,8 +24,8 @@ Phenomena (config.phenomena, or --only):
                iterations, distinct answers among several samples (OpenAI 2023, GPT-4 report
                figure 8; Kadavath et al. 2022)
 Then in <workdir>: report.md (per phenomenon the claim, criterion, numbers and verdict),
-summary.json, plots/{frontier,calibration}.png, points.npz and calibration/<policy>.npz (what
-notebooks/lecture.ipynb redraws the plots from).
+summary.json, config.json (the experiment's), plots/{frontier,calibration}.png, points.npz and
+calibration/<i>.npz (what notebooks/lecture.ipynb redraws the plots from).
 """
 
 import json
@@ -37,6 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rlhf_jax import parallel
 from rlhf_jax.analysis import lecture
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.metrics import read_metrics
@@ -212,7 +213,8 @@ def frontier(experiment, workdir: str, policy: str, stages) -> dict:
     if name != 'proxy':  # ppo/kl<t> -> ppo, ppo/gold -> ppo-gold, dpo/beta<β> -> dpo.
       method = 'ppo-gold' if name == 'ppo/gold' else name.split('/')[0]
       points += evaluation_points(method, name, run_dir, prompts)
-  lecture.save_points(points, os.path.join(workdir, 'points.npz'))
+  if jax.process_index() == 0:
+    lecture.save_points(points, os.path.join(workdir, 'points.npz'))
   bootstrap = {'num_resamples': experiment.bootstrap, 'seed': experiment.seed}
   rows = lecture.envelope(points, experiment.frontier.kl_edges, **bootstrap)
   best = {row['method']: row for row in lecture.envelope(points, (0.0, np.inf), **bootstrap)}
@@ -226,8 +228,8 @@ def frontier(experiment, workdir: str, policy: str, stages) -> dict:
 
 def answer_measurements(experiment, ctx, config, path: str, prompts) -> dict[str, np.ndarray]:
   """The policy at `path` on `prompts`: calibration.samples answers per prompt at temperature 1;
-  the first answer's confidence [G, N] at each of calibration.temperatures, whether it is right
-  [N], and the number of distinct answers per prompt [N]."""
+  the first answer's confidence [G, N] at each of calibration.temperatures [G], whether it is
+  right [N], and the number of distinct answers per prompt [N]."""
   c = experiment.calibration
   policy = ctx.load(path, head='lm')
   sampler = TextSampler(ctx.tokenizer, policy.graphdef, mesh=ctx.mesh, rules=ctx.rules,
@@ -240,7 +242,7 @@ def answer_measurements(experiment, ctx, config, path: str, prompts) -> dict[str
                                 chunk_size=config.train.logprob_chunk_size)
   confidence_NxG = confidence(policy.params, draws[0])
   ctx.release(path, head='lm')
-  return {'confidence_GxN': confidence_NxG.T,
+  return {'temperatures_G': np.array(c.temperatures), 'confidence_GxN': confidence_NxG.T,
           'correct_N': tasks.program_gold(prompts, draws[0].responses) == 1.0,
           'distinct_N': np.array([len(set(a)) for a in zip(*(d.responses for d in draws))])}
 
@@ -254,30 +256,28 @@ def per_token_entropy(run_dir: str) -> list[float]:
 
 def calibration(experiment, workdir: str, policy: str, stages) -> dict:
   """Each policy of `calibrated_policies` measured on the verifiable held-out prompts
-  (<workdir>/calibration/<stage>.npz once measured), and the verdict of
+  (<workdir>/calibration/<i>.npz once measured), and the verdict of
   CRITERIA['calibration']."""
   c = experiment.calibration
   config, ctx = scoring_context(experiment, workdir, policy)
   prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', c.prompts, VERIFIABLE)
-  t1 = c.temperatures.index(1.0)  # The policy's own confidence.
-  measured = {}
-  for label, stage in calibrated_policies(experiment).items():
-    path = os.path.join(workdir, 'calibration', (stage or 'sft').replace('/', '-') + '.npz')
+  policies = calibrated_policies(experiment)
+  for index, (label, stage) in enumerate(policies.items()):
+    path = os.path.join(workdir, 'calibration', f'{index}.npz')
     if not os.path.exists(path):
       arrays = answer_measurements(experiment, ctx, config,
                                    stages[stage][1] + '/hf' if stage else policy, prompts)
       if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, **arrays)
-    with np.load(path) as f:
-      measured[label] = dict(f)
+        lecture.save_arrays(arrays | {'label': label}, path)
+  parallel.barrier('calibration measured')  # Every process reads what process 0 wrote.
+  measured = lecture.load_calibration(os.path.join(workdir, 'calibration'))
   half = len(prompts) // 2
   out = {key: {} for key in ('ece', 'mean_confidence', 'accuracy', 'fitted_temperature',
                              'ece_before_temperature', 'ece_after_temperature',
                              'distinct_answers')}
   ece = lecture.calibration_statistic(c.num_bins)
   for label, m in measured.items():
-    confidence, correct = m['confidence_GxN'][t1], m['correct_N']
+    confidence, correct = lecture.own_confidence(m), m['correct_N']
     out['ece'][label] = {'value': ece(confidence, correct), 'ci': lecture.bootstrap_interval(
         lambda i: ece(confidence[i], correct[i]), len(prompts),
         num_resamples=experiment.bootstrap, seed=experiment.seed)}
@@ -290,8 +290,8 @@ def calibration(experiment, workdir: str, policy: str, stages) -> dict:
     out['ece_after_temperature'][label] = ece(
         m['confidence_GxN'][c.temperatures.index(fitted), half:], correct[half:])
     out['distinct_answers'][label] = float(m['distinct_N'].mean())
-  ppo = next(label for label in measured if label.startswith('ppo (KL'))
-  pair = [(measured[label]['confidence_GxN'][t1], measured[label]['correct_N'])
+  ppo = next(label for label, stage in policies.items() if stage.startswith('ppo/kl'))
+  pair = [(lecture.own_confidence(measured[label]), measured[label]['correct_N'])
           for label in (ppo, 'sft')]
   difference = lecture.bootstrap_interval(
       lambda i: ece(pair[0][0][i], pair[0][1][i]) - ece(pair[1][0][i], pair[1][1][i]),
@@ -299,8 +299,9 @@ def calibration(experiment, workdir: str, policy: str, stages) -> dict:
   entropy = {name: per_token_entropy(run_dir) for name, (_, run_dir) in stages.items()
              if name.startswith('ppo/')}
   out['entropy_trend'] = {name: lecture.trend(values) for name, values in entropy.items()}
+  out['entropy'] = entropy
   holds = difference[0] > 0 and out['mean_confidence'][ppo] > out['accuracy'][ppo]
-  lecture.plot_calibration({label: (m['confidence_GxN'][t1], m['correct_N'])
+  lecture.plot_calibration({label: (lecture.own_confidence(m), m['correct_N'])
                             for label, m in measured.items()}, entropy,
                            os.path.join(workdir, 'plots', 'calibration.png'),
                            num_bins=c.num_bins)
@@ -338,6 +339,7 @@ def run(experiment, workdir: str, only=None) -> dict:
   stages = train(experiment, workdir, policy, phenomena)
   summary = {name: PHENOMENA[name](experiment, workdir, policy, stages) for name in phenomena}
   if jax.process_index() == 0:
+    replace_file(os.path.join(workdir, 'config.json'), experiment.to_json(indent=1))
     replace_file(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=1))
     replace_file(os.path.join(workdir, 'report.md'), report(summary, experiment))
   return summary

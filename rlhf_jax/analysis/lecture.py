@@ -8,6 +8,7 @@ over prompts (`bootstrap_interval`).
 
 import dataclasses
 import io
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -113,13 +114,18 @@ def envelope(points: Sequence[Point], kl_edges: Sequence[float], *, num_resample
   return rows
 
 
+def save_arrays(arrays: dict, path: str) -> None:
+  """The arrays as one .npz at `path` (local or a URL), replaced whole."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  replace_file(path, buffer.getvalue())
+
+
 def save_points(points: Sequence[Point], path: str) -> None:
   """The points as one .npz: method, run, step [P] and kl, gold [P, I]."""
-  buffer = io.BytesIO()
-  np.savez(buffer, method=[p.method for p in points], run=[p.run for p in points],
-           step=[p.step for p in points], kl_PxI=np.stack([p.kl_I for p in points]),
-           gold_PxI=np.stack([p.gold_I for p in points]))
-  replace_file(path, buffer.getvalue())
+  save_arrays({'method': [p.method for p in points], 'run': [p.run for p in points],
+               'step': [p.step for p in points], 'kl_PxI': np.stack([p.kl_I for p in points]),
+               'gold_PxI': np.stack([p.gold_I for p in points])}, path)
 
 
 def load_points(path: str) -> list[Point]:
@@ -127,6 +133,24 @@ def load_points(path: str) -> list[Point]:
   with open_file(path, 'rb') as f, np.load(f) as z:
     return [Point(str(m), str(r), int(t), kl, gold) for m, r, t, kl, gold in
             zip(z['method'], z['run'], z['step'], z['kl_PxI'], z['gold_PxI'])]
+
+
+def load_calibration(directory: str) -> dict[str, dict[str, np.ndarray]]:
+  """{label: arrays} of each policy measured in `directory` (its <i>.npz, in order of i)."""
+  names = sorted((n for n in os.listdir(directory) if n.endswith('.npz')),
+                 key=lambda n: int(n.removesuffix('.npz')))
+  measured = {}
+  for name in names:
+    with np.load(os.path.join(directory, name)) as f:
+      arrays = dict(f)
+    measured[str(arrays.pop('label'))] = arrays
+  return measured
+
+
+def own_confidence(arrays: dict[str, np.ndarray]) -> np.ndarray:
+  """The confidence [N] at temperature 1 (the policy's own) of a `load_calibration` entry."""
+  (t1,) = np.flatnonzero(arrays['temperatures_G'] == 1.0)
+  return arrays['confidence_GxN'][t1]
 
 
 def _interval(ci) -> str:

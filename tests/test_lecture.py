@@ -1,0 +1,216 @@
+"""The lecture experiment: its measurements on hand-made inputs, every stage at a micro scale
+end to end, and its notebook executed on that run's workdir.
+
+The micro run checks the wiring, the keys and the files, not the science (README reports the
+tiny preset's figures)."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.special import log_softmax
+
+from rlhf_jax import parallel, stages
+from rlhf_jax.analysis import lecture
+from rlhf_jax.config import load_config
+from rlhf_jax.errors import InputError
+from rlhf_jax.evals import equal_mass_bins, expected_calibration_error, log_loss
+from rlhf_jax.evals.confidence import AnswerConfidence
+from rlhf_jax.sampling.text import TextSamples
+from test_kv_cache import LLAMA, forward, random_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def load_experiment():
+  spec = importlib.util.spec_from_file_location('lecture_experiment',
+                                                ROOT / 'experiments' / 'lecture.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_equal_mass_bins_and_their_ece_by_hand():
+  confidence, correct = [0.9, 0.1, 0.3, 0.2], [1, 0, 1, 0]
+  bins = equal_mass_bins(confidence, correct, num_bins=2)  # {0.1, 0.2} and {0.3, 0.9}.
+  np.testing.assert_allclose(bins.confidence, [0.15, 0.6])
+  np.testing.assert_allclose(bins.frequency, [0.0, 1.0])
+  np.testing.assert_array_equal(bins.count, [2, 2])
+  np.testing.assert_allclose(bins.edges, [0.1, 0.3, 0.9])
+  # ECE = ½ · |0 − 0.15| + ½ · |1 − 0.6|.
+  assert expected_calibration_error(confidence, correct, num_bins=2,
+                                    equal_mass=True) == pytest.approx(0.275)
+  assert lecture.calibration_statistic(2)(np.array(confidence), np.array(correct)) == (
+      pytest.approx(0.275))
+  # Five answers in two bins: three and two; equal width would leave [0.5, 1] with one.
+  assert equal_mass_bins([0.1, 0.15, 0.2, 0.25, 0.9], [0] * 5, num_bins=2).count.tolist() == [3, 2]
+  with pytest.raises(InputError, match='num_bins=5'):
+    equal_mass_bins([0.5] * 4, [1] * 4, num_bins=5)
+
+
+def test_log_loss_and_the_fitted_temperature_by_hand():
+  assert log_loss([0.8, 0.4], [1, 0]) == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2)
+  correct = np.array([1, 0, 1, 1])  # Accuracy 0.75: confidence 0.75 has the least log loss.
+  rows = np.array([[0.99] * 4, [0.75] * 4, [0.5] * 4])
+  assert lecture.fit_temperature(rows, correct, (0.5, 1.0, 2.0)) == 1.0
+  with pytest.raises(InputError, match='3 rows of confidences for 2 temperatures'):
+    lecture.fit_temperature(rows, correct, (0.5, 1.0))
+
+
+def test_distinct_answers_trend_and_bootstrap_by_hand():
+  # Two samples (rows) of two prompts: the first prompt's differ, the second's agree.
+  assert lecture.distinct_answers([['a', 'b'], ['c', 'b']]) == 1.5
+  assert lecture.trend([3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+  assert lecture.trend([1.0, 3.0, 2.0]) == pytest.approx(1 / 3)
+  values = np.tile([0.0, 1.0], 100)
+  low, high = lecture.bootstrap_interval(lambda i: values[i].mean(), values.size)
+  assert 0.4 < low < 0.5 < high < 0.6
+  assert lecture.bootstrap_interval(lambda i: np.ones(8)[i].mean(), 8) == [1.0, 1.0]
+
+
+def point(method, run, step, kl, gold):
+  return lecture.Point(method, run, step, np.full(len(gold), kl), np.array(gold, float))
+
+
+def test_the_envelope_takes_the_best_point_per_method_and_kl_bin():
+  points = [point('dpo', 'a', 1, 0.05, [1, 0]), point('dpo', 'a', 2, 0.07, [1, 1]),
+            point('dpo', 'b', 1, 0.30, [0, 0]), point('ppo', 'c', 1, 0.2, [0, 1])]
+  rows = lecture.envelope(points, (0.0, 0.1, 0.25, 0.5), num_resamples=200)
+  assert [(r['method'], r['kl_lo'], r['gold'], r['run'], r['step']) for r in rows] == [
+      ('dpo', 0.0, 1.0, 'a', 2), ('dpo', 0.25, 0.0, 'b', 1), ('ppo', 0.1, 0.5, 'c', 1)]
+  assert rows[0]['ci'] == [1.0, 1.0]  # The bin's best is 1 on every resample of the prompts.
+  assert rows[2]['ci'] == [0.0, 1.0]  # Two prompts, 0 and 1: every mean from 0 to 1.
+  with pytest.raises(InputError, match='same prompts'):
+    lecture.envelope(points + [point('bon', 'd', 1, 0.0, [1, 1, 1])], (0.0, 1.0))
+
+
+def test_points_survive_their_file(tmp_path):
+  points = [point('dpo', 'a', 1, 0.05, [1, 0]), point('best-of-n', 'proxy', 4, 0.7, [0, 0.5])]
+  lecture.save_points(points, str(tmp_path / 'points.npz'))
+  loaded = lecture.load_points(str(tmp_path / 'points.npz'))
+  assert [(p.method, p.run, p.step, p.kl, p.gold) for p in loaded] == [
+      (p.method, p.run, p.step, p.kl, p.gold) for p in points]
+
+
+def test_answer_confidence_is_the_tempered_probability_of_the_answer_tokens():
+  model = random_model(LLAMA)
+  graphdef, params = nnx.split(model)
+  rng = np.random.default_rng(0)
+  # Three rows: a prompt of 3 tokens (one left-padded to 2), answers of 4, 2 and 1 tokens.
+  prompt_mask = np.array([[1, 1, 1], [0, 1, 1], [1, 1, 1]], np.int32)
+  mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], np.int32)
+  samples = TextSamples(['', '', ''], rng.integers(0, 64, (3, 3)) * prompt_mask, prompt_mask,
+                        rng.integers(0, 64, (3, 4)) * mask, mask)
+  confidence = AnswerConfidence(graphdef, (0.5, 1.0, 2.5), mesh=parallel.make_mesh({'data': -1}),
+                                rules=parallel.DEFAULT_RULES, batch_size=8)(params, samples)
+  rows = samples.sequences()
+  logits = np.asarray(forward(model, jnp.asarray(rows['tokens']),
+                              jnp.asarray(rows['attention_mask'])), np.float64)
+  for g, temperature in enumerate((0.5, 1.0, 2.5)):
+    logps = log_softmax(logits[:, :-1] / temperature, axis=-1)
+    at_tokens = np.take_along_axis(logps, rows['tokens'][:, 1:, None], axis=-1)[..., 0]
+    expected = np.exp((at_tokens * rows['loss_mask'][:, 1:]).sum(axis=1))
+    np.testing.assert_allclose(confidence[:, g], expected, rtol=2e-4)
+
+
+def test_bad_phenomena_and_policies_are_errors_naming_the_key(tmp_path):
+  experiment = load_experiment()
+  config = load_config('lecture.py:micro')
+  with pytest.raises(InputError, match=r"unknown \['length'\]"):
+    experiment.run(config, str(tmp_path), only=['length'])
+  config.calibration.ppo_kl_target = 3.0
+  with pytest.raises(InputError, match=r'config.calibration.ppo_kl_target=3.0 is not one of'):
+    experiment.calibrated_policies(config)
+
+
+def test_the_proxy_and_dpo_train_on_the_same_comparisons():
+  experiment = load_experiment()
+  config = load_config('lecture.py:tiny')
+  configs = {name: c for name, (c, _) in experiment.stages_of(config, 'w', 'pi').items()}
+  assert set(configs) == {'proxy', 'dpo/beta0.03', 'dpo/beta0.1', 'dpo/beta0.3', 'ppo/kl1',
+                          'ppo/kl4', 'ppo/gold'}
+  proxy = configs['proxy']
+  for name in ('dpo/beta0.03', 'dpo/beta0.3'):
+    dpo = configs[name]
+    assert dpo.data.playground.to_dict() == proxy.data.playground.to_dict()
+    assert (dpo.seed, dpo.data.seed, dpo.train.seq_len, dpo.data.max_prompt_len) == (
+        proxy.seed, proxy.data.seed, proxy.train.seq_len, proxy.data.max_prompt_len)
+  assert configs['dpo/beta0.3'].loss.beta == 0.3
+  assert configs['ppo/kl4'].rl.adaptive_kl and configs['ppo/kl4'].rl.kl_target == 4.0
+  assert configs['ppo/kl4'].rl.reward_model == 'w/proxy/hf'
+  gold = configs['ppo/gold'].rl
+  assert (gold.reward_model, tuple(gold.reward_fns), gold.kl_coef) == (
+      '', (experiment.GOLD_FUNCTION,), 0.0)
+  evaluated = [c for name, c in configs.items() if name != 'proxy']
+  assert {(c.eval.num_prompts, c.eval.max_new_tokens, c.data.playground.seed)
+          for c in evaluated} == {(1024, 16, proxy.data.playground.seed)}
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('lecture')
+  experiment = load_experiment()
+  config = load_config('lecture.py:micro')
+  config.progress_bar = False
+  return workdir, experiment.run(config, str(workdir)), experiment, config
+
+
+def test_the_micro_run_writes_every_key_report_and_plot(run):
+  workdir, summary, _, config = run
+  assert set(summary) == {'frontier', 'calibration'}
+  frontier = summary['frontier']
+  assert isinstance(frontier['holds'], bool) and frontier['criterion']
+  assert set(frontier['best']) == {'best-of-n', 'dpo', 'ppo', 'ppo-gold'}
+  assert all({'method', 'kl_lo', 'kl_hi', 'gold', 'ci'} <= set(row)
+             for row in frontier['envelope'])
+  points = lecture.load_points(str(workdir / 'points.npz'))
+  steps = {(p.method, p.run): [] for p in points}
+  for p in points:
+    steps[p.method, p.run].append(p.step)
+  assert steps == {('best-of-n', 'proxy'): [1, 2, 4], ('dpo', 'dpo/beta0.1'): [0, 2, 4],
+                   ('ppo', 'ppo/kl1'): [0, 1, 2], ('ppo-gold', 'ppo/gold'): [0, 1, 2]}
+  assert {p.gold_I.size for p in points} == {config.eval_prompts}
+  assert points[0].kl == 0.0  # Best-of-1 is π_init itself.
+  calibration = summary['calibration']
+  policies = ['sft', 'ppo (KL target 1)', 'ppo-gold', 'dpo (β 0.1)']
+  for key in ('ece', 'mean_confidence', 'accuracy', 'fitted_temperature',
+              'ece_after_temperature', 'distinct_answers'):
+    assert list(calibration[key]) == policies, key
+  assert all(1 <= d <= config.calibration.samples for d in calibration['distinct_answers'].values())
+  assert set(calibration['entropy_trend']) == {'ppo/kl1', 'ppo/gold'}
+  assert all(len(v) == 2 for v in calibration['entropy'].values())  # One per PPO iteration.
+  assert json.loads((workdir / 'summary.json').read_text()) == json.loads(json.dumps(summary))
+  report = (workdir / 'report.md').read_text()
+  assert '## frontier' in report and '## calibration' in report and 'Verdict' in report
+  for name in ('frontier', 'calibration'):
+    assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == PNG
+
+
+def test_only_measures_a_subset_and_a_rerun_trains_nothing(run, tmp_path, monkeypatch):
+  workdir, summary, experiment, config = run
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  calls = []
+  monkeypatch.setattr(stages.algorithms, 'run', lambda *args: calls.append(args))
+  again = experiment.run(config, str(tmp_path), only=['calibration'])
+  assert not calls
+  assert again == {'calibration': summary['calibration']}
+
+
+def test_the_notebook_redraws_every_plot_from_the_workdir(run, tmp_path, monkeypatch):
+  workdir, summary, _, _ = run
+  monkeypatch.setenv('LECTURE_WORKDIR', str(workdir))
+  monkeypatch.setenv('LECTURE_PLOTS', str(tmp_path))
+  notebook = json.loads((ROOT / 'notebooks' / 'lecture.ipynb').read_text())
+  namespace = {}
+  for cell in notebook['cells']:
+    if cell['cell_type'] == 'code':
+      exec(compile(''.join(cell['source']), 'lecture.ipynb', 'exec'), namespace)
+  assert namespace['envelope'] == summary['frontier']['envelope']
+  for name in ('frontier', 'calibration'):
+    assert (tmp_path / f'{name}.png').read_bytes()[:8] == PNG
