@@ -90,6 +90,18 @@ def test_the_envelope_takes_the_best_point_per_method_and_kl_bin():
     lecture.envelope(points + [point('bon', 'd', 1, 0.0, [1, 1, 1])], (0.0, 1.0))
 
 
+def test_the_frontier_table_names_a_method_that_never_left_its_start():
+  points = [point('dpo', 'a', 0, 0.0, [0, 1]), point('dpo', 'a', 1, 0.3, [1, 1]),
+            point('ppo', 'b', 0, 0.0, [1, 0]), point('ppo', 'b', 1, 0.4, [0, 0])]
+  best = {r['method']: r for r in lecture.envelope(points, (0.0, np.inf), num_resamples=20)}
+  assert (best['dpo']['kl'], best['ppo']['kl']) == (0.3, 0.0)
+  table = lecture.frontier_table({'best': best, 'envelope': []})
+  assert 'Never above its start on this run (best point at KL 0): ppo.' in table
+  best.pop('ppo')
+  assert not any('Never above' in line for line in lecture.frontier_table(
+      {'best': best, 'envelope': []}))
+
+
 def test_points_survive_their_file(tmp_path):
   points = [point('dpo', 'a', 1, 0.05, [1, 0]), point('best-of-n', 'proxy', 4, 0.7, [0, 0.5])]
   lecture.save_points(points, str(tmp_path / 'points.npz'))

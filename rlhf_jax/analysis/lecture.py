@@ -162,6 +162,9 @@ def frontier_table(result: dict) -> list[str]:
   lines = ['| method | best gold | 95% interval | KL at best | run, step |', '|---|---|---|---|---|']
   lines += [f'| {m} | {r["gold"]:.3f} | {_interval(r["ci"])} | {r["kl"]:.2f} | '
             f'{r["run"]}, {r["step"]} |' for m, r in result['best'].items()]
+  unimproved = [m for m, r in result['best'].items() if r['kl'] == 0.0]
+  if unimproved:  # A comparison with such a method is won by default: say so.
+    lines += ['', f'Never above its start on this run (best point at KL 0): {", ".join(unimproved)}.']
   lines += ['', '| method | KL bin | gold | 95% interval | KL |', '|---|---|---|---|---|']
   lines += [f'| {r["method"]} | [{r["kl_lo"]:g}, {r["kl_hi"]:g}) | {r["gold"]:.3f} | '
             f'{_interval(r["ci"])} | {r["kl"]:.2f} |' for r in result['envelope']]
