@@ -33,30 +33,10 @@ os.environ.update({
 })
 
 
-# The test files that take longest on this project's 2-core CPU (`--durations`), longest first.
-# pytest-xdist's `--dist loadfile` hands files to its workers in collection order, by default
-# the files with the most tests first: long files of a few tests came last, and one worker ran
-# them alone while the other idled. Longest first (LPT scheduling) keeps both busy to the end.
-LONGEST_FIRST = (  # Seconds of test time in one run of the whole suite: 310 to 35.
-    'test_overoptimization_experiment.py', 'test_pipeline.py', 'test_lecture.py',
-    'test_rl_runs.py', 'test_multiprocess.py', 'test_reliability.py', 'test_resume.py',
-    'test_sharding.py', 'test_ensembles.py', 'test_export.py', 'test_attention.py',
-    'test_activation_sharding.py', 'test_aot.py', 'test_vs_trl.py', 'test_install.py',
-    'test_checkpoint.py', 'test_sweep.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: in-file order kept.
-
-
 def pytest_configure(config):
-  """Files are scheduled in the order of `pytest_collection_modifyitems`, not by their number of
-  tests. Processes started by tests run without torch (tests/no_torch/sitecustomize.py); the
-  test processes keep it for the parity tests, so pytest-xdist's controller, whose workers
-  inherit its environment, leaves PYTHONPATH as it is."""
-  if hasattr(config.option, 'loadscopereorder'):
-    config.option.loadscopereorder = False
+  """Processes started by tests run without torch (tests/no_torch/sitecustomize.py); the test
+  processes keep it for the parity tests, so pytest-xdist's controller, whose workers inherit
+  its environment, leaves PYTHONPATH as it is."""
   if config.getoption('numprocesses', None) and not hasattr(config, 'workerinput'):
     return
   shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'no_torch')
