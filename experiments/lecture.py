@@ -25,7 +25,7 @@ Phenomena (config.phenomena, or --only):
                figure 8; Kadavath et al. 2022)
 Then in <workdir>: report.md (per phenomenon the claim, criterion, numbers and verdict),
 summary.json, config.json (the experiment's), plots/{frontier,calibration}.png, points.npz and
-calibration/<i>.npz (what notebooks/lecture.ipynb redraws the plots from).
+calibration/<stage>.npz (what notebooks/lecture.ipynb redraws the plots from).
 """
 
 import json
@@ -256,21 +256,22 @@ def per_token_entropy(run_dir: str) -> list[float]:
 
 def calibration(experiment, workdir: str, policy: str, stages) -> dict:
   """Each policy of `calibrated_policies` measured on the verifiable held-out prompts
-  (<workdir>/calibration/<i>.npz once measured), and the verdict of
+  (<workdir>/calibration/<stage>.npz once measured), and the verdict of
   CRITERIA['calibration']."""
   c = experiment.calibration
   config, ctx = scoring_context(experiment, workdir, policy)
   prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', c.prompts, VERIFIABLE)
   policies = calibrated_policies(experiment)
-  for index, (label, stage) in enumerate(policies.items()):
-    path = os.path.join(workdir, 'calibration', f'{index}.npz')
+  for label, stage in policies.items():
+    path = os.path.join(workdir, 'calibration', (stage or 'sft').replace('/', '-') + '.npz')
     if not os.path.exists(path):
       arrays = answer_measurements(experiment, ctx, config,
                                    stages[stage][1] + '/hf' if stage else policy, prompts)
       if jax.process_index() == 0:
         lecture.save_arrays(arrays | {'label': label}, path)
   parallel.barrier('calibration measured')  # Every process reads what process 0 wrote.
-  measured = lecture.load_calibration(os.path.join(workdir, 'calibration'))
+  found = lecture.load_calibration(os.path.join(workdir, 'calibration'))
+  measured = {label: found[label] for label in policies}  # Not those of an earlier config.
   half = len(prompts) // 2
   out = {key: {} for key in ('ece', 'mean_confidence', 'accuracy', 'fitted_temperature',
                              'ece_before_temperature', 'ece_after_temperature',

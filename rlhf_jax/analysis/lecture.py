@@ -136,9 +136,8 @@ def load_points(path: str) -> list[Point]:
 
 
 def load_calibration(directory: str) -> dict[str, dict[str, np.ndarray]]:
-  """{label: arrays} of each policy measured in `directory` (its <i>.npz, in order of i)."""
-  names = sorted((n for n in os.listdir(directory) if n.endswith('.npz')),
-                 key=lambda n: int(n.removesuffix('.npz')))
+  """{label: arrays} of every policy measured in `directory` (one .npz each)."""
+  names = sorted(n for n in os.listdir(directory) if n.endswith('.npz'))
   measured = {}
   for name in names:
     with np.load(os.path.join(directory, name)) as f:
