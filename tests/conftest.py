@@ -1,4 +1,5 @@
-"""Set before JAX is imported: eight virtual CPU devices for the sharding tests, and one
+"""Set before JAX is imported: eight virtual CPU devices for the sharding tests, compiled cheaply
+(tests/devices.py), and one
 persistent XLA compilation cache for the whole session.
 
 The suite builds many runs of the same tiny configs, in this process, in the subprocesses it
@@ -15,8 +16,9 @@ import os
 import shutil
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+import devices  # tests/devices.py
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + devices.xla_flags(8)).strip()
 
 # pytest-xdist's workers inherit the directory that the controlling process made (and removes).
 _XLA_CACHE = os.environ.get('RLHF_JAX_TESTS_XLA_CACHE')

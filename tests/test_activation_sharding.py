@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from devices import xla_flags
+
 WARNING = 'Involuntary full rematerialization'
 MODELS = ('llama', 'gpt2')
 MESH_SET = '--- jax.set_mesh ---'
@@ -21,7 +23,7 @@ def compile_logs() -> tuple[str, str]:
   """stderr of one SFT step traced without `jax.set_mesh` (llama), then of each model under
   it."""
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=8', TF_CPP_MIN_LOG_LEVEL='0')
+  env.update(XLA_FLAGS=xla_flags(8), TF_CPP_MIN_LOG_LEVEL='0')
   result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]

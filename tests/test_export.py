@@ -30,6 +30,7 @@ from rlhf_jax.models import Transformer, load_hf, loading
 from rlhf_jax.models.loading import is_export
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.playground import tasks
+from devices import environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO = {'model.n_layers': 1, 'model.d_model': 32, 'model.n_heads': 2, 'model.n_kv_heads': 1,
@@ -189,7 +190,7 @@ def test_a_second_stage_starts_from_the_first_stages_export_at_a_url(run, tmp_pa
 
 
 def test_a_step_that_is_not_there_is_an_error_listing_those_that_are(run, tmp_path):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = environment(1)
   done = subprocess.run(
       [sys.executable, '-m', 'rlhf_jax.export', f'--workdir={run}', '--step=3',
        f'--out={tmp_path / "out"}'], env=env, cwd=ROOT, capture_output=True, text=True,

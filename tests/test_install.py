@@ -1,19 +1,19 @@
 """The entry point as a user starts it: from any working directory, and from a non-editable
 `pip install .` (the configs ship inside the package as `rlhf_jax.configs`)."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 from rlhf_jax.engine.metrics import read_metrics
+from devices import environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ['-m', 'rlhf_jax.main', '--config=configs/sft.py:sorting', '--config.train.steps=2',
        '--config.train.seq_len=16', '--config.data.max_items=6', '--config.train.batch_size=8',
        '--config.train.eval_every=0', '--config.train.progress_bar=False',
        '--config.train.tensorboard=False']
-ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+ENV = environment(1)
 
 
 def run(python_path: str | None, cwd, *args) -> subprocess.CompletedProcess:

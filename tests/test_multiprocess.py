@@ -6,7 +6,6 @@ Each process is a real `python -m rlhf_jax.main` with `--config.distributed.*`, 
 launch one per host; process 0 writes metrics.jsonl.
 """
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import time
 import pytest
 
 from rlhf_jax.engine.metrics import read_metrics
+from devices import environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # Seconds for all three runs together.
@@ -34,8 +34,7 @@ def free_port() -> int:
 
 
 def start(workdir, devices: int, log, *overrides, common=COMMON) -> subprocess.Popen:
-  # An explicit XLA_FLAGS: `devices` devices per process, whatever conftest.py set.
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  env = environment(devices)  # Whatever conftest.py set for the in-process tests.
   # stderr goes to a file: a pipe nobody reads while we wait on the other process could fill
   # up and stall this one, and with it the collectives of both.
   return subprocess.Popen(
@@ -138,7 +137,7 @@ assert loading.is_export(sys.argv[3]), 'returned before the export was whole'
 def test_every_process_returns_from_export_hf_once_the_export_is_whole(tmp_path):
   port = free_port()
   logs = {f'p{i}': open(tmp_path / f'p{i}.log', 'w') for i in range(2)}
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = environment(1)
   processes = {name: subprocess.Popen(
       [sys.executable, '-c', EXPORT_THEN_READ, f'127.0.0.1:{port}', name[1], tmp_path / 'hf'],
       env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log) for name, log in logs.items()}

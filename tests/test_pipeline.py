@@ -11,7 +11,6 @@ Config errors, raised before anything is built, and the mixture's rows are check
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 import transformers
 from data_fixtures import write_jsonl
+from devices import environment
 from hf_fixtures import VOCAB as HF_VOCAB
 from hf_fixtures import tiny_model
 from test_resume import finish
@@ -59,7 +59,7 @@ LABELER = Labeler(temperature=0.1, length_bias=0.0)  # configs' playground defau
 def env():
   """One CPU device (whatever conftest.py set for in-process tests); the session's XLA cache
   (conftest.py) comes with the rest of the environment."""
-  return {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  return environment(1)
 
 
 @pytest.fixture(scope='module')

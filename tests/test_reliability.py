@@ -19,13 +19,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
-from test_resume import ROOT, TIMEOUT, finish, logged_steps, start
+from test_resume import ROOT, TIMEOUT, finish, start
 
 from rlhf_jax import algorithms, errors
 from rlhf_jax.config import load_config
 from rlhf_jax.data.sources import read_records
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.engine.loop import Interrupted
+from devices import environment
 
 DIVERGE = ['--config.optim.lr=1e3', '--config.optim.warmup_steps=1', '--config.train.steps=40',
            '--config.train.checkpoint_every=5', '--config.train.log_every=1',
@@ -34,7 +35,7 @@ DIVERGE = ['--config.optim.lr=1e3', '--config.optim.warmup_steps=1', '--config.t
 
 def start_main(workdir, *args) -> subprocess.Popen:
   """`python -m rlhf_jax.main` with exactly these flags, on one CPU device."""
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = environment(1)
   return subprocess.Popen([sys.executable, '-m', 'rlhf_jax.main', f'--workdir={workdir}', *args],
                           env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
@@ -79,27 +80,48 @@ def test_a_diverging_run_stops_where_it_diverges_and_saves_nothing_of_it(tmp_pat
   assert all(np.isfinite(w).all() for w in weights.values())
 
 
-def test_sigterm_writes_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
-  """SIGTERM mid-run (at step 35 of 60, between checkpoints): exit 75 with a checkpoint of the
-  step; a corrupted latest checkpoint makes the rerun fall back to the one before; either way
-  metrics.jsonl ends byte-identical to the uninterrupted run's."""
+def logged_steps(workdir) -> list[int]:
+  """Steps of the complete lines of a metrics file that a live run may be writing to."""
+  try:
+    text = (workdir / 'metrics.jsonl').read_text()
+  except FileNotFoundError:
+    return []
+  complete = text[:text.rfind('\n') + 1]  # A line being written has no newline yet.
+  return [json.loads(line)['step'] for line in complete.splitlines() if line.strip()]
+
+
+def test_interrupted_runs_resume_to_the_uninterrupted_runs_metrics(tmp_path):
+  """Three runs stopped mid-run, next to one that is not: SIGTERM at step 35 of 60 (between
+  checkpoints) exits 75 with a checkpoint of the step; a corrupted latest checkpoint makes the
+  rerun fall back to the one before; SIGKILL at step 45 loses the steps since the last
+  (asynchronous) checkpoint. Each rerun's metrics.jsonl ends byte-identical to the
+  uninterrupted run's: every step once, in order, and every evaluation."""
   overrides = ['--config.train.steps=60', '--config.train.checkpoint_every=20',
                '--config.train.keep_checkpoints=3', '--config.train.log_every=1',
-               '--config.train.eval_every=0',  # Steps of about 40 ms, so the signal lands
-               '--config.train.batch_size=32', '--config.train.seq_len=64',  # mid-run.
-               '--config.data.max_items=30']
+               '--config.train.eval_every=20', '--config.train.eval_batches=2',
+               '--config.train.async_checkpoint=True',
+               '--config.train.batch_size=32', '--config.train.seq_len=64',  # Steps of about
+               '--config.data.max_items=30']  # 40 ms, so that the signals land mid-run.
   reference = start(tmp_path / 'ref', *overrides)
-  victims = {name: start(tmp_path / name, *overrides) for name in ('term', 'corrupt')}
+  signals = {'term': (signal.SIGTERM, 35), 'corrupt': (signal.SIGTERM, 35),
+             'kill': (signal.SIGKILL, 45)}
+  victims = {name: start(tmp_path / name, *overrides) for name in signals}
   deadline, signalled = time.time() + TIMEOUT, set()
-  while len(signalled) < len(victims) and time.time() < deadline:  # Both runs at once.
+  while len(signalled) < len(victims) and time.time() < deadline:  # All runs at once.
     for name, victim in victims.items():
-      if name not in signalled and max(logged_steps(tmp_path / name), default=0) >= 35:
-        victim.send_signal(signal.SIGTERM)
+      sig, at_step = signals[name]
+      if name not in signalled and max(logged_steps(tmp_path / name), default=0) >= at_step:
+        victim.send_signal(sig)
         signalled.add(name)
     time.sleep(0.01)
   stopped_at = {}
   for name, victim in victims.items():
     stderr = finish(victim, expect_ok=False)
+    if name == 'kill':
+      assert victim.returncode == -signal.SIGKILL, stderr[-3000:]
+      stopped_at[name] = max(logged_steps(tmp_path / name))
+      assert 45 <= stopped_at[name] < 60
+      continue
     assert victim.returncode == Interrupted.EXIT_STATUS, stderr[-3000:]
     assert 'stopped by SIGTERM after step' in last_line(stderr)
     stopped_at[name] = int(last_line(stderr).split('after step ')[1].split(',')[0])
@@ -110,13 +132,17 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_continues_exactly(tmp_path):
   for path in latest.rglob('*'):
     if path.is_file():
       path.write_bytes(b'\0garbage')
+  expected_resume = {'term': (stopped_at['term'],), 'corrupt': (20,), 'kill': (20, 40)}
   for name in victims:
     stderr = finish(start(tmp_path / name, *overrides))
     resumed_from = int(stderr.split('Resumed')[1].split('from step ')[1].split('.')[0])
-    assert resumed_from == (stopped_at[name] if name == 'term' else 20), stderr[-3000:]
+    assert resumed_from in expected_resume[name], stderr[-3000:]
     if name == 'corrupt':
       assert f'Checkpoint {stopped_at[name]} in' in stderr and 'could not be read' in stderr
   finish(reference)
+  logged = read_metrics(tmp_path / 'ref' / 'metrics.jsonl')
+  assert [m['step'] for m in logged if 'loss' in m] == list(range(1, 61))
+  assert [m['step'] for m in logged if 'eval/loss' in m] == [20, 40, 60]
   expected = (tmp_path / 'ref' / 'metrics.jsonl').read_bytes()
   for name in victims:
     assert (tmp_path / name / 'metrics.jsonl').read_bytes() == expected, name

@@ -1,6 +1,5 @@
 """Whole runs as a user starts them, from a Hugging Face checkpoint."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -8,6 +7,7 @@ import sys
 import pytest
 
 from rlhf_jax.engine.metrics import read_metrics
+from devices import environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',
@@ -17,12 +17,6 @@ TINY = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',
 
 def command(workdir, *overrides):
   return [sys.executable, '-m', 'rlhf_jax.main', f'--workdir={workdir}', *TINY, *overrides]
-
-
-def environment(devices: int):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
 
 
 def run(workdir, *overrides, devices=1, timeout=240):

@@ -18,6 +18,7 @@ import pytest
 from rlhf_jax import sweep
 from rlhf_jax.config import base_config
 from rlhf_jax.engine.progress import RunsProgress
+from devices import environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [f'--config={ROOT}/configs/sft.py:sorting', '--config.train.seq_len=16',
@@ -149,7 +150,7 @@ def test_one_bar_counts_every_points_steps(tmp_path, monkeypatch):
 
 
 def run_sweep_command(workdir, *flags):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = environment(1)
   command = [sys.executable, '-m', 'rlhf_jax.sweep', f'--workdir={workdir}', *TINY, *flags]
   return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
