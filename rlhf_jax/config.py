@@ -15,6 +15,7 @@ from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.parallel import DEFAULT_RULES
+from rlhf_jax.playground import tasks
 
 # ModelConfig fields that default to None, with the type a command-line override may give them.
 _OPTIONAL_MODEL_FIELDS = {'head_dim': int, 'sliding_window': int, 'rope_llama3_scaling': tuple}
@@ -173,7 +174,9 @@ def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
       # The source's split names for our train/eval splits (tfds: and hf: sources).
       'splits': {'train': 'train', 'eval': 'test'},
       'tfds_data_dir': config_dict.placeholder(str),
-      'playground': {'seed': 0, 'train_size': 20000, 'eval_size': 512,
+      # The prompts of every playground split (instructions, pairs, RL, evaluation) are of
+      # `tasks`, in turn; pretraining text states facts of all of them.
+      'playground': {'seed': 0, 'train_size': 20000, 'eval_size': 512, 'tasks': tasks.TASKS,
                      'label_temperature': 0.1, 'length_bias': 0.0,
                      # 'program' | 'teacher:random' | 'teacher:<HF reward model dir>'
                      'gold': 'program', 'teacher_preset': 'playground-teacher',

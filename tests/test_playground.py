@@ -1,8 +1,14 @@
-"""The synthetic playground: gold rewards by hand, graded corruptions, labelers, tokenizer."""
+"""The synthetic playground: gold rewards by hand, graded corruptions, labelers, tokenizer, the
+tasks a config chooses."""
+
+import json
 
 import numpy as np
 import pytest
 
+from rlhf_jax.config import load_config
+from rlhf_jax.errors import InputError
+from rlhf_jax.playground import files
 from rlhf_jax.playground import tasks as pg
 from rlhf_jax.playground.labelers import Labeler
 from rlhf_jax.data.tokenizer import load_tokenizer
@@ -112,3 +118,24 @@ def test_policy_pairs_keep_differing_answers_and_label_them_by_gold():
   for row in rows:  # A noiseless labeler prefers the reference answer, whose gold is 1.
     assert row['chosen'] == pg.reference(row['prompt']) and row['gold_chosen'] == 1.0
     assert row['gold_rejected'] == pg.gold_reward(row['prompt'], row['rejected']) < 1.0
+
+
+def test_config_tasks_choose_the_prompts_of_every_split_and_name_their_files(tmp_path):
+  p = load_config('sft.py:tiny').data.playground
+  p.update(train_size=12, eval_size=4)
+  assert pg.configured_tasks(p) == pg.TASKS  # All four by default.
+  everything = files.source_spec('preference', p, str(tmp_path))
+  p.tasks = ('sort', 'add')
+  prompts = pg.playground_prompts(p, 'eval', 6)
+  assert [pg.task_of(q) for q in prompts] == ['sort', 'add'] * 3
+  assert prompts[0] == pg.sample_prompts(p.seed, 'eval', 1)[0]  # The same draw, task by task.
+  for kind in ('sft', 'preference'):
+    spec = files.source_spec(kind, p, str(tmp_path))
+    assert spec != everything and '-tasks-sort-add' in spec
+    for split in ('train', 'eval'):
+      rows = [json.loads(line) for line in open(spec.removeprefix('jsonl:').format(split=split))]
+      assert {pg.task_of(row['prompt']) for row in rows} == {'sort', 'add'}
+  assert '-tasks-' not in files.source_spec('text', p, str(tmp_path))  # Text states them all.
+  p.tasks = ('sort', 'sorting')
+  with pytest.raises(InputError, match=r"config.data.playground.tasks=\('sort', 'sorting'\)"):
+    pg.playground_prompts(p, 'eval', 2)

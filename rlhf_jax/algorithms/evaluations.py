@@ -15,7 +15,7 @@ def sample_evaluations(ctx, graphdef, *, reference=None, proxy=None) -> dict:
   if ctx.gold is None:
     return {}
   ev = config.eval
-  prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', ev.num_prompts)
+  prompts = tasks.playground_prompts(config.data.playground, 'eval', ev.num_prompts)
   return {'samples': GoldRewardOfSamples(
       prompts, ctx.tokenizer, graphdef, gold_fn=ctx.gold,
       groups=[tasks.task_of(p) for p in prompts], mesh=ctx.mesh, rules=ctx.rules,

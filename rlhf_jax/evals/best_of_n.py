@@ -116,7 +116,7 @@ def run(ctx) -> list[dict]:
                      'config.eval.gold="playground".')
   check_aggregation(bon, 'config.bon')
   ns = powers_of_two(bon.n_max)
-  prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', bon.num_prompts)
+  prompts = tasks.playground_prompts(config.data.playground, 'eval', bon.num_prompts)
   answers = sample_candidates(ctx.load(config.model.hf_path, head='lm', keep=False), config,
                               ctx.tokenizer, ctx.mesh, prompts,
                               range(config.seed, config.seed + ns[-1]))

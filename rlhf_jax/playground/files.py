@@ -27,6 +27,8 @@ def source_spec(kind: str, p, cache_dir: str, *, gold=None, answer_pairs=None,
   if kind not in KINDS:
     raise InputError(f'{key}="playground:{kind}": the playground has {KINDS}.')
   name = f'playground-{kind}-{{split}}-n{p.train_size}-{p.eval_size}-seed{p.seed}'
+  if kind != 'text' and tasks.configured_tasks(p) != tasks.TASKS:
+    name += '-tasks-' + '-'.join(p.tasks)
   if kind == 'preference':
     name += (f'-T{p.label_temperature}-len{p.length_bias}-gold-{_slug(p.gold)}'
              f'-pairs-{_slug(p.pairs)}')
@@ -50,7 +52,8 @@ def write_file(kind: str, split: str, p, path: str, *, gold=None, answer_pairs=N
   if not os.path.exists(path):
     os.makedirs(cache_dir, exist_ok=True)
     rows = playground_rows(kind, split, size, seed=p.seed, gold=gold, answer_pairs=answer_pairs,
-                           labeler=Labeler(p.label_temperature, p.length_bias))
+                           labeler=Labeler(p.label_temperature, p.length_bias),
+                           task_names=tasks.configured_tasks(p))
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w') as f:
       f.writelines(json.dumps(row) + '\n' for row in rows)
@@ -62,18 +65,19 @@ def _slug(text: str) -> str:
 
 
 def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labeler,
-                    gold=None, answer_pairs=None) -> list:
+                    gold=None, answer_pairs=None, task_names=tasks.TASKS) -> list:
   """The JSON objects of a playground file; preference rows also keep their gold rewards.
 
   Preference pairs are two corruptions of the best answer, or with `answer_pairs(prompts,
   split)` two answers of a policy; pairs whose answers are the same are redrawn
   (corruptions) or left out (a policy's, as are pairs with an empty answer).
-  gold(prompts, responses) -> rewards labels them (default: the playground's program).
+  gold(prompts, responses) -> rewards labels them (default: the playground's program). The
+  prompts are of `task_names`, in turn.
   """
   if kind == 'text':
     rng = np.random.default_rng([seed, SPLITS.index(split), 9])
     return [{'text': tasks.pretraining_document(rng)} for _ in range(n)]
-  prompts = tasks.sample_prompts(seed, split, n)
+  prompts = tasks.sample_prompts(seed, split, n, task_names)
   if kind == 'sft':
     return [{'prompt': p, 'response': tasks.reference(p)} for p in prompts]
   rngs = [np.random.default_rng([seed, SPLITS.index(split), i, 3]) for i in range(n)]

@@ -177,6 +177,18 @@ def sample_prompts(seed: int, split: str, n: int, tasks=TASKS) -> list[str]:
                       tasks[i % len(tasks)]) for i in range(n)]
 
 
+def configured_tasks(p) -> tuple[str, ...]:
+  """The tasks of a config's `data.playground` entry `p`, checked."""
+  if not p.tasks or set(p.tasks) - set(TASKS):
+    raise InputError(f'config.data.playground.tasks={tuple(p.tasks)!r}: choose some of {TASKS}.')
+  return tuple(p.tasks)
+
+
+def playground_prompts(p, split: str, n: int) -> list[str]:
+  """`sample_prompts` of a config's `data.playground` entry `p`: its seed and its tasks."""
+  return sample_prompts(p.seed, split, n, configured_tasks(p))
+
+
 def pretraining_document(rng: np.random.Generator) -> str:
   """A few sentences stating task facts in prose: the base model's world knowledge."""
   sentences = []

@@ -22,7 +22,7 @@ def prompt_pool(config, split: str = 'train', n: int | None = None) -> list[Prom
   """
   spec = config.rl.prompts
   if spec == 'playground':
-    return tasks.sample_prompts(config.data.playground.seed, split, n or config.rl.num_prompts)
+    return tasks.playground_prompts(config.data.playground, split, n or config.rl.num_prompts)
   if spec.partition(':')[0] in SCHEMES:
     records = read_records(spec, 'prompt', data=config.data, key='config.rl.prompts')[split]
     prompts = [_plain(record.prompt) for record in records.records]
