@@ -326,6 +326,9 @@ def test_one_alpha_fits_curves_that_share_it_and_costs_r2_where_they_do_not():
   assert apart['r2_separate'] == pytest.approx(1.0) and apart['r2'] < 0.99
   with pytest.raises(InputError, match='needs two points that set them apart'):
     fit_shared_alpha([(d, _gain('rl', 0.5, 0.2, d)), (np.zeros(3), np.zeros(3))], method='rl')
+  # Curves that never leave 0 (a policy that gains nothing) are fitted exactly, α = β = 0.
+  flat = fit_shared_alpha([(d, np.zeros_like(d))] * 2, method='bon')
+  assert (flat['alpha'], flat['betas'], flat['r2'], flat['r2_separate']) == (0, [0, 0], 1, 1)
 
 
 def test_size_scaling_relates_the_coefficients_to_log_parameters():

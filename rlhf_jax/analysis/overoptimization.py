@@ -73,6 +73,13 @@ def _form(method):
   return _FORMS[method]
 
 
+def _r2(ss_res: float, ss_tot: float) -> float:
+  """1 − SS_res / SS_tot; for gains that do not vary, 1 if the fit is exact, else NaN."""
+  if ss_tot > 0:
+    return 1 - ss_res / ss_tot
+  return 1.0 if ss_res == 0 else math.nan
+
+
 def fit(d, gain, *, method: str) -> dict:
   """Least-squares (α, β) of R_method(d) to the measured gains, with R² and the fitted peak.
 
@@ -98,11 +105,7 @@ def fit(d, gain, *, method: str) -> dict:
                      f'{d_N.tolist()}.')
   alpha, beta = (float(c) for c in coefficients)
   residual_N = gain_N - features_Nx2 @ coefficients
-  ss_res, ss_tot = float(residual_N @ residual_N), float(np.sum((gain_N - gain_N.mean())**2))
-  if ss_tot > 0:
-    r2 = 1 - ss_res / ss_tot
-  else:
-    r2 = 1.0 if ss_res == 0 else math.nan
+  r2 = _r2(float(residual_N @ residual_N), float(np.sum((gain_N - gain_N.mean())**2)))
   peak_d = peak_fn(alpha, beta)
   peak_gain = None if peak_d is None else float(gain_fn(peak_d, alpha=alpha, beta=beta))
   return {'alpha': alpha, 'beta': beta, 'r2': r2, 'peak_d': peak_d, 'peak_gain': peak_gain}
@@ -536,7 +539,7 @@ def fit_shared_alpha(curves, *, method: str) -> dict:
   coefficients = np.linalg.lstsq(features, gain)[0]
   residual = gain - features @ coefficients
   return {'alpha': float(coefficients[0]), 'betas': [float(b) for b in coefficients[1:]],
-          'r2': 1 - float(residual @ residual) / ss_tot, 'r2_separate': 1 - ss_separate / ss_tot}
+          'r2': _r2(float(residual @ residual), ss_tot), 'r2_separate': _r2(ss_separate, ss_tot)}
 
 
 def size_scaling(fits) -> list[dict]:
