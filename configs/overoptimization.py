@@ -11,14 +11,15 @@ Stage configs are the `preset` of configs/{pretrain,sft,rm,ppo,bon}.py, shrunk o
 
 import ml_collections
 
-# This 2-core CPU, about 20 minutes: one proxy architecture (the policy's), two amounts of
-# comparisons. SFT stops early (80 steps) so that there is room to improve. PPO takes one
-# step per 128 fresh answers (rollouts of 256, 2 minibatches, 1 epoch) with a value head on
-# the policy (cheaper than a critic copied from the proxy), until an evaluation measures
-# KL 4.5 to π_init (d ≈ 2.1), so that each curve has a long enough fall to fit. These
-# settings were chosen on seed 0 (how, with the alternatives measured: README, "Reward-model
-# overoptimization"), then frozen; the curves are those of seeds 1, 2 and 3. Prompts take at
-# most 19 tokens and reference answers 13 with EOS: PPO's sequences are 20 + 16 long.
+# This 2-core CPU: one proxy architecture (the policy's), two amounts of comparisons. SFT
+# stops early (80 steps) so that there is room to improve. PPO takes one step per 128 fresh
+# answers (rollouts of 256, 2 minibatches, 1 epoch) with a value head on the policy (cheaper
+# than a critic copied from the proxy), until an evaluation measures KL 4.5 to π_init
+# (d ≈ 2.1), so that each curve has a long enough fall to fit. These settings were chosen on
+# seed 0 (how, with the alternatives measured: README, "Reward-model overoptimization"), then
+# frozen; the curves are those of seeds 1, 2 and 3 (the main job, `tiny`, changes the tasks
+# and PPO's learning rate, below). Prompts take at most 19 tokens and reference answers 13
+# with EOS: PPO's sequences are 20 + 16 long.
 TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, rm_steps=600,
             comparisons=(2000, 16000), models=('policy',), n_max=64, bon_prompts=256,
             rl_steps=250, rl_stop_kl=4.5, rl_eval_every=20, rl_eval_prompts=1024,
@@ -27,7 +28,17 @@ TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, rm_steps=600,
             workers=2)
 
 PRESETS = {
-    'tiny': TINY,
+    # The main job optimises sort prompts only: on the other tasks PPO against a proxy loses
+    # gold from its first iterations (repeat: the proxy scores "dog dog dog" for "Write the word
+    # cat 3 times." above the right answer; safety: π_init is at 0.999, nothing to gain),
+    # which on all four tasks hid the rise on sort (the lecture's tiny run, seed 0: PPO against
+    # its 8,000-comparison proxy, sort 0.607 -> 0.731 in 80 iterations while repeat fell 0.576
+    # -> 0.406). On sort alone every rollout moves the policy on sort: PPO at lr 7e-5 is at KL
+    # 1.8 to 2.7 by its first evaluation (20 iterations), so lr 2e-5 with evaluations every 10,
+    # chosen on seed 100 (against the 2,000- and 16,000-comparison proxies: +0.036 at KL 0.35
+    # then -0.060 at KL 2.3; +0.053 at KL 0.63, +0.044 at KL 1.18), then frozen. The studies
+    # below keep all four tasks and lr 7e-5, as they were measured.
+    'tiny': dict(TINY, tasks=('sort',), rl_lr=2e-5, rl_eval_every=10, rl_steps=120),
     # Gao et al. §3.3 on this CPU: proxies on 250 to 16,000 comparisons (equal steps), and 2,000
     # comparisons × 4 epochs against 8,000 × 1 (equal steps: Gao et al. figure 13); best-of-n
     # only, on one candidate pool per seed; the exact best-of-n KL next to the formula's.
@@ -113,6 +124,9 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # rollouts, minibatch order and evaluation answers), against the same proxies: fits.json
       # has the curves averaged over seeds with bootstrap intervals over seeds and prompts.
       'seeds': p['seeds'],
+      # The playground tasks optimised and measured: best-of-n's and PPO's prompts, PPO's
+      # evaluations. π_init and the proxies learn from all four.
+      'tasks': p.get('tasks', ('sort', 'add', 'repeat', 'safety')),
       'methods': p.get('methods', ('bon', 'rl')),  # Best-of-n ('bon') and PPO ('rl').
       # PPO's β (config.rl.kl_coef of configs/ppo.py, on proxy scores normalised to mean 0 and
       # std 1 over π_init's answers): a run per coefficient, proxy and seed. Gao et al.'s main

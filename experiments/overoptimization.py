@@ -181,7 +181,7 @@ def scoring_context(experiment, workdir: str, policy: str) -> tuple:
   """(the best-of-n stage's config, a RunContext on it in <workdir>/bon): π_init's tokenizer,
   the gold reward and reward models that score answers as long as PPO's."""
   config = stage_config('bon', experiment, **{
-      'model.hf_path': policy, 'data.tokenizer': policy,
+      'model.hf_path': policy, 'data.tokenizer': policy, 'data.playground.tasks': experiment.tasks,
       'data.max_prompt_len': experiment.rl.max_prompt_len,
       'eval.max_new_tokens': experiment.rl.max_new_tokens})
   return config, RunContext(config, os.path.join(workdir, 'bon'))
@@ -206,7 +206,7 @@ def best_of_n_runs(experiment, workdir: str, policy: str, targets) -> tuple[list
   """
   config, ctx = scoring_context(experiment, workdir, policy)
   n_max = experiment.bon.n_max
-  prompts = tasks.sample_prompts(config.data.playground.seed, 'eval', experiment.bon.num_prompts)
+  prompts = tasks.playground_prompts(config.data.playground, 'eval', experiment.bon.num_prompts)
   task_N = np.array([tasks.task_of(p) for p in prompts])
   ns = best_of_n.powers_of_two(n_max)
   answers = {}
@@ -300,7 +300,8 @@ def rl_runs(experiment, workdir: str, policy: str, targets) -> list:
             'model.hf_path': policy, 'rl.reward_model': target['spec'],
             'rl.reward_aggregation': target['aggregation'],
             'rl.uncertainty_weight': experiment.ensemble.uncertainty_weight,
-            'rl.kl_coef': kl_coef, 'seed': seed, 'train.checkpoint_every': r.eval_every}),
+            'rl.kl_coef': kl_coef, 'seed': seed, 'train.checkpoint_every': r.eval_every,
+            'data.playground.tasks': experiment.tasks}),
                        os.path.join(workdir, 'rl', curve, f'seed{seed}')))
         labels.append((curve, target, kl_coef, seed))
   run_stages(stages, experiment.workers)
@@ -342,8 +343,8 @@ def mitigations(experiment, workdir: str, policy: str, proxies, targets) -> dict
 
   with open(os.path.join(workdir, 'bon', f'answers_seed{experiment.seeds[0]}.json')) as f:
     first_two = json.load(f)[:2]
-  prompts = tasks.sample_prompts(ctx.config.data.playground.seed, 'eval',
-                                 experiment.bon.num_prompts)
+  prompts = tasks.playground_prompts(ctx.config.data.playground, 'eval',
+                                     experiment.bon.num_prompts)
   pairs = {'in_distribution': [(prompts, answers, ctx.gold(prompts, answers))
                                for answers in first_two]}
   evaluations = {}  # Per PPO run directory: its evaluations, each read_samples.

@@ -23,6 +23,7 @@ from rlhf_jax.analysis import overoptimization
 from rlhf_jax.config import base_config, load_config
 from rlhf_jax.engine.progress import RunsProgress
 from rlhf_jax.errors import InputError
+from rlhf_jax.playground import tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MICRO_MODEL = {'n_layers': 2, 'd_model': 32, 'n_heads': 2, 'n_kv_heads': 1, 'd_ff': 64}
@@ -115,7 +116,8 @@ def micro():
   """(the experiment module with every stage shrunk, the experiment's config)."""
   experiment = load_experiment()
   config = load_config('overoptimization.py:tiny')
-  config.update(pretrain_steps=6, sft_steps=6, progress_bar=False, seeds=(0, 1))
+  config.update(pretrain_steps=6, sft_steps=6, progress_bar=False, seeds=(0, 1),
+                tasks=('sort', 'safety'))  # A micro policy sorts nothing: all of sort's gold is 0.
   config.proxies.update(comparisons=(64,), steps=6)
   config.bon.update(n_max=4, num_prompts=16)
   config.rl.update(steps=3, eval_every=1, eval_prompts=32, lr=3e-3, rollout_batch_size=16,
@@ -187,6 +189,16 @@ def test_the_experiment_writes_measurements_fits_and_plots(run):
     assert 0 <= row['exact'] <= row['formula'] + 1e-12
     assert row['win_rate'] <= row['win_rate_bound']
   assert summary['bon_kl'][0]['exact'] == 0 and summary['bon_kl'][0]['win_rate'] == 0.5
+  # config.tasks: best-of-n and PPO optimise and are measured on those prompts; the proxy
+  # learned from comparisons on every task.
+  assert {task for row in summary['bon_kl'] for task in row['exact_by_task']} == {'sort', 'safety'}
+  for step in (0, 3):
+    samples = (workdir / 'rl' / 'policy-64' / 'seed0' / 'samples' / f'step_{step}.jsonl')
+    assert {tasks.task_of(json.loads(line)['prompt'])
+            for line in samples.read_text().splitlines()} == {'sort', 'safety'}
+  comparisons, = (workdir / 'proxies' / 'policy-64' / 'data').glob('playground-preference-train*')
+  assert {tasks.task_of(json.loads(line)['prompt'])
+          for line in comparisons.read_text().splitlines()} == set(tasks.TASKS)
   assert [f['proxy'] for f in summary['bon_exact_kl']] == ['policy-64']
   assert json.loads((workdir / 'fits.json').read_text()) == summary
   assert [e['proxy'] for e in summary['kl_efficiency']] == ['policy-64']
