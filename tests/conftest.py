@@ -1,14 +1,12 @@
-"""Set before JAX is imported: eight virtual CPU devices for the sharding tests, compiled cheaply
-(tests/devices.py), and one
-persistent XLA compilation cache for the whole session.
+"""Set before JAX is imported: eight virtual CPU devices for the sharding tests, compiled
+cheaply (tests/devices.py), and one persistent XLA compilation cache for the whole session.
 
 The suite builds many runs of the same tiny configs, in this process, in the subprocesses it
 starts and in pytest-xdist's workers (which all inherit the environment); each would compile the
-same programs again. With a
-cache fresh for the session (nothing carried over from an earlier one), a program compiles
-once: on this project's 2-core CPU tests/test_rl_runs.py takes 124 s instead of 313 s. The
-compiled programs are the ones a run without the cache would build, so no test changes what it
-checks.
+same programs again. With a cache fresh for the session (nothing carried over from an earlier
+one), a program compiles once: on this project's 2-core CPU tests/test_rl_runs.py takes 124 s
+instead of 313 s. The compiled programs are the ones a run without the cache would build, so no
+test changes what it checks.
 """
 
 import atexit

@@ -15,6 +15,6 @@ def xla_flags(devices: int) -> str:
   return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}'
 
 
-def environment(devices: int = 1) -> dict[str, str]:
+def environment(devices: int) -> dict[str, str]:
   """os.environ (the session's XLA cache included, see conftest.py) with `devices` devices."""
   return {**os.environ, 'XLA_FLAGS': xla_flags(devices)}
