@@ -44,5 +44,7 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.optim.schedule = 'warmup_stable_decay'
   c.train.eval_at_start = True
   c.train.export_hf = True
-  c.eval = sample_eval_config()
+  # kl_to_initial: the evaluations also measure KL and win rate against the initial model (a
+  # frozen copy kept on the mesh), as DPO's and RL's do against their reference.
+  c.eval = sample_eval_config(kl_to_initial=False)
   return c

@@ -310,6 +310,26 @@ def test_unpaired_files_and_preference_pairs_read_as_unpaired_examples(tmp_path)
                                                                   6, 6]
 
 
+def test_preference_pairs_read_by_an_sft_trainer_train_on_the_chosen_response(tmp_path):
+  """Preferred-FT (Rafailov et al. 2023): one SFT example a pair, its prompt and chosen."""
+  tokenizer = tiny_tokenizer(tmp_path / 'tok')
+  pairs = [{'prompt': f'p{i}', 'chosen': f'r{i}', 'rejected': f'r{i + 1} r{i}'}
+           for i in range(5)]
+  for split in ('train', 'eval'):
+    write_jsonl(tmp_path / f'pairs_{split}.jsonl', pairs)
+  source = tokenized_source(f'jsonl:{tmp_path}/pairs_{{split}}.jsonl', ('sft', 'text'),
+                            tokenizer, config=_config(tmp_path),
+                            cache_dir=str(tmp_path / 'cache'), key='config.data.sources.sft')
+  assert source.kind == 'sft'
+  examples = source.examples['train']
+  assert len(examples) == len(pairs)
+  for (piece,), line in zip(examples, pairs):
+    sft = encode_sft(SFTRecord((Message('user', line['prompt']),), line['chosen'],
+                               Origin('', 0)), tokenizer, seq_len=48, max_prompt_len=32)
+    assert piece[0].tolist() == sft.prompt_ids + sft.response_ids
+    assert piece[1].tolist() == [0] * len(sft.prompt_ids) + [1] * len(sft.response_ids)
+
+
 def test_hf_source_errors_name_what_was_looked_for(tmp_path):
   tokenizer = tiny_tokenizer(tmp_path / 'tok')
   with pytest.raises(NotFound, match='no such directory'):

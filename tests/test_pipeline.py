@@ -251,13 +251,14 @@ def test_bad_examples_stop_the_run_or_are_counted(env, tokenizer_dir, tmp_path):
 def test_config_errors_name_the_culprit(tokenizer_dir, tmp_path):
   """Raised before any data is tokenized or any model built, so checked in-process."""
   tiny_model('qwen2').save_pretrained(tmp_path / 'qwen2')
-  for split in ('train', 'eval'):
-    write_jsonl(tmp_path / f'pairs-{split}.jsonl',
-                playground_rows('preference', split, 8, seed=0, labeler=LABELER))
+  for split in ('train', 'eval'):  # Unpaired (KTO) examples: SFT reads pairs, not these.
+    write_jsonl(tmp_path / f'kto-{split}.jsonl',
+                [{'prompt': row['prompt'], 'completion': row['chosen'], 'label': True}
+                 for row in playground_rows('preference', split, 8, seed=0, labeler=LABELER)])
   cases = [  # (config overrides, what the error must say)
       ({'data.sources.sft': 'foo:bar'}, ["config.data.sources.sft='foo:bar'", '"jsonl:PATH"']),
-      ({'data.sources.sft': f'jsonl:{tmp_path}/pairs-{{split}}.jsonl'},
-       ['config.data.sources.sft=', "holds 'preference' examples", "('sft', 'text')"]),
+      ({'data.sources.sft': f'jsonl:{tmp_path}/kto-{{split}}.jsonl'},
+       ['config.data.sources.sft=', "holds 'unpaired' examples", "('sft', 'text')"]),
       ({'model.vocab_size': 256},
        [f'The tokenizer has {VOCAB} tokens but config.model.vocab_size=256']),
       # A checkpoint's vocabulary is checked as well: its embedding has no row for ids >= 100.

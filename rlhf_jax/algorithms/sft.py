@@ -2,13 +2,15 @@
 
 SFT examples have loss on their response tokens; text examples (pretraining, or the
 "pre-training mix" of an SFT run) on every token. With packing, a token is never predicted
-from the previous example's last token.
+from the previous example's last token. Preference pairs train on their chosen response
+(Preferred-FT); the playground's are labelled like the pair trainers' (`preference_data`).
 """
 
 import functools
 
 from rlhf_jax.algorithms.base import Algorithm, DataBatches
 from rlhf_jax.algorithms.evaluations import sample_evaluations
+from rlhf_jax.algorithms.preferences import make_answer_pairs
 from rlhf_jax.losses import sft_loss, token_logprobs
 from rlhf_jax.playground.sorting import SortingTask
 
@@ -43,11 +45,13 @@ def make_algorithm(ctx) -> Algorithm:
                        seed=config.data.seed)
   else:
     tokenizer = ctx.tokenizer
-    data = ctx.token_data(kinds=('sft', 'text'))
+    data = ctx.token_data(kinds=('sft', 'text'), gold=ctx.gold,
+                          answer_pairs=make_answer_pairs(ctx))
     stats = data.stats
   model = ctx.initial_model()
   if tokenizer is not None:
-    evaluations = sample_evaluations(ctx, model.graphdef)
+    reference = model.copy().params if config.eval.get('kl_to_initial') else None
+    evaluations = sample_evaluations(ctx, model.graphdef, reference=reference)
   return Algorithm(model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
                    evaluations=evaluations, data_stats=stats, tokenizer=tokenizer)
 

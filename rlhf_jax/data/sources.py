@@ -28,8 +28,8 @@ from absl import logging
 from rlhf_jax.data import SPLITS, hf_source, tfds_source
 from rlhf_jax.data.batching import Piece
 from rlhf_jax.data.encoding import encode_preference, encode_sft
-from rlhf_jax.data.records import (FIELDS, InvalidExample, Record, Records, SFTRecord,
-                                   UnpairedRecord, read_jsonl)
+from rlhf_jax.data.records import (FIELDS, InvalidExample, PreferenceRecord, Record, Records,
+                                   SFTRecord, UnpairedRecord, read_jsonl)
 from rlhf_jax.data.store import Example
 from rlhf_jax.errors import InputError, NotFound
 
@@ -68,8 +68,11 @@ def source_kind(spec: str, kinds: tuple[str, ...], *, data, key: str) -> str:
 def encoded_kind(kind: str, kinds: tuple[str, ...]) -> str:
   """The kind of example a source of `kind` gives a trainer of `kinds`: its own, except that
   preference pairs read by a trainer of unpaired examples (KTO) give two each, the chosen
-  response desirable and the rejected one not (TRL's `unpair_preference_dataset`)."""
-  return 'unpaired' if kind == 'preference' and 'unpaired' in kinds else kind
+  response desirable and the rejected one not (TRL's `unpair_preference_dataset`), and read
+  by an SFT trainer give their chosen response (Rafailov et al. 2023's "Preferred-FT")."""
+  if kind == 'preference' and 'preference' not in kinds:
+    return 'unpaired' if 'unpaired' in kinds else 'sft' if 'sft' in kinds else kind
+  return kind
 
 
 def field_map(data, kind: str | None = None) -> dict[str, str]:
@@ -214,6 +217,8 @@ def _encode(record, kind: str, tokenizer, *, options: EncodeOptions, stats) -> l
   fit = dict(seq_len=seq_len, max_prompt_len=options.max_prompt_len,
              truncation=options.truncation)
   if kind == 'sft':
+    if isinstance(record, PreferenceRecord):  # Preferred-FT: the chosen response.
+      record = SFTRecord(record.prompt, record.chosen, record.origin)
     encoded = encode_sft(record, tokenizer, **fit, train_turns=options.train_turns)
     stats.update(f'truncated/{part}' for part in encoded.truncated)
     return [(_piece(encoded.prompt_ids, encoded.response_ids, encoded.prompt_mask),)]
