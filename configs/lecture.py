@@ -7,27 +7,38 @@
 One π_init (pretraining, then an SFT stopped early, as in configs/overoptimization.py), one
 proxy reward model on gold-labelled comparisons of its answers; PPO against the proxy under
 adaptive KL targets and against the gold itself, DPO at several β on the same comparisons, and
-best-of-n under the proxy, each evaluated along its run on the same held-out prompts. The
-phenomena read those runs: `frontier` (gold against KL per method, the DPO paper's figure 2)
-and `calibration` (ECE, temperature scaling, entropy and diversity, after SFT, PPO and DPO).
+best-of-n under the proxy, SFT on the comparisons' chosen answers, and IPO and hinge (SLiC) at
+DPO's β, each evaluated along its run on the same held-out prompts. The phenomena read those
+runs: `frontier` (gold against KL per method, the DPO paper's figure 2), `calibration` (ECE,
+temperature scaling, entropy and diversity, after SFT, PPO and DPO) and `daa_overoptimization`
+(gold against KL over one epoch per direct-alignment loss and β, Rafailov et al. 2024).
 Stage configs are the `stage_preset` of configs/{pretrain,sft,rm,ppo,dpo,bon}.py, changed
 here; `stage_overrides` changes every stage ('all') or one kind, as nested keys of its config.
 """
 
 import ml_collections
 
-PHENOMENA = ('frontier', 'calibration')
+PHENOMENA = ('frontier', 'calibration', 'daa_overoptimization', 'length')
+
+# DPO and its length-aware variants on length-biased pairs (rlhf_jax/losses/dpo.py): DPO's β;
+# R-DPO's α cancels the labelers' own length term (their logit is λ/T per word, one token a word
+# on the playground: α = 1/0.1 at λ = 1); SimPO and length-normalised DPO at their papers' β.
+LENGTH_LOSSES = {'sigmoid': {'beta': 0.1}, 'rdpo': {'beta': 0.1, 'alpha': 10.0},
+                 'simpo': {'beta': 2.0, 'gamma': 1.0}, 'length_normalized': {'beta': 0.5}}
 
 # This 2-core CPU. π_init is the overoptimization experiment's (the same steps). PPO takes the
 # settings that experiment froze (rollouts of 256, one epoch in 2 minibatches, lr 7e-5, a value
 # head, 20 + 16 tokens), for 80 iterations, evaluated every 20 on the 1,024 held-out prompts
-# that every method is measured on. DPO: one epoch of the 8,000 comparisons (250 steps of 32).
+# that every method is measured on. DPO, IPO and hinge: one epoch of the 8,000 comparisons (250
+# steps of 32), evaluated 8 times in it (Rafailov et al. 2024 evaluate 8 times an epoch);
+# Preferred-FT the same steps on their chosen answers, at an lr between DPO's and SFT's.
 TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, comparisons=8000,
             rm_steps=400, eval_prompts=1024, max_prompt_len=20, max_new_tokens=16,
             ppo_steps=80, ppo_eval_every=20, ppo_batch_size=256, ppo_minibatches=2, ppo_lr=7e-5,
             kl_targets=(1.0, 4.0), dpo_betas=(0.03, 0.1, 0.3), dpo_steps=250,
-            dpo_eval_every=50, dpo_lr=3e-5, n_max=16, calibration_prompts=1024,
-            calibration_samples=16, workers=2)
+            dpo_eval_every=32, dpo_lr=3e-5, preferred_sft_lr=3e-4, n_max=16,
+            calibration_prompts=1024, calibration_samples=16, length_biases=(0.0, 0.5, 1.0),
+            length_losses=tuple(LENGTH_LOSSES), workers=2)
 
 PRESETS = {
     'tiny': TINY,
@@ -35,7 +46,9 @@ PRESETS = {
     'micro': dict(TINY, pretrain_steps=6, sft_steps=6, comparisons=64, rm_steps=6,
                   eval_prompts=32, ppo_steps=2, ppo_eval_every=1, ppo_batch_size=16,
                   ppo_lr=3e-3, kl_targets=(1.0,), dpo_betas=(0.1,), dpo_steps=4,
-                  dpo_eval_every=2, dpo_lr=3e-3, n_max=4, calibration_prompts=24,
+                  dpo_eval_every=2, dpo_lr=3e-3, preferred_sft_lr=3e-3, n_max=4,
+                  calibration_prompts=24, length_biases=(0.0, 1.0),
+                  length_losses=('sigmoid', 'rdpo'),
                   calibration_samples=3, bootstrap=50, workers=1, stage_overrides={
                       'all': {'train': {'batch_size': 16, 'tensorboard': False},
                               'data': {'playground': {'train_size': 64, 'eval_size': 16}}},
@@ -83,9 +96,13 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
               'rollout_batch_size': p['ppo_batch_size'], 'num_minibatches': p['ppo_minibatches'],
               'ppo_epochs': 1, 'critic': 'head', 'lr': p['ppo_lr'],
               'kl_targets': p['kl_targets'], 'kl_coef': 0.1, 'kl_horizon': 1000, 'gold': True},
-      # DPO (sigmoid) at each β on the proxy's comparisons, evaluated every eval_every steps.
+      # DPO (sigmoid) at each β on the proxy's comparisons, evaluated every eval_every steps;
+      # for daa_overoptimization also each of `losses` (rlhf_jax/losses/dpo.py) at each β.
       'dpo': {'betas': p['dpo_betas'], 'steps': p['dpo_steps'], 'eval_every': p['dpo_eval_every'],
-              'lr': p['dpo_lr']},
+              'lr': p['dpo_lr'], 'losses': ('sigmoid', 'ipo', 'hinge')},
+      # Preferred-FT (Rafailov et al. 2023): SFT on the chosen answers of the same comparisons,
+      # DPO's steps and batch, evaluated as often, with KL to π_init.
+      'preferred_sft': {'lr': p['preferred_sft_lr']},
       # Best-of-n under the proxy: n_max answers per evaluation prompt; n = 1, 2, 4, … n_max.
       'bon': {'n_max': p['n_max']},
       'frontier': {
@@ -102,6 +119,14 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
           'dpo_beta': 0.1,  # The DPO policy measured (its last step): one of dpo.betas.
           'ppo_kl_target': p['kl_targets'][-1],  # The PPO policy measured: one of kl_targets.
       },
+      # Length (Singhal et al. 2023): proxies on the same comparisons labelled by labelers with
+      # a length bias λ (gold per word, rlhf_jax/playground/labelers.py; λ = 0 is the proxy
+      # above), PPO (adaptive KL, kl_target) and best-of-n against each; PPO against a
+      # length-only reward; DPO and its length-aware variants (rlhf_jax/losses/dpo.py) on the
+      # pairs labelled at the largest λ (LENGTH_LOSSES).
+      'length': {'biases': p['length_biases'], 'kl_target': p['kl_targets'][-1],
+                 'bin_words': 2,  # Singhal's bins of answer length.
+                 'losses': {loss: LENGTH_LOSSES[loss] for loss in p['length_losses']}},
       'bootstrap': p.get('bootstrap', 1000),  # Resamples of every interval (over prompts).
       'seed': 0,
       # Stages trained this many at a time in processes of their own (1 on an accelerator).

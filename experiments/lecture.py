@@ -9,8 +9,14 @@ Stages, each a run in <workdir> that a rerun resumes or skips once finished (rlh
   proxy/                  a reward model on config.proxy.comparisons comparisons of π_init's
                           answers, labelled by Bradley-Terry labelers on the gold
   dpo/beta<β>/            DPO (sigmoid) at β on the same comparisons, from π_init
+  ipo/beta<β>/, hinge/beta<β>/  the other losses of config.dpo.losses at the same β
+  preferred-sft/          SFT on the comparisons' chosen answers (Preferred-FT), from π_init
   ppo/kl<t>/              PPO against the proxy, β set by the adaptive KL controller (target t)
   ppo/gold/               PPO against the gold itself (PPO-GT), no KL penalty
+  proxy-len<λ>/           a proxy on the same comparisons labelled with length bias λ > 0
+  ppo-len<λ>/kl<t>/       PPO against it (ppo/kl<t> is λ = 0's)
+  length-only/            PPO against the answer's number of words
+  length-dpo/<loss>/      DPO and its length-aware variants on the largest λ's labels
   bon/                    n_max answers of π_init per evaluation prompt, for best-of-n
 Every run is evaluated along the way on the same held-out prompts: per prompt, the gold reward of
 a sampled answer and the Monte-Carlo KL to π_init along it (its samples/step_<N>.jsonl).
@@ -23,9 +29,17 @@ Phenomena (config.phenomena, or --only):
                prompts and the ECE after it on the other half, per-token entropy over PPO's
                iterations, distinct answers among several samples (OpenAI 2023, GPT-4 report
                figure 8; Kadavath et al. 2022)
+  daa_overoptimization
+               gold reward against KL over one epoch of DPO, IPO and hinge at each β: where each
+               run peaks, Gao et al.'s RL form fitted per loss, and whether the implicit reward's
+               accuracy on held-out pairs tracks the gold (Rafailov et al. 2024)
+  length       answer length against KL under labelers biased toward length, Singhal et al.'s
+               split of PPO's proxy gain within and across length bins, PPO against length
+               alone, and length-aware DPO variants (Singhal et al. 2023; Park et al. 2024)
 Then in <workdir>: report.md (per phenomenon the claim, criterion, numbers and verdict),
-summary.json, config.json (the experiment's), plots/{frontier,calibration}.png, points.npz and
-calibration/<stage>.npz (what notebooks/lecture.ipynb redraws the plots from).
+summary.json, config.json (the experiment's), plots/<phenomenon>.png, points.npz and
+calibration/<stage>.npz (with summary.json, what notebooks/lecture.ipynb redraws the plots
+from).
 """
 
 import json
@@ -45,11 +59,13 @@ from rlhf_jax.errors import InputError
 from rlhf_jax.evals import best_of_n, bon_kl
 from rlhf_jax.evals.confidence import AnswerConfidence
 from rlhf_jax.playground import tasks
+from rlhf_jax.playground.labelers import Labeler, answer_words
 from rlhf_jax.sampling.text import TextSampler
 from rlhf_jax.stages import initial_policy, read_samples, run_stages, stage_config
 from rlhf_jax.storage import replace_file
 
 GOLD_FUNCTION = 'rlhf_jax.playground.tasks:program_gold'
+LENGTH_FUNCTION = 'rlhf_jax.playground.labelers:answer_words'  # A reward that only length earns.
 VERIFIABLE = ('sort', 'add', 'repeat')  # Tasks with one right answer: gold 1 exactly for it.
 CLAIMS = {
     'frontier': ('DPO matches or beats PPO in gold reward at the same KL (Rafailov et al. 2023, '
@@ -57,13 +73,34 @@ CLAIMS = {
     'calibration': ('RLHF makes a calibrated SFT model overconfident (OpenAI 2023, GPT-4 report: '
                     'MMLU ECE 0.007 → 0.074); a temperature fitted on held-out data recalibrates '
                     'it (Kadavath et al. 2022: T ≈ 2.5); answers collapse to fewer modes.'),
+    'daa_overoptimization': ('Direct alignment overoptimizes too: DPO, IPO and SLiC trace '
+                             'hump-shaped gold-against-KL curves within one epoch, low β peaking '
+                             "early, and the implicit reward's accuracy does not predict the "
+                             'gold (Rafailov et al. 2024).'),
+    'length': ('People and GPT-4 prefer longer answers, and RLHF makes answers longer: much of '
+               'a reward model\'s gain is length (Singhal et al. 2023, "A Long Way to Go"); '
+               'length-aware losses (R-DPO, SimPO) curb it.'),
 }
 CRITERIA = {
     'frontier': ("DPO's best mean gold ≥ PPO's (against the proxy), or their 95% bootstrap "
                  'intervals over prompts overlap.'),
     'calibration': ("The PPO policy's ECE exceeds the SFT policy's (95% paired bootstrap interval "
                     'of the difference above 0) and its mean confidence exceeds its accuracy.'),
+    'daa_overoptimization': ('For every loss, the run at the smallest β peaks before the end of '
+                             'its epoch and ends below its peak (95% paired bootstrap interval '
+                             'over prompts of best − last gold above 0).'),
+    'length': ('Against the proxy of the most length-biased labelers PPO lengthens its answers '
+               'more than against the unbiased one (95% bootstrap interval over prompts of the '
+               'difference in words gained above 0), and less than half of its proxy-reward gain '
+               'lies within length bins.'),
 }
+LOSS_STAGES = {'sigmoid': 'dpo'}  # The stage of a DPO loss: its name, but DPO's own is 'dpo'.
+FRONTIER = ('best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft')  # Its methods, in order.
+ONLINE = ('ppo', 'grpo', 'rloo')  # Stages that sample as they train, against a proxy or not.
+
+
+def loss_stage(loss: str, beta: float) -> str:
+  return f'{LOSS_STAGES.get(loss, loss)}/beta{beta:g}'
 
 
 def shared_overrides(experiment, policy: str) -> dict:
@@ -90,35 +127,75 @@ def comparison_overrides(experiment, policy: str) -> dict:
 
 
 def stages_of(experiment, workdir: str, policy: str) -> dict[str, tuple]:
-  """{name: (config, workdir)} of every stage after π_init: 'proxy', 'dpo/beta<β>',
+  """{name: (config, workdir)} of every stage after π_init: 'proxy', per loss of
+  config.dpo.losses and β `loss_stage` ('dpo/beta<β>', 'ipo/beta<β>', …), 'preferred-sft',
   'ppo/kl<t>' and 'ppo/gold'."""
   pairs = comparison_overrides(experiment, policy)
   steps = experiment.proxy.steps
-  out = {'proxy': stage_config('rm', experiment, **shared_overrides(experiment, policy), **pairs,
-                               **{'train.steps': steps, 'train.eval_every': steps,
-                                  'train.eval_at_start': False})}
+
+  def proxy(bias: float):  # On the comparisons labelled with length bias λ = bias.
+    return stage_config('rm', experiment, **shared_overrides(experiment, policy), **pairs, **{
+        'train.steps': steps, 'train.eval_every': steps, 'train.eval_at_start': False,
+        'data.playground.length_bias': bias})
+
+  out = {'proxy': proxy(0.0)}
   shared = policy_overrides(experiment, policy)
   d = experiment.dpo
-  for beta in d.betas:
-    out[f'dpo/beta{beta:g}'] = stage_config('dpo', experiment, **shared, **pairs, **{
-        'train.steps': d.steps, 'train.eval_every': d.eval_every, 'optim.lr': d.lr,
-        'loss.beta': beta})
-  r = experiment.ppo
+  if 'sigmoid' not in d.losses:
+    raise InputError(f'config.dpo.losses={tuple(d.losses)} lacks "sigmoid": DPO itself, which '
+                     'the frontier and calibration measure.')
+  for loss in d.losses:
+    for beta in d.betas:
+      out[loss_stage(loss, beta)] = stage_config('dpo', experiment, **shared, **pairs, **{
+          'train.steps': d.steps, 'train.eval_every': d.eval_every, 'optim.lr': d.lr,
+          'loss.loss_type': loss, 'loss.beta': beta})
+  out['preferred-sft'] = stage_config('sft', experiment, **shared, **pairs, **{
+      'data.sources.sft': 'playground:preference', 'train.steps': d.steps,
+      'train.batch_size': out[loss_stage('sigmoid', d.betas[0])].train.batch_size,
+      'train.eval_every': d.eval_every, 'optim.lr': experiment.preferred_sft.lr,
+      'eval.kl_to_initial': True})
+  r, ln = experiment.ppo, experiment.length
   ppo = shared | {'train.steps': r.steps, 'train.eval_every': r.eval_every,
                   'train.checkpoint_every': r.eval_every, 'optim.lr': r.lr,
                   'rl.max_new_tokens': experiment.max_new_tokens,
                   'rl.rollout_batch_size': r.rollout_batch_size,
                   'rl.num_minibatches': r.num_minibatches, 'rl.ppo_epochs': r.ppo_epochs,
                   'rl.critic': r.critic}
-  proxy = os.path.join(workdir, 'proxy', 'hf')
+  adaptive = {'rl.kl_coef': r.kl_coef, 'rl.adaptive_kl': True, 'rl.kl_horizon': r.kl_horizon}
   for target in r.kl_targets:
-    out[f'ppo/kl{target:g}'] = stage_config('ppo', experiment, **ppo, **{
-        'rl.reward_model': proxy, 'rl.kl_coef': r.kl_coef, 'rl.adaptive_kl': True,
-        'rl.kl_target': target, 'rl.kl_horizon': r.kl_horizon})
+    out[f'ppo/kl{target:g}'] = stage_config('ppo', experiment, **ppo, **adaptive, **{
+        'rl.reward_model': os.path.join(workdir, 'proxy', 'hf'), 'rl.kl_target': target})
   if r.gold:
     out['ppo/gold'] = stage_config('ppo', experiment, **ppo, **{
         'rl.reward_model': '', 'rl.reward_fns': (GOLD_FUNCTION,), 'rl.kl_coef': 0.0})
+  if ln.kl_target not in r.kl_targets:
+    raise InputError(f'config.length.kl_target={ln.kl_target} is not one of '
+                     f'config.ppo.kl_targets {tuple(r.kl_targets)} (λ = 0 reuses that run).')
+  for bias in ln.biases:
+    if bias:
+      out[proxy_stage(bias)] = proxy(bias)
+      out[ppo_stage(experiment, bias)] = stage_config('ppo', experiment, **ppo, **adaptive, **{
+          'rl.reward_model': os.path.join(workdir, proxy_stage(bias), 'hf'),
+          'rl.kl_target': ln.kl_target})
+  out['length-only'] = stage_config('ppo', experiment, **ppo, **adaptive, **{
+      'rl.reward_model': '', 'rl.reward_fns': (LENGTH_FUNCTION,), 'rl.kl_target': ln.kl_target})
+  for loss, coefficients in ln.losses.items():
+    out[f'length-dpo/{loss}'] = stage_config('dpo', experiment, **shared, **pairs, **{
+        'train.steps': d.steps, 'train.eval_every': d.eval_every, 'optim.lr': d.lr,
+        'data.playground.length_bias': max(ln.biases), 'loss.loss_type': loss,
+        **{f'loss.{k}': v for k, v in coefficients.items()}})
   return {name: (config, os.path.join(workdir, name)) for name, config in out.items()}
+
+
+def proxy_stage(bias: float) -> str:
+  """The proxy trained on comparisons labelled with length bias λ = bias."""
+  return 'proxy' if bias == 0 else f'proxy-len{bias:g}'
+
+
+def ppo_stage(experiment, bias: float) -> str:
+  """PPO against proxy_stage(bias) at config.length.kl_target (λ = 0: the frontier's run)."""
+  target = experiment.length.kl_target
+  return f'ppo/kl{target:g}' if bias == 0 else f'ppo-len{bias:g}/kl{target:g}'
 
 
 def calibrated_policies(experiment) -> dict[str, str]:
@@ -137,16 +214,40 @@ def calibrated_policies(experiment) -> dict[str, str]:
   return policies
 
 
+def frontier_method(stage: str) -> str | None:
+  """The frontier's method of a stage (dpo/beta<β> -> dpo, ppo/kl<t> -> ppo, ppo/gold ->
+  ppo-gold), None for a stage it does not read."""
+  method = 'ppo-gold' if stage == 'ppo/gold' else stage.split('/')[0]
+  return method if method in FRONTIER else None
+
+
+def needed_stages(experiment, names, phenomena) -> set[str]:
+  """The stages of `names` that the phenomena read (the proxy whenever PPO runs against it)."""
+  needed = set()
+  if 'frontier' in phenomena:
+    needed |= {name for name in names if frontier_method(name)} | {'proxy'}
+  if 'calibration' in phenomena:
+    needed |= {'proxy', *calibrated_policies(experiment).values()}
+  if 'daa_overoptimization' in phenomena:
+    d = experiment.dpo
+    needed |= {loss_stage(loss, beta) for loss in d.losses for beta in d.betas}
+  if 'length' in phenomena:
+    biases = experiment.length.biases
+    needed |= {proxy_stage(b) for b in biases} | {ppo_stage(experiment, b) for b in biases}
+    needed |= {'length-only'} | {f'length-dpo/{loss}' for loss in experiment.length.losses}
+  return needed
+
+
 def train(experiment, workdir: str, policy: str, phenomena) -> dict[str, tuple]:
-  """The stages the phenomena read: the proxy and DPO runs side by side, then the PPO runs."""
+  """The stages the phenomena read: the proxies and the offline runs side by side, then the
+  online ones (which read the proxies)."""
   stages = stages_of(experiment, workdir, policy)
-  if 'frontier' not in phenomena:  # Calibration reads the proxy's PPO and its policies only.
-    needed = {'proxy', *calibrated_policies(experiment).values()}
-    stages = {name: stage for name, stage in stages.items() if name in needed}
-  first = [stage for name, stage in stages.items() if not name.startswith('ppo/')]
-  run_stages(first, experiment.workers)
-  run_stages([stage for name, stage in stages.items() if name.startswith('ppo/')],
+  needed = needed_stages(experiment, stages, phenomena)
+  stages = {name: stage for name, stage in stages.items() if name in needed}
+  online = {name for name, (config, _) in stages.items() if config.algorithm in ONLINE}
+  run_stages([stage for name, stage in stages.items() if name not in online],
              experiment.workers)
+  run_stages([stage for name, stage in stages.items() if name in online], experiment.workers)
   return stages
 
 
@@ -160,9 +261,16 @@ def scoring_context(experiment, workdir: str, policy: str) -> tuple:
   return config, RunContext(config, os.path.join(workdir, 'bon'))
 
 
-def evaluation_points(method: str, run: str, run_dir: str, prompts) -> list[lecture.Point]:
-  """A run's evaluations as points, checked to be on `prompts` (every method's prompts)."""
-  points = []
+def evaluation_prompts(experiment) -> list[str]:
+  """The held-out prompts every trained method is evaluated on."""
+  return tasks.sample_prompts(stage_config('bon', experiment).data.playground.seed, 'eval',
+                              experiment.eval_prompts)
+
+
+def evaluations(run_dir: str, prompts) -> list[tuple[int, dict]]:
+  """(step, `read_samples` of its samples) of each of a run's evaluations, checked to be on
+  `prompts` (every method's prompts)."""
+  out = []
   for record in read_metrics(os.path.join(run_dir, 'metrics.jsonl')):
     if 'eval/samples/gold_reward' not in record:
       continue
@@ -171,48 +279,63 @@ def evaluation_points(method: str, run: str, run_dir: str, prompts) -> list[lect
       raise InputError(f'{run_dir} was evaluated on other prompts than the experiment\'s '
                        f'{len(prompts)}: its config\'s eval.num_prompts or playground seed '
                        'differs.')
-    points.append(lecture.Point(method, run, record['step'], samples['kl'], samples['gold']))
-  return points
+    out.append((record['step'], samples))
+  return out
+
+
+def evaluation_points(method: str, run: str, run_dir: str, prompts) -> list[lecture.Point]:
+  """A run's evaluations as points (`evaluations`)."""
+  return [lecture.Point(method, run, step, samples['kl'], samples['gold'])
+          for step, samples in evaluations(run_dir, prompts)]
+
+
+def candidate_answers(experiment, ctx, config, policy: str, path: str, prompts) -> list:
+  """π_init's n_max answers per prompt ([n_max][prompts]), sampled once into `path`."""
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  n_max = experiment.bon.n_max
+  seeds = range(experiment.seed * n_max, (experiment.seed + 1) * n_max)
+  answers = best_of_n.sample_candidates(ctx.load(policy, head='lm'), config, ctx.tokenizer,
+                                        ctx.mesh, prompts, seeds)
+  ctx.release(policy, head='lm')
+  if jax.process_index() == 0:
+    replace_file(path, json.dumps(answers))
+  return answers
+
+
+def best_of_n_curve(experiment, ctx, proxy_path: str, prompts, answers, values_NxK) -> list:
+  """(n, exact KL [N], expected value [N] of the proxy's choice) for n = 1, 2, 4, … n_max:
+  best-of-n under the proxy at `proxy_path` over the answers, KL from `bon_kl` (answers
+  repeat, and log n − (n−1)/n is then only a bound)."""
+  proxy_NxK = best_of_n.score_candidates(ctx.reward_model(proxy_path), prompts, answers)
+  ctx.release(proxy_path, head='scalar')
+  distributions = [bon_kl.empirical_distribution(a, s) for a, s in zip(zip(*answers), proxy_NxK)]
+  return [(n, np.array([bon_kl.kl_best_of_n_exact(*d, n) for d in distributions]),
+           best_of_n.expected_rewards(proxy_NxK, values_NxK, n)[1])
+          for n in best_of_n.powers_of_two(experiment.bon.n_max)]
 
 
 def best_of_n_points(experiment, workdir: str, policy: str, prompts) -> list[lecture.Point]:
-  """Best-of-n under the proxy over π_init's n_max answers per prompt (sampled once,
-  <workdir>/bon/answers.json), n = 1, 2, 4, … n_max: per prompt the expected gold of the
-  proxy's choice and the exact KL of best-of-n over the prompt's answers (`bon_kl`; answers
-  repeat, and log n − (n−1)/n is then only a bound)."""
+  """Best-of-n under the proxy over π_init's answers (<workdir>/bon/answers.json), judged by
+  the gold: per n, the points of `best_of_n_curve`."""
   config, ctx = scoring_context(experiment, workdir, policy)
-  n_max, path = experiment.bon.n_max, os.path.join(workdir, 'bon', 'answers.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      answers = json.load(f)
-  else:
-    seeds = range(experiment.seed * n_max, (experiment.seed + 1) * n_max)
-    answers = best_of_n.sample_candidates(ctx.load(policy, head='lm'), config, ctx.tokenizer,
-                                          ctx.mesh, prompts, seeds)
-    ctx.release(policy, head='lm')
-    if jax.process_index() == 0:
-      replace_file(path, json.dumps(answers))
-  proxy_path = os.path.join(workdir, 'proxy', 'hf')
-  proxy_NxK = best_of_n.score_candidates(ctx.reward_model(proxy_path), prompts, answers)
-  ctx.release(proxy_path, head='scalar')
+  answers = candidate_answers(experiment, ctx, config, policy,
+                              os.path.join(workdir, 'bon', 'answers.json'), prompts)
   gold_NxK = best_of_n.score_candidates(ctx.gold, prompts, answers)
-  distributions = [bon_kl.empirical_distribution(a, s) for a, s in zip(zip(*answers), proxy_NxK)]
-  return [lecture.Point('best-of-n', 'proxy', n,
-                        np.array([bon_kl.kl_best_of_n_exact(*d, n) for d in distributions]),
-                        best_of_n.expected_rewards(proxy_NxK, gold_NxK, n)[1])
-          for n in best_of_n.powers_of_two(n_max)]
+  return [lecture.Point('best-of-n', 'proxy', n, kl, gold)
+          for n, kl, gold in best_of_n_curve(experiment, ctx, os.path.join(workdir, 'proxy', 'hf'),
+                                             prompts, answers, gold_NxK)]
 
 
 def frontier(experiment, workdir: str, policy: str, stages) -> dict:
   """Every method's points, their envelope in KL bins and each method's best, with the
   verdict of CRITERIA['frontier']."""
-  prompts = tasks.sample_prompts(stage_config('bon', experiment).data.playground.seed, 'eval',
-                                 experiment.eval_prompts)
+  prompts = evaluation_prompts(experiment)
   points = best_of_n_points(experiment, workdir, policy, prompts)
   for name, (_, run_dir) in stages.items():
-    if name != 'proxy':  # ppo/kl<t> -> ppo, ppo/gold -> ppo-gold, dpo/beta<β> -> dpo.
-      method = 'ppo-gold' if name == 'ppo/gold' else name.split('/')[0]
-      points += evaluation_points(method, name, run_dir, prompts)
+    if frontier_method(name):
+      points += evaluation_points(frontier_method(name), name, run_dir, prompts)
   if jax.process_index() == 0:
     lecture.save_points(points, os.path.join(workdir, 'points.npz'))
   bootstrap = {'num_resamples': experiment.bootstrap, 'seed': experiment.seed}
@@ -310,7 +433,111 @@ def calibration(experiment, workdir: str, policy: str, stages) -> dict:
           'ece_difference_ppo_minus_sft': difference, 'prompts': len(prompts), **out}
 
 
-PHENOMENA = {'frontier': frontier, 'calibration': calibration}
+def daa_overoptimization(experiment, workdir: str, policy: str, stages) -> dict:
+  """Each loss of config.dpo.losses at each β over its epoch (its evaluations, and its implicit
+  reward's accuracy on held-out pairs at each), `lecture.direct_alignment_overoptimization`,
+  and the verdict of CRITERIA['daa_overoptimization']."""
+  del policy  # Every run starts from it; its step-0 evaluation is π_init's.
+  d = experiment.dpo
+  prompts = evaluation_prompts(experiment)
+  runs, accuracy = {}, {}
+  for loss in d.losses:
+    runs[loss], accuracy[loss] = {}, {}
+    for beta in d.betas:
+      name = loss_stage(loss, beta)
+      run_dir = stages[name][1]
+      runs[loss][beta] = evaluation_points(loss, name, run_dir, prompts)
+      measured = {m['step']: m['eval/rewards/accuracies']
+                  for m in read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
+                  if 'eval/rewards/accuracies' in m}
+      accuracy[loss][beta] = [measured[p.step] for p in runs[loss][beta]]
+  result = lecture.direct_alignment_overoptimization(
+      runs, accuracy, num_resamples=experiment.bootstrap, seed=experiment.seed)
+  smallest = f'{min(d.betas):g}'
+  holds = all(result['runs'][loss][smallest]['ends_below_peak'] for loss in d.losses)
+  lecture.plot_daa_overoptimization(
+      result, os.path.join(workdir, 'plots', 'daa_overoptimization.png'))
+  return {'holds': bool(holds), 'criterion': CRITERIA['daa_overoptimization'], **result}
+
+
+def words(responses) -> np.ndarray:
+  return answer_words(None, responses)
+
+
+def length_curve(runs) -> dict[str, list[float]]:
+  """Per evaluation of a run (`evaluations`): mean KL to π_init, d = √KL, words per answer."""
+  kl = [float(samples['kl'].mean()) for _, samples in runs]
+  return {'kl': kl, 'd': [float(np.sqrt(max(k, 0.0))) for k in kl],
+          'words': [float(words(samples['response']).mean()) for _, samples in runs]}
+
+
+def length(experiment, workdir: str, policy: str, stages) -> dict:
+  """Answer length under length-biased labelers (Singhal et al. 2023): per λ, PPO's and
+  best-of-n's words against d = √KL and the Singhal split of PPO's proxy gain; the length-only
+  PPO judged by the most biased labelers and the gold; DPO and its length-aware variants on
+  those labelers' pairs, their length at a KL all of them reach; the verdict of
+  CRITERIA['length']."""
+  ln, bootstrap = experiment.length, {'num_resamples': experiment.bootstrap,
+                                      'seed': experiment.seed}
+  prompts = evaluation_prompts(experiment)
+  config, ctx = scoring_context(experiment, workdir, policy)
+  answers = candidate_answers(experiment, ctx, config, policy,
+                              os.path.join(workdir, 'bon', 'answers.json'), prompts)
+  words_NxK = np.stack([words(a) for a in answers], axis=1)
+  out = {key: {} for key in ('length_growth', 'within_bin_share', 'decomposition', 'curves')}
+  growth_I = {}  # Per λ, PPO's words gained per prompt.
+  for bias in ln.biases:
+    key = f'{bias:g}'
+    runs = evaluations(stages[ppo_stage(experiment, bias)][1], prompts)
+    (_, first), (_, last) = runs[0], runs[-1]
+    bon = best_of_n_curve(experiment, ctx, os.path.join(workdir, proxy_stage(bias), 'hf'),
+                          prompts, answers, words_NxK)
+    out['curves'][key] = {'ppo': length_curve(runs), 'best-of-n': {
+        'kl': [float(kl.mean()) for _, kl, _ in bon],
+        'd': [float(np.sqrt(kl.mean())) for _, kl, _ in bon],
+        'words': [float(w.mean()) for _, _, w in bon]}}
+    out['length_growth'][key] = {m: c['words'][-1] - c['words'][0] for m, c in
+                                 out['curves'][key].items()}
+    growth_I[bias] = words(last['response']) - words(first['response'])
+    split = lecture.length_decomposition(words(first['response']), first['proxy'],
+                                         words(last['response']), last['proxy'],
+                                         bin_width=ln.bin_words)
+    out['decomposition'][key] = split
+    out['within_bin_share'][key] = split['within_bin_share']
+  low, high = min(ln.biases), max(ln.biases)
+  difference = growth_I[high] - growth_I[low]
+  out['growth_difference'] = {'value': float(difference.mean()), 'ci': lecture.bootstrap_interval(
+      lambda i: difference[i].mean(), len(prompts), **bootstrap)}
+  # PPO against a reward that only length earns, judged by the most biased labelers and the gold.
+  runs = evaluations(stages['length-only'][1], prompts)
+  (_, first), (_, last) = runs[0], runs[-1]
+  win_I = Labeler(experiment.proxy.label_temperature, high).probability(
+      last['gold'], first['gold'], words(last['response']), words(first['response']))
+  gold_I = last['gold'] - first['gold']
+  out['length_only_win_rate'] = {'value': float(win_I.mean()), 'ci': lecture.bootstrap_interval(
+      lambda i: win_I[i].mean(), len(prompts), **bootstrap)}
+  out['length_only_gold_delta'] = {'value': float(gold_I.mean()),
+                                   'ci': lecture.bootstrap_interval(
+                                       lambda i: gold_I[i].mean(), len(prompts), **bootstrap)}
+  out['length_only_curve'] = length_curve(runs)
+  # DPO and its length-aware variants on the most biased labelers' pairs, at a matched KL.
+  variants = {loss: length_curve(evaluations(stages[f'length-dpo/{loss}'][1], prompts))
+              for loss in ln.losses}
+  matched = min(max(c['kl']) for c in variants.values())
+  grown = {loss: lecture.value_at_kl(c['kl'], c['words'], matched) - c['words'][0]
+           for loss, c in variants.items()}
+  out['dpo_variants'] = {'matched_kl': matched, 'length_growth': grown, 'curves': variants}
+  out['rdpo_length_growth_ratio'] = (grown['rdpo'] / grown['sigmoid']
+                                     if {'rdpo', 'sigmoid'} <= set(grown) and grown['sigmoid']
+                                     else None)
+  share = out['within_bin_share'][f'{high:g}']
+  holds = out['growth_difference']['ci'][0] > 0 and share is not None and share < 0.5
+  lecture.plot_length(out, os.path.join(workdir, 'plots', 'length.png'))
+  return {'holds': bool(holds), 'criterion': CRITERIA['length'], **out}
+
+
+PHENOMENA = {'frontier': frontier, 'calibration': calibration,
+             'daa_overoptimization': daa_overoptimization, 'length': length}
 
 
 def report(summary: dict, experiment) -> str:

@@ -21,6 +21,7 @@ from rlhf_jax.config import load_config
 from rlhf_jax.errors import InputError
 from rlhf_jax.evals import equal_mass_bins, expected_calibration_error, log_loss
 from rlhf_jax.evals.confidence import AnswerConfidence
+from rlhf_jax.playground.labelers import answer_words
 from rlhf_jax.sampling.text import TextSamples
 from test_kv_cache import LLAMA, forward, random_model
 
@@ -102,6 +103,82 @@ def test_the_frontier_table_names_a_method_that_never_left_its_start():
       {'best': best, 'envelope': []}))
 
 
+def test_a_hump_needs_its_last_point_below_its_best_on_resampled_prompts():
+  falls = lecture.hump([point('dpo', 'a', 0, 0.0, [0.5] * 4), point('dpo', 'a', 10, 1.0, [1] * 4),
+                        point('dpo', 'a', 20, 2.0, [0] * 4)], num_resamples=50)
+  assert (falls['best_step'], falls['start_gold'], falls['best_gold'], falls['last_gold']) == (
+      10, 0.5, 1.0, 0.0)
+  assert falls['best_minus_last_ci'] == [1.0, 1.0] and falls['ends_below_peak']
+  rises = lecture.hump([point('dpo', 'a', 0, 0.0, [0, 0]), point('dpo', 'a', 5, 1.0, [1, 1])],
+                       num_resamples=50)
+  assert rises['best_step'] == 5 and rises['best_minus_last_ci'] == [0.0, 0.0]
+  assert not rises['ends_below_peak']
+  # The middle point is best on the mean, but on resamples of the second prompt alone the last
+  # point is as good: not a fall.
+  tie = lecture.hump([point('dpo', 'a', 0, 0.0, [0, 0]), point('dpo', 'a', 5, 1.0, [1, 0]),
+                      point('dpo', 'a', 9, 2.0, [0, 1])], num_resamples=200)
+  assert tie['best_step'] == 5 and tie['best_minus_last_ci'][0] == 0.0
+  assert not tie['ends_below_peak']
+  with pytest.raises(InputError, match='at least 2 evaluations'):
+    lecture.hump([point('dpo', 'a', 0, 0.0, [0])])
+
+
+def test_direct_alignment_fits_gaos_rl_form_per_loss_and_ranks_accuracy_against_gold():
+  # Gold gained d (α − β log d) with α = β = 0.1 (peak at d = 1) at d = 0.5, 1, 2 (KL = d²).
+  d = np.array([0.5, 1.0, 2.0])
+  gold = 0.5 + d * (0.1 - 0.1 * np.log(d))
+  points = [point('ipo', 'ipo/beta0.1', 0, 0.0, [0.5] * 3)] + [
+      point('ipo', 'ipo/beta0.1', step, kl, [g] * 3)
+      for step, kl, g in zip((10, 20, 30), d**2, gold)]
+  result = lecture.direct_alignment_overoptimization(
+      {'ipo': {0.1: points}}, {'ipo': {0.1: [0.0, 0.6, 0.7, 0.8]}}, num_resamples=20)
+  fit = result['fit']['ipo']
+  assert (fit['alpha'], fit['beta'], result['r2']['ipo']) == pytest.approx((0.1, 0.1, 1.0))
+  assert fit['peak_d'] == pytest.approx(1.0)
+  assert result['max_kl']['ipo'] == pytest.approx(4.0)
+  assert result['peak_fraction_of_epoch'] == {'ipo': {'0.1': pytest.approx(20 / 30)}}
+  assert result['runs']['ipo']['0.1']['ends_below_peak']
+  # Accuracy ranks 1, 2, 3; gold ranks 2, 3, 1: ρ = 1 − 6 (1 + 1 + 4) / (3 · 8) = −0.5.
+  spearman = result['accuracy_gold_spearman']
+  assert (spearman['rho'], spearman['points']) == (pytest.approx(-0.5), 3)
+  assert result['curves']['ipo']['0.1']['d'] == pytest.approx([0.0, *d])
+  table = '\n'.join(lecture.daa_overoptimization_table(result))
+  assert '| ipo | 0.1 | 20 (0.67) | 0.500 → 0.600 → 0.561 |' in table and 'ρ = -0.50' in table
+  flat = lecture.direct_alignment_overoptimization(
+      {'ipo': {0.1: points}}, {'ipo': {0.1: [0.0, 0.5, 0.5, 0.5]}}, num_resamples=20)
+  assert flat['accuracy_gold_spearman'] == {'rho': None, 'p': None, 'points': 3}
+  assert 'ρ = undefined' in '\n'.join(lecture.daa_overoptimization_table(flat))
+
+
+def test_singhals_split_weighs_the_gain_within_shared_length_bins_by_their_answers():
+  # Bins of 2 words: before, two answers in bin 0 (scores 0, 1) and one in bin 1 (2); after,
+  # one in bin 1 (3) and two in bin 2 (4, 5), a bin nothing before reached.
+  split = lecture.length_decomposition([1, 1, 2], [0.0, 1.0, 2.0], [3, 4, 5], [3.0, 4.0, 5.0],
+                                       bin_width=2)
+  # Total: 4 − 1 = 3. Shared: bin 1 only (2 → 3, weight 1 + 1): within = 1, share 1/3.
+  assert split == {'total': 3.0, 'within_bin': 1.0, 'within_bin_share': pytest.approx(1 / 3),
+                   'bins': 1}
+  same = lecture.length_decomposition([4, 4], [0.0, 0.0], [4, 5], [1.0, 3.0], bin_width=2)
+  assert same['within_bin_share'] == 1.0  # Every answer stays in bin 2: all of it within.
+  assert lecture.length_decomposition([1], [1.0], [1], [0.0], bin_width=1)[
+      'within_bin_share'] is None  # Nothing gained: no share.
+  with pytest.raises(InputError, match='bin_width must be ≥ 1'):
+    lecture.length_decomposition([1], [0.0], [1], [0.0], bin_width=0)
+
+
+def test_a_value_at_a_kl_is_read_between_evaluations():
+  kl, words = [0.0, 1.0, 3.0], [4.0, 6.0, 10.0]
+  assert lecture.value_at_kl(kl, words, 0.5) == 5.0
+  assert lecture.value_at_kl(kl, words, 2.0) == 8.0
+  assert lecture.value_at_kl(kl, words, 3.0) == 10.0
+  assert np.isnan(lecture.value_at_kl(kl, words, 3.5))
+  assert lecture.value_at_kl([0.0, 2.0, 1.0], [0.0, 2.0, 9.0], 1.0) == 1.0  # First crossing.
+
+
+def test_the_length_only_reward_counts_words():
+  assert answer_words(['p', 'q', 'r'], ['one two  three', '', ' x ']).tolist() == [3.0, 0.0, 1.0]
+
+
 def test_points_survive_their_file(tmp_path):
   points = [point('dpo', 'a', 1, 0.05, [1, 0]), point('best-of-n', 'proxy', 4, 0.7, [0, 0.5])]
   lecture.save_points(points, str(tmp_path / 'points.npz'))
@@ -134,8 +211,8 @@ def test_answer_confidence_is_the_tempered_probability_of_the_answer_tokens():
 def test_bad_phenomena_and_policies_are_errors_naming_the_key(tmp_path):
   experiment = load_experiment()
   config = load_config('lecture.py:micro')
-  with pytest.raises(InputError, match=r"unknown \['length'\]"):
-    experiment.run(config, str(tmp_path), only=['length'])
+  with pytest.raises(InputError, match=r"unknown \['astrology'\]"):
+    experiment.run(config, str(tmp_path), only=['astrology'])
   config.calibration.ppo_kl_target = 3.0
   with pytest.raises(InputError, match=r'config.calibration.ppo_kl_target=3.0 is not one of'):
     experiment.calibrated_policies(config)
@@ -145,21 +222,43 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons():
   experiment = load_experiment()
   config = load_config('lecture.py:tiny')
   configs = {name: c for name, (c, _) in experiment.stages_of(config, 'w', 'pi').items()}
-  assert set(configs) == {'proxy', 'dpo/beta0.03', 'dpo/beta0.1', 'dpo/beta0.3', 'ppo/kl1',
-                          'ppo/kl4', 'ppo/gold'}
+  offline = [f'{loss}/beta{beta}' for loss in ('dpo', 'ipo', 'hinge')
+             for beta in ('0.03', '0.1', '0.3')] + ['preferred-sft']
+  length_dpo = [f'length-dpo/{loss}' for loss in ('sigmoid', 'rdpo', 'simpo',
+                                                  'length_normalized')]
+  assert set(configs) == {'proxy', 'proxy-len0.5', 'proxy-len1', *offline, *length_dpo,
+                          'ppo/kl1', 'ppo/kl4', 'ppo/gold', 'ppo-len0.5/kl4', 'ppo-len1/kl4',
+                          'length-only'}
   proxy = configs['proxy']
-  for name in ('dpo/beta0.03', 'dpo/beta0.3'):
-    dpo = configs[name]
-    assert dpo.data.playground.to_dict() == proxy.data.playground.to_dict()
-    assert (dpo.seed, dpo.data.seed, dpo.train.seq_len, dpo.data.max_prompt_len) == (
+  for name in ('proxy-len0.5', 'proxy-len1', *length_dpo):  # The same pairs, other labels.
+    biased = configs[name].data.playground.to_dict()
+    assert biased.pop('length_bias') == (1.0 if name.startswith('length-dpo') else
+                                         float(name[len('proxy-len'):]))
+    assert biased == {k: v for k, v in proxy.data.playground.to_dict().items()
+                      if k != 'length_bias'}
+  assert configs['ppo-len1/kl4'].rl.reward_model == 'w/proxy-len1/hf'
+  assert tuple(configs['length-only'].rl.reward_fns) == (experiment.LENGTH_FUNCTION,)
+  rdpo = configs['length-dpo/rdpo'].loss
+  assert (rdpo.loss_type, rdpo.beta, rdpo.alpha) == ('rdpo', 0.1, 10.0)
+  for name in offline:
+    run = configs[name]
+    assert run.data.playground.to_dict() == proxy.data.playground.to_dict()
+    assert (run.seed, run.data.seed, run.train.seq_len, run.data.max_prompt_len) == (
         proxy.seed, proxy.data.seed, proxy.train.seq_len, proxy.data.max_prompt_len)
-  assert configs['dpo/beta0.3'].loss.beta == 0.3
+    assert (run.train.steps, run.train.eval_every, run.train.batch_size) == (250, 32, 32)
+  assert (configs['dpo/beta0.3'].loss.beta, configs['dpo/beta0.3'].loss.loss_type) == (
+      0.3, 'sigmoid')
+  assert (configs['hinge/beta0.03'].loss.beta, configs['ipo/beta0.1'].loss.loss_type) == (
+      0.03, 'ipo')
+  preferred = configs['preferred-sft']
+  assert (preferred.algorithm, dict(preferred.data.sources), preferred.eval.kl_to_initial) == (
+      'sft', {'sft': 'playground:preference'}, True)
   assert configs['ppo/kl4'].rl.adaptive_kl and configs['ppo/kl4'].rl.kl_target == 4.0
   assert configs['ppo/kl4'].rl.reward_model == 'w/proxy/hf'
   gold = configs['ppo/gold'].rl
   assert (gold.reward_model, tuple(gold.reward_fns), gold.kl_coef) == (
       '', (experiment.GOLD_FUNCTION,), 0.0)
-  evaluated = [c for name, c in configs.items() if name != 'proxy']
+  evaluated = [c for c in configs.values() if c.algorithm != 'rm']
   assert {(c.eval.num_prompts, c.eval.max_new_tokens, c.data.playground.seed)
           for c in evaluated} == {(1024, 16, proxy.data.playground.seed)}
 
@@ -175,10 +274,10 @@ def run(tmp_path_factory):
 
 def test_the_micro_run_writes_every_key_report_and_plot(run):
   workdir, summary, _, config = run
-  assert set(summary) == {'frontier', 'calibration'}
+  assert set(summary) == {'frontier', 'calibration', 'daa_overoptimization', 'length'}
   frontier = summary['frontier']
   assert isinstance(frontier['holds'], bool) and frontier['criterion']
-  assert set(frontier['best']) == {'best-of-n', 'dpo', 'ppo', 'ppo-gold'}
+  assert set(frontier['best']) == {'best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft'}
   assert all({'method', 'kl_lo', 'kl_hi', 'gold', 'ci'} <= set(row)
              for row in frontier['envelope'])
   points = lecture.load_points(str(workdir / 'points.npz'))
@@ -186,7 +285,10 @@ def test_the_micro_run_writes_every_key_report_and_plot(run):
   for p in points:
     steps[p.method, p.run].append(p.step)
   assert steps == {('best-of-n', 'proxy'): [1, 2, 4], ('dpo', 'dpo/beta0.1'): [0, 2, 4],
+                   ('preferred-sft', 'preferred-sft'): [0, 2, 4],
                    ('ppo', 'ppo/kl1'): [0, 1, 2], ('ppo-gold', 'ppo/gold'): [0, 1, 2]}
+  preferred = [p for p in points if p.method == 'preferred-sft']
+  assert preferred[0].kl == 0.0 and preferred[-1].kl > 0.0  # KL to π_init, measured.
   assert {p.gold_I.size for p in points} == {config.eval_prompts}
   assert points[0].kl == 0.0  # Best-of-1 is π_init itself.
   calibration = summary['calibration']
@@ -197,11 +299,37 @@ def test_the_micro_run_writes_every_key_report_and_plot(run):
   assert all(1 <= d <= config.calibration.samples for d in calibration['distinct_answers'].values())
   assert set(calibration['entropy_trend']) == {'ppo/kl1', 'ppo/gold'}
   assert all(len(v) == 2 for v in calibration['entropy'].values())  # One per PPO iteration.
+  daa = summary['daa_overoptimization']
+  assert isinstance(daa['holds'], bool) and daa['criterion']
+  for key in ('peak_fraction_of_epoch', 'runs', 'curves'):
+    assert {loss: set(by_beta) for loss, by_beta in daa[key].items()} == {
+        'sigmoid': {'0.1'}, 'ipo': {'0.1'}, 'hinge': {'0.1'}}, key
+  assert all(0 <= f <= 1 for by_beta in daa['peak_fraction_of_epoch'].values()
+             for f in by_beta.values())
+  assert set(daa['r2']) == set(daa['max_kl']) == {'sigmoid', 'ipo', 'hinge'}
+  assert daa['accuracy_gold_spearman']['points'] == 6  # 3 losses × 2 evaluations after 0.
+  assert [c['step'] for c in daa['curves']['ipo'].values()] == [[0, 2, 4]]
+  length = summary['length']
+  assert isinstance(length['holds'], bool) and length['criterion']
+  assert set(length['length_growth']) == set(length['within_bin_share']) == {'0', '1'}
+  for bias in ('0', '1'):
+    curves = length['curves'][bias]
+    assert len(curves['ppo']['words']) == 3 and len(curves['best-of-n']['words']) == 3
+    assert curves['best-of-n']['d'][0] == 0.0  # Best-of-1 is π_init.
+    assert length['length_growth'][bias] == {
+        m: pytest.approx(c['words'][-1] - c['words'][0]) for m, c in curves.items()}
+  assert 0 <= length['length_only_win_rate']['value'] <= 1
+  assert length['length_only_win_rate']['ci'][0] <= length['length_only_win_rate']['value']
+  assert set(length['dpo_variants']['length_growth']) == {'sigmoid', 'rdpo'}
+  assert length['rdpo_length_growth_ratio'] is None or length['rdpo_length_growth_ratio'] == (
+      pytest.approx(length['dpo_variants']['length_growth']['rdpo']
+                    / length['dpo_variants']['length_growth']['sigmoid']))
   assert json.loads((workdir / 'summary.json').read_text()) == json.loads(json.dumps(summary))
   report = (workdir / 'report.md').read_text()
-  assert '## frontier' in report and '## calibration' in report and 'Verdict' in report
-  for name in ('frontier', 'calibration'):
+  for name in summary:
+    assert f'## {name}' in report
     assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == PNG
+  assert report.count('Verdict') == 4
 
 
 def test_only_measures_a_subset_and_a_rerun_trains_nothing(run, tmp_path, monkeypatch):
@@ -224,5 +352,5 @@ def test_the_notebook_redraws_every_plot_from_the_workdir(run, tmp_path, monkeyp
     if cell['cell_type'] == 'code':
       exec(compile(''.join(cell['source']), 'lecture.ipynb', 'exec'), namespace)
   assert namespace['envelope'] == summary['frontier']['envelope']
-  for name in ('frontier', 'calibration'):
+  for name in summary:
     assert (tmp_path / f'{name}.png').read_bytes()[:8] == PNG

@@ -1,6 +1,7 @@
 """Measurements of the phenomena that Stanford CS336 (2025) lecture 15 attributes to RLHF, on
 the playground (experiments/lecture.py): how calibrated a policy's answers are, how diverse, how
-a quantity trends over training, and the frontier of gold reward against KL per method.
+a quantity trends over training, the frontier of gold reward against KL per method, and where
+direct alignment's runs peak within their epoch.
 
 Host-side NumPy: arrays in, numbers, dicts and figures out. Intervals are percentile bootstraps
 over prompts (`bootstrap_interval`).
@@ -8,6 +9,7 @@ over prompts (`bootstrap_interval`).
 
 import dataclasses
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -16,6 +18,7 @@ import scipy.stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_jax.analysis.overoptimization import fit_rl, rl_gain
 from rlhf_jax.errors import InputError
 from rlhf_jax.evals.calibration import equal_mass_bins, expected_calibration_error, log_loss
 from rlhf_jax.storage import open_file, replace_file
@@ -114,6 +117,102 @@ def envelope(points: Sequence[Point], kl_edges: Sequence[float], *, num_resample
   return rows
 
 
+def hump(points: Sequence[Point], *, num_resamples: int = 1000, confidence: float = 0.95,
+         seed: int = 0) -> dict:
+  """A run's evaluations in step order, the first at its start: the step and mean gold of its
+  best point, its start and its last, and the bootstrap interval over prompts of best − last
+  gold (the best chosen again in each replicate, so the interval is ≥ 0). 'ends_below_peak':
+  the best is not the last point and the interval's low end is above 0, i.e. in more than
+  (1 + confidence)/2 of the replicates the run ended below its peak."""
+  if len(points) < 2:
+    raise InputError(f'A run needs at least 2 evaluations, got {len(points)}.')
+  gold_PxI = np.stack([p.gold_I for p in points])
+  best = int(np.argmax(gold_PxI.mean(axis=1)))
+  ci = bootstrap_interval(lambda i: gold_PxI[:, i].mean(axis=1).max() - gold_PxI[-1, i].mean(),
+                          gold_PxI.shape[1], num_resamples=num_resamples,
+                          confidence=confidence, seed=seed)
+  return {'best_step': points[best].step, 'start_gold': points[0].gold,
+          'best_gold': points[best].gold, 'last_gold': points[-1].gold,
+          'best_minus_last_ci': ci, 'ends_below_peak': best < len(points) - 1 and ci[0] > 0}
+
+
+def direct_alignment_overoptimization(runs: dict, accuracy: dict, *, num_resamples: int = 1000,
+                                      seed: int = 0) -> dict:
+  """Rafailov et al. (2024)'s measurements of direct alignment over one epoch.
+
+  runs: {loss: {β: [Point] of the run's evaluations in step order, the first at step 0}};
+  accuracy: {loss: {β: [the implicit reward's held-out pair accuracy at each point]}}.
+  Per run (keyed loss, then f'{β:g}') its `hump` and the fraction of its steps at its best
+  point ('peak_fraction_of_epoch'; each run is one epoch); per loss Gao et al.'s RL form
+  R(d) = d (α − β log d) fitted to every β's points after the start (d = √KL to π_init, R the
+  gold gained over the start; 'fit', 'r2') and the largest mean KL ('max_kl'); over every point
+  after the start, Spearman's ρ between accuracy and gold ('accuracy_gold_spearman').
+  'curves' keeps each run's step, d, gain and accuracy for the plot.
+  """
+  out = {key: {} for key in ('runs', 'peak_fraction_of_epoch', 'fit', 'r2', 'max_kl', 'curves')}
+  pairs = []
+  for loss, by_beta in runs.items():
+    d_all, gain_all = [], []
+    for key in ('runs', 'peak_fraction_of_epoch', 'curves'):
+      out[key][loss] = {}
+    for beta, points in by_beta.items():
+      name, start = f'{beta:g}', points[0].gold
+      result = hump(points, num_resamples=num_resamples, seed=seed)
+      out['runs'][loss][name] = result
+      out['peak_fraction_of_epoch'][loss][name] = result['best_step'] / points[-1].step
+      d = [math.sqrt(max(p.kl, 0.0)) for p in points]
+      gain = [p.gold - start for p in points]
+      out['curves'][loss][name] = {'step': [p.step for p in points], 'd': d, 'gain': gain,
+                                   'accuracy': list(accuracy[loss][beta])}
+      d_all += d[1:]
+      gain_all += gain[1:]
+      pairs += list(zip(accuracy[loss][beta][1:], [p.gold for p in points[1:]]))
+    out['fit'][loss] = fit_rl(d_all, gain_all)
+    out['r2'][loss] = out['fit'][loss]['r2']
+    out['max_kl'][loss] = max(p.kl for points in by_beta.values() for p in points)
+  accuracies, golds = zip(*pairs)
+  rho = (scipy.stats.spearmanr(accuracies, golds) if len(set(accuracies)) > 1
+         and len(set(golds)) > 1 else None)  # Undefined where either never changes.
+  out['accuracy_gold_spearman'] = {'rho': None if rho is None else float(rho.statistic),
+                                   'p': None if rho is None else float(rho.pvalue),
+                                   'points': len(pairs)}
+  return out
+
+
+def length_decomposition(length_init, score_init, length_final, score_final, *,
+                         bin_width: int) -> dict:
+  """Singhal et al. (2023)'s split of the reward gained from the initial answers to the final
+  ones: answers binned by length (bins of bin_width words), the gain within each bin that both
+  sets reach, averaged with weights = the bin's number of answers of both sets; the rest of the
+  total gain is what moving between lengths bought. Returns {'total', 'within_bin',
+  'within_bin_share' (within / total; None unless total > 0), 'bins' (how many were shared)}."""
+  length_init, length_final = np.asarray(length_init), np.asarray(length_final)
+  score_init, score_final = np.asarray(score_init, float), np.asarray(score_final, float)
+  if bin_width < 1:
+    raise InputError(f'bin_width must be ≥ 1 word, got {bin_width}.')
+  bins_init, bins_final = length_init // bin_width, length_final // bin_width
+  shared = np.intersect1d(bins_init, bins_final)
+  gains = [score_final[bins_final == b].mean() - score_init[bins_init == b].mean()
+           for b in shared]
+  weights = [np.sum(bins_final == b) + np.sum(bins_init == b) for b in shared]
+  total = float(score_final.mean() - score_init.mean())
+  within = float(np.average(gains, weights=weights)) if len(shared) else 0.0
+  return {'total': total, 'within_bin': within,
+          'within_bin_share': within / total if total > 0 else None, 'bins': len(shared)}
+
+
+def value_at_kl(kl, values, target: float) -> float:
+  """A run's value at KL `target`, linear between its evaluations (kl increasing along the
+  run is not assumed: the first crossing of `target` is taken); NaN if it never reaches it."""
+  kl, values = np.asarray(kl, float), np.asarray(values, float)
+  for i in range(1, kl.size):
+    lo, hi = sorted((kl[i - 1], kl[i]))
+    if lo <= target <= hi:
+      t = 0.0 if hi == lo else (target - kl[i - 1]) / (kl[i] - kl[i - 1])
+      return float(values[i - 1] + t * (values[i] - values[i - 1]))
+  return math.nan
+
+
 def save_arrays(arrays: dict, path: str) -> None:
   """The arrays as one .npz at `path` (local or a URL), replaced whole."""
   buffer = io.BytesIO()
@@ -152,6 +251,10 @@ def own_confidence(arrays: dict[str, np.ndarray]) -> np.ndarray:
   return arrays['confidence_GxN'][t1]
 
 
+def _share(value) -> str:
+  return 'none (no gain)' if value is None else f'{value:.2f}'
+
+
 def _interval(ci) -> str:
   return f'[{ci[0]:.3f}, {ci[1]:.3f}]'
 
@@ -188,6 +291,56 @@ def calibration_table(result: dict) -> list[str]:
             f'{_interval(result["ece_difference_ppo_minus_sft"])}. Entropy per token over PPO '
             'iterations, Kendall τ: ' + ', '.join(f'{run} {tau:+.2f}' for run, tau in
                                                  result['entropy_trend'].items()) + '.']
+  return lines
+
+
+def daa_overoptimization_table(result: dict) -> list[str]:
+  """Markdown lines: per loss and β where the run peaked and how far it fell; per loss the
+  fitted RL form; the accuracy–gold correlation."""
+  lines = ['| loss | β | best step (fraction of the epoch) | gold: start → best → last | '
+           'best − last, 95% interval | ends below its peak |', '|---|---|---|---|---|---|']
+  for loss, by_beta in result['runs'].items():
+    for beta, r in by_beta.items():
+      lines.append(f'| {loss} | {beta} | {r["best_step"]} '
+                   f'({result["peak_fraction_of_epoch"][loss][beta]:.2f}) | '
+                   f'{r["start_gold"]:.3f} → {r["best_gold"]:.3f} → {r["last_gold"]:.3f} | '
+                   f'{_interval(r["best_minus_last_ci"])} | '
+                   f'{"yes" if r["ends_below_peak"] else "no"} |')
+  lines += ['', '| loss | α | β | R² | fitted peak d | largest KL |', '|---|---|---|---|---|---|']
+  for loss, fit in result['fit'].items():
+    peak = 'none' if fit['peak_d'] is None else f'{fit["peak_d"]:.2f}'
+    lines.append(f'| {loss} | {fit["alpha"]:.3f} | {fit["beta"]:.3f} | {fit["r2"]:.3f} | '
+                 f'{peak} | {result["max_kl"][loss]:.2f} |')
+  rho = result['accuracy_gold_spearman']
+  value = ('undefined (one of them never changed)' if rho['rho'] is None
+           else f"{rho['rho']:+.2f} (p = {rho['p']:.2g})")
+  lines += ['', f"Implicit reward's held-out accuracy against gold, over {rho['points']} "
+            f'evaluations after the start: Spearman ρ = {value}.']
+  return lines
+
+
+def length_table(result: dict) -> list[str]:
+  """Markdown lines: per λ the words gained and Singhal's split; the length-only PPO; DPO and
+  its length-aware variants at a matched KL."""
+  lines = ['| labelers\' λ | words gained, PPO | best-of-n | PPO proxy gain | within length bins '
+           '| share |', '|---|---|---|---|---|---|']
+  for bias, growth in result['length_growth'].items():
+    split = result['decomposition'][bias]
+    lines.append(f'| {bias} | {growth["ppo"]:+.2f} | {growth["best-of-n"]:+.2f} | '
+                 f'{split["total"]:+.3f} | {split["within_bin"]:+.3f} | '
+                 f'{_share(split["within_bin_share"])} |')
+  difference, win, gold = (result[k] for k in ('growth_difference', 'length_only_win_rate',
+                                                'length_only_gold_delta'))
+  variants = result['dpo_variants']
+  lines += ['', f'PPO\'s words gained, most biased λ minus λ = 0: {difference["value"]:+.2f} '
+            f'{_interval(difference["ci"])}. PPO against a length-only reward: win rate against '
+            f'π_init under the most biased labelers {win["value"]:.3f} {_interval(win["ci"])}, '
+            f'gold {gold["value"]:+.3f} {_interval(gold["ci"])}.', '',
+            f'| loss (most biased λ\'s pairs) | words gained at KL {variants["matched_kl"]:.2f} |',
+            '|---|---|']
+  lines += [f'| {loss} | {g:+.2f} |' for loss, g in variants['length_growth'].items()]
+  if result['rdpo_length_growth_ratio'] is not None:
+    lines += ['', f'R-DPO / DPO words gained: {result["rdpo_length_growth_ratio"]:.2f}.']
   return lines
 
 
@@ -248,4 +401,61 @@ def plot_frontier(points: Sequence[Point], rows: Sequence[dict], path: str | Non
   axis.set(xlabel='KL(π ‖ π_SFT) per prompt (nats)', ylabel='gold reward',
            title='Reward–KL frontier (envelope in KL bins)')
   axis.legend(fontsize=8)
+  return _save(figure, path)
+
+
+def plot_daa_overoptimization(result: dict, path: str | None = None) -> Figure:
+  """Per loss: gold gained against d = √KL over the epoch, a line per β, and Gao et al.'s RL
+  form fitted to all of them (dashed); last panel: gold against the implicit reward's
+  held-out accuracy at every evaluation after the start."""
+  curves = result['curves']
+  figure, axes = _figure(3.6 * (len(curves) + 1), 3.8, len(curves) + 1)
+  for axis, (loss, by_beta) in zip(axes, curves.items()):
+    for beta, curve in by_beta.items():
+      axis.plot(curve['d'], curve['gain'], 'o-', markersize=3, label=f'β {beta}')
+      axes[-1].scatter(curve['accuracy'][1:], curve['gain'][1:], s=12,
+                       label=f'{loss}, β {beta}')
+    fit = result['fit'][loss]
+    d = np.linspace(0, max(c['d'][-1] for c in by_beta.values()) * 1.05, 100)
+    axis.plot(d, rl_gain(d, alpha=fit['alpha'], beta=fit['beta']), '--', color='gray',
+              label=f'fit, R² {fit["r2"]:.2f}')
+    axis.axhline(0, color='black', linewidth=0.5)
+    axis.set(xlabel='d = √KL(π ‖ π_SFT)', ylabel='gold gained', title=f'{loss}, one epoch')
+    axis.legend(fontsize=7)
+  axes[-1].set(xlabel="implicit reward's held-out pair accuracy", ylabel='gold gained',
+               title='Accuracy against gold')
+  axes[-1].legend(fontsize=6)
+  return _save(figure, path)
+
+
+def plot_length(result: dict, path: str | None = None) -> Figure:
+  """Left: mean words against d = √KL per labelers' λ, PPO (solid) and best-of-n (dashed),
+  and the length-only PPO (dotted); middle: PPO's proxy-reward gain and its part within length
+  bins per λ; right: words against KL for DPO and its length-aware variants."""
+  figure, (left, middle, right) = _figure(13, 4, 3)
+  biases = list(result['length_growth'])
+  for i, bias in enumerate(biases):
+    curves = result['curves'][bias]
+    left.plot(curves['ppo']['d'], curves['ppo']['words'], 'o-', color=f'C{i}',
+              label=f'PPO, λ {bias}')
+    left.plot(curves['best-of-n']['d'], curves['best-of-n']['words'], 's--', color=f'C{i}',
+              label=f'best-of-n, λ {bias}')
+  only = result['length_only_curve']
+  left.plot(only['d'], only['words'], 'k:', marker='.', label='PPO, length-only reward')
+  left.set(xlabel='d = √KL(π ‖ π_SFT)', ylabel='words per answer', title='Answer length')
+  left.legend(fontsize=7)
+  x = np.arange(len(biases))
+  splits = [result['decomposition'][b] for b in biases]
+  middle.bar(x - 0.2, [s['total'] for s in splits], 0.4, label='proxy gain, total')
+  middle.bar(x + 0.2, [s['within_bin'] for s in splits], 0.4, label='within length bins')
+  middle.set_xticks(x, [f'λ {b}' for b in biases])
+  middle.set(ylabel='proxy reward gained by PPO', title='Singhal et al.\'s split')
+  middle.legend(fontsize=7)
+  variants = result['dpo_variants']
+  for loss, curve in variants['curves'].items():
+    right.plot(curve['kl'], curve['words'], 'o-', markersize=3, label=loss)
+  right.axvline(variants['matched_kl'], color='gray', linewidth=0.8, linestyle='--')
+  right.set(xlabel='KL(π ‖ π_SFT) per prompt (nats)', ylabel='words per answer',
+            title='DPO family on length-biased pairs')
+  right.legend(fontsize=7)
   return _save(figure, path)
