@@ -95,7 +95,7 @@ CRITERIA = {
                'lies within length bins.'),
 }
 LOSS_STAGES = {'sigmoid': 'dpo'}  # The stage of a DPO loss: its name, but DPO's own is 'dpo'.
-FRONTIER = ('best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft')  # Its methods, in order.
+FRONTIER = ('best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft')  # The frontier's methods.
 ONLINE = ('ppo', 'grpo', 'rloo')  # Stages that sample as they train, against a proxy or not.
 
 
@@ -262,9 +262,10 @@ def scoring_context(experiment, workdir: str, policy: str) -> tuple:
 
 
 def evaluation_prompts(experiment) -> list[str]:
-  """The held-out prompts every trained method is evaluated on."""
-  return tasks.sample_prompts(stage_config('bon', experiment).data.playground.seed, 'eval',
-                              experiment.eval_prompts)
+  """The held-out prompts every trained method is evaluated on (its stages' evaluations draw
+  them the same way: `tasks.playground_prompts` of their data.playground)."""
+  return tasks.playground_prompts(stage_config('bon', experiment).data.playground, 'eval',
+                                  experiment.eval_prompts)
 
 
 def evaluations(run_dir: str, prompts) -> list[tuple[int, dict]]:

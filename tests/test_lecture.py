@@ -143,6 +143,7 @@ def test_direct_alignment_fits_gaos_rl_form_per_loss_and_ranks_accuracy_against_
   assert (spearman['rho'], spearman['points']) == (pytest.approx(-0.5), 3)
   assert result['curves']['ipo']['0.1']['d'] == pytest.approx([0.0, *d])
   table = '\n'.join(lecture.daa_overoptimization_table(result))
+  # Last gold: 0.5 + 2 (0.1 − 0.1 ln 2) = 0.5614.
   assert '| ipo | 0.1 | 20 (0.67) | 0.500 → 0.600 → 0.561 |' in table and 'ρ = -0.50' in table
   flat = lecture.direct_alignment_overoptimization(
       {'ipo': {0.1: points}}, {'ipo': {0.1: [0.0, 0.5, 0.5, 0.5]}}, num_resamples=20)
