@@ -238,6 +238,12 @@ def rl_config(**overrides) -> ml_collections.ConfigDict:
       # A KL budget: stop after the first evaluation whose KL to the initial policy reaches it
       # (0: run every step), so that runs are compared over the same range of d = √KL.
       'stop_kl': 0.0,
+      # PPO-ptx (Ouyang et al. 2022): γ, the weight of the next-token NLL of pretraining text
+      # (ptx_source: 'playground:text' or a jsonl:/tfds:/hf: text source, read as training
+      # data is; one minibatch of rows per update) added to the loss. With a source,
+      # evaluations measure that NLL on its held-out split ('eval/loss/ptx') whatever γ.
+      'ptx_coef': 0.0,
+      'ptx_source': '',
       **overrides,
   })
 

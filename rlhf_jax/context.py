@@ -120,14 +120,16 @@ class RunContext:
     return EnsembleReward(members, aggregation=aggregation,
                           uncertainty_weight=uncertainty_weight)
 
-  def token_data(self, *, kinds: tuple[str, ...], gold=None, answer_pairs=None):
-    """The mixture of config.data.sources, tokenized (`rlhf_jax.data.pipeline`).
+  def token_data(self, *, kinds: tuple[str, ...], gold=None, answer_pairs=None, config=None):
+    """The mixture of config.data.sources, tokenized (`rlhf_jax.data.pipeline`), in batches of
+    config.train.batch_size; `config` (default: the run's) may give other sources or batches.
 
     'playground:KIND' sources are written to JSONL files first; preference pairs are labelled
     by `gold` (default: the program) on two corruptions of the best answer, or on
     `answer_pairs(prompts, split) -> (answers, other answers)` of a policy.
     """
-    config, data = self.config, self.config.data
+    config = config or self.config
+    data = config.data
     sources = {}
     for name, spec in data.sources.items():
       scheme, _, kind = spec.partition(':')

@@ -145,6 +145,34 @@ def test_a_resumed_run_equals_the_uninterrupted_one(name, ppo_run, checkpoints, 
     assert ('eval/loss/value' in evaluation) == name.startswith('ppo')
 
 
+def with_pretraining_text(config, ptx_coef: float):
+  config.data.playground.update(train_size=256, eval_size=32)
+  config.rl.update(ptx_coef=ptx_coef, ptx_source='playground:text')
+  config.optim.lr = 3e-3  # Large enough for 8 updates to move the random model's NLL.
+  return config
+
+
+def test_ppo_ptx_lowers_the_pretraining_nll_and_resumes_exactly(checkpoints, tmp_path):
+  """PPO-ptx: with a text source, evaluations measure the NLL of held-out text at any γ; γ > 0
+  adds it to every update (the same rows at any restart), and lowers it."""
+  runs = {gamma: tmp_path / f'gamma{gamma:g}' for gamma in (0.0, 10.0)}
+  for gamma, workdir in runs.items():
+    algorithms.run(with_pretraining_text(config_for('ppo.py:tiny', checkpoints), gamma),
+                   str(workdir))
+  plain, ptx = (evaluations(runs[gamma]) for gamma in (0.0, 10.0))
+  assert plain[0]['eval/loss/ptx'] == ptx[0]['eval/loss/ptx'] > 0  # The same initial policy.
+  assert ptx[2]['eval/loss/ptx'] < plain[2]['eval/loss/ptx'] - 0.1
+  assert 'loss/ptx' not in iterations(runs[0.0])[1] and 'loss/ptx' in iterations(runs[10.0])[1]
+  workdir = tmp_path / 'resumed'
+  first = with_pretraining_text(config_for('ppo.py:tiny', checkpoints), 10.0)
+  first.train.steps = 1
+  algorithms.run(first, str(workdir))
+  algorithms.run(with_pretraining_text(config_for('ppo.py:tiny', checkpoints), 10.0),
+                 str(workdir))
+  resumed = [r for r in records(workdir) if not (r['step'] == 1 and 'eval/loss' in r)]
+  assert resumed == records(runs[10.0])
+
+
 def test_a_kl_budget_ends_the_run_at_the_first_evaluation_that_reaches_it(checkpoints, tmp_path):
   free = config_for('ppo.py:tiny', checkpoints)
   free.train.update(steps=3, eval_every=1, export_hf=False)

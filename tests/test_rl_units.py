@@ -397,6 +397,30 @@ def test_rl_loss_kl_term_is_k3_to_the_reference():
   assert float(loss) == pytest.approx(policy + 0.5 * k3, abs=1e-5)
 
 
+def test_rl_loss_ptx_term_is_gamma_times_the_pretraining_nll():
+  """PPO-ptx (Ouyang et al. 2022, eq. 2): + γ · the mean next-token NLL of the text rows, by
+  hand from the policy's full logits; padding (mask 0) is neither scored nor a target."""
+  trained = ActorCritic(model(), None)
+  batch = loss_batch(trained)
+  tokens = np.random.default_rng(3).integers(3, CONFIG.vocab_size, size=(2, 7))
+  mask = np.ones_like(tokens, bool)
+  mask[1, 5:] = False
+  text = {'tokens': jnp.asarray(tokens), 'attention_mask': jnp.asarray(mask),
+          'loss_mask': jnp.asarray(mask)}
+  logps = np_log_softmax(np.asarray(trained.policy(text['tokens'],
+                                                   attention_mask=text['attention_mask']),
+                                    np.float64))
+  targets = np.take_along_axis(logps[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+  nll = -targets[mask[:, 1:]].mean()
+  policy, _ = rl_loss_fn(trained, batch, **LOSS_OPTIONS, kl_loss_coef=0.0)
+  loss, metrics = rl_loss_fn(trained, batch | {'ptx': text}, **LOSS_OPTIONS, kl_loss_coef=0.0,
+                             ptx_coef=27.8)
+  assert float(metrics['loss/ptx']) == pytest.approx(nll, rel=1e-5)
+  assert float(loss) == pytest.approx(float(policy) + 27.8 * nll, rel=1e-5)
+  _, measured = rl_loss_fn(trained, batch | {'ptx': text}, **LOSS_OPTIONS, kl_loss_coef=0.0)
+  assert float(measured['loss/ptx']) == pytest.approx(nll, rel=1e-5)  # γ = 0: measured only.
+
+
 # Config checks.
 
 
@@ -446,6 +470,10 @@ def negative_kl_budget(c):
   c.rl.stop_kl = -1.0
 
 
+def ptx_without_text(c):
+  c.rl.ptx_coef = 1.0
+
+
 @pytest.mark.parametrize('name, preset, change, key', [
     ('ppo', 'tiny', gae_without_critic, 'config.rl.critic'),
     ('grpo', 'tiny', grpo_with_one_sample, 'config.rl.group_size'),
@@ -457,6 +485,7 @@ def negative_kl_budget(c):
     ('ppo', 'tiny', unknown_kl_estimator, 'config.rl.kl_estimator'),
     ('ppo', 'tiny', kl_budget_without_evaluations, 'config.rl.stop_kl'),
     ('ppo', 'tiny', negative_kl_budget, 'config.rl.stop_kl'),
+    ('ppo', 'tiny', ptx_without_text, 'config.rl.ptx_coef'),
 ])
 def test_check_config_names_the_offending_key(name, preset, change, key):
   config = load_config(name, preset)

@@ -61,15 +61,16 @@ class DataBatches(UpdateBatches):
     return cls(data, mesh=ctx.mesh, rules=ctx.rules, batch_size=train.batch_size,
                eval_batches=train.eval_batches)
 
-  def _batch(self, split: str, step: int) -> dict:
+  def batch(self, split: str, step: int) -> dict:
+    """Batch `step` of `split`, sharded over the mesh."""
     return parallel.shard_batch(self.data.batch(split, step, self.rows), self.mesh, self.rules)
 
   def train(self, step: int, params) -> tuple[list[dict], dict]:
     del params  # Offline: the data do not depend on the policy.
-    return [self._batch('train', step)], {}
+    return [self.batch('train', step)], {}
 
   def eval(self, params) -> list[dict]:
-    return [self._batch('eval', i) for i in range(self.eval_batches)]
+    return [self.batch('eval', i) for i in range(self.eval_batches)]
 
 
 @dataclasses.dataclass

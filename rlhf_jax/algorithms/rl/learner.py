@@ -8,7 +8,8 @@ Each iteration (one step of the engine's loop) makes its own update batches (`Ro
      (`rlhf_jax.rewards.functions`), then one jitted pass gives log-probs, values, reference
      log-probs, reward-model scores and advantages (`rlhf_jax.algorithms.rl.rollout`);
   3. update: `ppo_epochs` passes over the rollout in shuffled minibatches, each minibatch one
-     step of the shared train step on the clipped losses (`rl_loss_fn`).
+     step of the shared train step on the clipped losses (`rl_loss_fn`), with PPO-ptx's
+     pretraining rows (`config.rl.ptx_coef`, `ptx_source`) alongside.
 The KL coefficient β is fixed or follows the adaptive controller (Ziegler et al. 2019), and is
 checkpointed with the run; with a KL budget (`config.rl.stop_kl`) the run ends at the first
 evaluation that measures it. The models, all on one mesh and each read from disk once: the
@@ -28,7 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from rlhf_jax import parallel
-from rlhf_jax.algorithms.base import Algorithm, UpdateBatches
+from rlhf_jax.algorithms.base import Algorithm, DataBatches, UpdateBatches
 from rlhf_jax.algorithms.evaluations import sample_evaluations
 from rlhf_jax.algorithms.rl.actor_critic import CRITICS, ActorCritic, ValueHead
 from rlhf_jax.algorithms.rl.loss import rl_loss_fn
@@ -76,6 +77,9 @@ def check_config(config) -> None:
   if rl.kl_in_loss and rl.adaptive_kl:
     raise InputError('config.rl.adaptive_kl steers the KL penalty in the reward; it does not '
                      'apply with config.rl.kl_in_loss=True.')
+  if rl.ptx_coef < 0 or (rl.ptx_coef and not rl.ptx_source):
+    raise InputError(f'config.rl.ptx_coef={rl.ptx_coef} must be ≥ 0, and > 0 needs pretraining '
+                     'text in config.rl.ptx_source (e.g. "playground:text").')
   if rl.stop_kl < 0:
     raise InputError(f'config.rl.stop_kl={rl.stop_kl} must be ≥ 0 (0: no KL budget).')
   if rl.stop_kl and not (config.train.eval_every and config.eval.gold == 'playground'):
@@ -226,9 +230,13 @@ class Rollouts(UpdateBatches):
 
   progress_keys = ('objective/scores', 'objective/kl')
 
-  def __init__(self, ctx, rollout: Rollout, pool: list[str], gold=None):
+  def __init__(self, ctx, rollout: Rollout, pool: list[str], gold=None,
+               pretraining: DataBatches | None = None):
+    """pretraining: rows of text, one batch per minibatch: with config.rl.ptx_coef > 0 in
+    every update (PPO-ptx), and in every eval batch."""
     config, rl = ctx.config, ctx.config.rl
     self.config, self.rollout, self.pool, self.gold = config, rollout, pool, gold
+    self.pretraining = pretraining
     self.kl_coef = rl.kl_coef
     self.last_samples = None  # The latest rollout's prompts and responses (for benchmarks).
     self.shardings = rollout.update_sharding
@@ -273,15 +281,24 @@ class Rollouts(UpdateBatches):
       order = np.random.default_rng([self.config.seed, step, epoch, 1]).permutation(
           rl.rollout_batch_size)
       for k in range(rl.num_minibatches):
-        yield self.rollout.select(update, order[k * self.minibatch:(k + 1) * self.minibatch])
+        minibatch = self.rollout.select(update,
+                                        order[k * self.minibatch:(k + 1) * self.minibatch])
+        if self.pretraining is not None and rl.ptx_coef:
+          index = (step * rl.ppo_epochs + epoch) * rl.num_minibatches + k
+          minibatch['ptx'] = self.pretraining.batch('train', index)
+        yield minibatch
 
   def eval(self, params) -> list[dict]:
     rng = jax.random.fold_in(jax.random.key(self.config.seed), 2**31 - 1)
     samples = self.rollout.sample(params['policy'], self.eval_prompts, rng)
     update, _ = self.rollout.score(params, samples, kl_coef=self.kl_coef)
     rows = np.arange(len(self.eval_prompts))
-    return [self.rollout.select(update, rows[i:i + self.minibatch])
-            for i in range(0, len(rows), self.minibatch)]
+    batches = [self.rollout.select(update, rows[i:i + self.minibatch])
+               for i in range(0, len(rows), self.minibatch)]
+    if self.pretraining is not None:
+      batches = [batch | {'ptx': self.pretraining.batch('eval', i)}
+                 for i, batch in enumerate(batches)]
+    return batches
 
   def state(self) -> dict:
     return {'kl_coef': self.kl_coef}
@@ -298,7 +315,8 @@ def make_algorithm(ctx) -> Algorithm:
   models = Models(ctx, pool)
   functions = (FunctionReward(rl.reward_fns, rl.reward_fn_weights, key='config.rl.reward_fns')
                if rl.reward_fns else None)
-  rollouts = Rollouts(ctx, Rollout(ctx, models, functions), pool, gold=ctx.gold)
+  rollouts = Rollouts(ctx, Rollout(ctx, models, functions), pool, gold=ctx.gold,
+                      pretraining=pretraining_rows(ctx))
   policy_graphdef = models.initial_policy.graphdef
   proxy = None
   if reward_model_paths(rl.reward_model):
@@ -312,7 +330,7 @@ def make_algorithm(ctx) -> Algorithm:
   loss_fn = functools.partial(
       rl_loss_fn, temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
       clip_eps=rl.clip_eps, value_clip_eps=rl.value_clip_eps, vf_coef=rl.vf_coef,
-      kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0)
+      kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0, ptx_coef=rl.ptx_coef)
   return Algorithm(
       model=models.trained, loss_fn=loss_fn, batches=rollouts,
       evaluations={name: _on_policy(evaluation) for name, evaluation in evaluations.items()},
@@ -320,6 +338,20 @@ def make_algorithm(ctx) -> Algorithm:
                   'data/prompts/eval': len(set(rollouts.eval_prompts))},
       tokenizer=ctx.tokenizer, export=lambda params: (policy_graphdef, params['policy']),
       stop=functools.partial(kl_budget_reached, rl.stop_kl))
+
+
+def pretraining_rows(ctx) -> DataBatches | None:
+  """The text of config.rl.ptx_source in batches of one minibatch's rows (read with
+  config.data's options, as training data is), or None without one."""
+  rl = ctx.config.rl
+  if not rl.ptx_source:
+    return None
+  config = ctx.config.copy_and_resolve_references()
+  config.data.update(sources={'ptx': rl.ptx_source}, weights={'ptx': 1.0}, decay_weights=None)
+  config.train.batch_size = rl.rollout_batch_size // rl.num_minibatches
+  return DataBatches(ctx.token_data(kinds=('text',), config=config), mesh=ctx.mesh,
+                     rules=ctx.rules, batch_size=config.train.batch_size,
+                     eval_batches=config.train.eval_batches)
 
 
 def _on_policy(evaluation):
