@@ -10,15 +10,19 @@ adaptive KL targets and against the gold itself, DPO at several β on the same c
 best-of-n under the proxy, SFT on the comparisons' chosen answers, and IPO and hinge (SLiC) at
 DPO's β, each evaluated along its run on the same held-out prompts. The phenomena read those
 runs: `frontier` (gold against KL per method, the DPO paper's figure 2), `calibration` (ECE,
-temperature scaling, entropy and diversity, after SFT, PPO and DPO) and `daa_overoptimization`
-(gold against KL over one epoch per direct-alignment loss and β, Rafailov et al. 2024).
+temperature scaling, entropy and diversity, after SFT, PPO and DPO), `daa_overoptimization`
+(gold against KL over one epoch per direct-alignment loss and β, Rafailov et al. 2024),
+`length` (Singhal et al. 2023), `alignment_tax` (PPO on one task with and without PPO-ptx,
+Ouyang et al. 2022) and `midtraining` (instructions in the pretraining's decay stage, Hu et al.
+2024).
 Stage configs are the `stage_preset` of configs/{pretrain,sft,rm,ppo,dpo,bon}.py, changed
 here; `stage_overrides` changes every stage ('all') or one kind, as nested keys of its config.
 """
 
 import ml_collections
 
-PHENOMENA = ('frontier', 'calibration', 'daa_overoptimization', 'length')
+PHENOMENA = ('frontier', 'calibration', 'daa_overoptimization', 'length', 'alignment_tax',
+             'midtraining')
 
 # DPO and its length-aware variants on length-biased pairs (rlhf_jax/losses/dpo.py): DPO's β;
 # R-DPO's α cancels the labelers' own length term (their logit is λ/T per word, one token a word
@@ -31,14 +35,18 @@ LENGTH_LOSSES = {'sigmoid': {'beta': 0.1}, 'rdpo': {'beta': 0.1, 'alpha': 10.0},
 # head, 20 + 16 tokens), for 80 iterations, evaluated every 20 on the 1,024 held-out prompts
 # that every method is measured on. DPO, IPO and hinge: one epoch of the 8,000 comparisons (250
 # steps of 32), evaluated 8 times in it (Rafailov et al. 2024 evaluate 8 times an epoch);
-# Preferred-FT the same steps on their chosen answers, at an lr between DPO's and SFT's.
+# Preferred-FT the same steps on their chosen answers, at an lr between DPO's and SFT's. The
+# alignment tax: PPO as above on sort's prompts, γ ∈ {0, 1, 10} at β 0.1 and β ∈ {0.4, 1.6}
+# without PPO-ptx (five runs): the NLL and the clipped policy loss are both means per token,
+# so γ = 1 weighs them alike (InstructGPT's γ = 27.8 is on the scale of its own losses).
 TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, comparisons=8000,
             rm_steps=400, eval_prompts=1024, max_prompt_len=20, max_new_tokens=16,
             ppo_steps=80, ppo_eval_every=20, ppo_batch_size=256, ppo_minibatches=2, ppo_lr=7e-5,
             kl_targets=(1.0, 4.0), dpo_betas=(0.03, 0.1, 0.3), dpo_steps=250,
             dpo_eval_every=32, dpo_lr=3e-5, preferred_sft_lr=3e-4, n_max=16,
             calibration_prompts=1024, calibration_samples=16, length_biases=(0.0, 0.5, 1.0),
-            length_losses=tuple(LENGTH_LOSSES), workers=2)
+            length_losses=tuple(LENGTH_LOSSES), tax_tasks=('sort',), ptx_coefs=(0.0, 1.0, 10.0),
+            tax_kl_coefs=(0.1, 0.4, 1.6), tax_text_batches=4, workers=2)
 
 PRESETS = {
     'tiny': TINY,
@@ -48,7 +56,8 @@ PRESETS = {
                   ppo_lr=3e-3, kl_targets=(1.0,), dpo_betas=(0.1,), dpo_steps=4,
                   dpo_eval_every=2, dpo_lr=3e-3, preferred_sft_lr=3e-3, n_max=4,
                   calibration_prompts=24, length_biases=(0.0, 1.0),
-                  length_losses=('sigmoid', 'rdpo'),
+                  length_losses=('sigmoid', 'rdpo'), ptx_coefs=(0.0, 1.0),
+                  tax_kl_coefs=(0.1, 0.4), tax_text_batches=1,
                   calibration_samples=3, bootstrap=50, workers=1, stage_overrides={
                       'all': {'train': {'batch_size': 16, 'tensorboard': False},
                               'data': {'playground': {'train_size': 64, 'eval_size': 16}}},
@@ -127,6 +136,18 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       'length': {'biases': p['length_biases'], 'kl_target': p['kl_targets'][-1],
                  'bin_words': 2,  # Singhal's bins of answer length.
                  'losses': {loss: LENGTH_LOSSES[loss] for loss in p['length_losses']}},
+      # The alignment tax (Ouyang et al. 2022): PPO against the proxy on prompts of `tasks`
+      # only, at a fixed KL coefficient; the tax is what the other tasks' gold and the NLL of
+      # held-out pretraining text (π_init's own corpus; text_batches minibatches of rows) lose.
+      # PPO-ptx at each γ of ptx_coefs (at kl_coefs[0]), and without it at each other β.
+      'alignment_tax': {'tasks': p['tax_tasks'], 'ptx_coefs': p['ptx_coefs'],
+                        'kl_coefs': p['tax_kl_coefs'], 'text_batches': p['tax_text_batches']},
+      # Midtraining (Hu et al. 2024, MiniCPM): two pretrainings like π_init's base, on a
+      # warmup-stable-decay schedule and with the playground's instructions as a second source
+      # at weight 0, that differ only in the decay stage's weights: text only, or
+      # `decay_weights`; then π_init's SFT (sft_steps) after each, and twice as long after the
+      # text-only one.
+      'midtraining': {'decay_weights': {'text': 1.0, 'sft': 1.0}},
       'bootstrap': p.get('bootstrap', 1000),  # Resamples of every interval (over prompts).
       'seed': 0,
       # Stages trained this many at a time in processes of their own (1 on an accelerator).

@@ -17,6 +17,12 @@ Stages, each a run in <workdir> that a rerun resumes or skips once finished (rlh
   ppo-len<λ>/kl<t>/       PPO against it (ppo/kl<t> is λ = 0's)
   length-only/            PPO against the answer's number of words
   length-dpo/<loss>/      DPO and its length-aware variants on the largest λ's labels
+  tax/ptx<γ>-kl<β>/       PPO against the proxy on prompts of config.alignment_tax.tasks, KL
+                          coefficient β, PPO-ptx at γ (tax/prompts.txt: those prompts)
+  midtraining/{text,mixed}/pretrain/  warmup-stable-decay pretrainings whose decay stages are
+                          text only or mixed with instructions (config.midtraining)
+  midtraining/{text,mixed}/sft/, midtraining/text/sft-double/  π_init's SFT after each, and
+                          twice as long after the text-only one
   bon/                    n_max answers of π_init per evaluation prompt, for best-of-n
 Every run is evaluated along the way on the same held-out prompts: per prompt, the gold reward of
 a sampled answer and the Monte-Carlo KL to π_init along it (its samples/step_<N>.jsonl).
@@ -36,6 +42,12 @@ Phenomena (config.phenomena, or --only):
   length       answer length against KL under labelers biased toward length, Singhal et al.'s
                split of PPO's proxy gain within and across length bins, PPO against length
                alone, and length-aware DPO variants (Singhal et al. 2023; Park et al. 2024)
+  alignment_tax
+               what PPO on some tasks costs the others and the pretraining text's NLL, with
+               PPO-ptx at several γ and without it at several KL coefficients (Ouyang et al.
+               2022)
+  midtraining  gold after the same SFT of bases whose pretraining decay stage mixed in
+               instructions or not, and after twice the SFT (Hu et al. 2024)
 Then in <workdir>: report.md (per phenomenon the claim, criterion, numbers and verdict),
 summary.json, config.json (the experiment's), plots/<phenomenon>.png, points.npz and
 calibration/<stage>.npz (with summary.json, what notebooks/lecture.ipynb redraws the plots
@@ -61,7 +73,8 @@ from rlhf_jax.evals.confidence import AnswerConfidence
 from rlhf_jax.playground import tasks
 from rlhf_jax.playground.labelers import Labeler, answer_words
 from rlhf_jax.sampling.text import TextSampler
-from rlhf_jax.stages import initial_policy, read_samples, run_stages, stage_config
+from rlhf_jax.stages import (initial_policy, read_samples, run_stages, stage_config,
+                             stage_waves)
 from rlhf_jax.storage import replace_file
 
 GOLD_FUNCTION = 'rlhf_jax.playground.tasks:program_gold'
@@ -80,6 +93,13 @@ CLAIMS = {
     'length': ('People and GPT-4 prefer longer answers, and RLHF makes answers longer: much of '
                'a reward model\'s gain is length (Singhal et al. 2023, "A Long Way to Go"); '
                'length-aware losses (R-DPO, SimPO) curb it.'),
+    'alignment_tax': ('RLHF pays an alignment tax: it regresses what it does not train; mixing '
+                      'pretraining gradients into PPO (PPO-ptx, γ = 27.8) removes most of it, '
+                      'where a larger KL coefficient alone does not (Ouyang et al. 2022, '
+                      'InstructGPT).'),
+    'midtraining': ('Mixing instruction data into the pretraining decay stage ("midtraining") '
+                    'beats plain SFT afterwards (Hu et al. 2024, MiniCPM: MMLU 44.6 → 50.9, '
+                    'GSM8K 27.7 → 42.3 at 2.4B).'),
 }
 CRITERIA = {
     'frontier': ("DPO's best mean gold ≥ PPO's (against the proxy), or their 95% bootstrap "
@@ -93,10 +113,19 @@ CRITERIA = {
                'more than against the unbiased one (95% bootstrap interval over prompts of the '
                'difference in words gained above 0), and less than half of its proxy-reward gain '
                'lies within length bins.'),
+    'alignment_tax': ('PPO on the trained tasks without PPO-ptx (γ = 0, the smallest KL '
+                      'coefficient) raises the NLL of held-out pretraining text, and at the '
+                      'largest γ that increase is less than half of γ = 0\'s while the proxy '
+                      'gain on the trained tasks is at least half of γ = 0\'s.'),
+    'midtraining': ('After the same SFT, the base whose decay stage mixed in instructions has a '
+                    'higher mean gold than the text-only one (95% paired bootstrap interval over '
+                    'prompts of the difference above 0).'),
 }
+# The midtraining arms' SFT stages: (their base's decay arm, their steps in π_init's SFT steps).
+MIDTRAINING_SFT = {'midtraining/text/sft': ('text', 1), 'midtraining/mixed/sft': ('mixed', 1),
+                   'midtraining/text/sft-double': ('text', 2)}
 LOSS_STAGES = {'sigmoid': 'dpo'}  # The stage of a DPO loss: its name, but DPO's own is 'dpo'.
 FRONTIER = ('best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft')  # The frontier's methods.
-ONLINE = ('ppo', 'grpo', 'rloo')  # Stages that sample as they train, against a proxy or not.
 
 
 def loss_stage(loss: str, beta: float) -> str:
@@ -184,7 +213,73 @@ def stages_of(experiment, workdir: str, policy: str) -> dict[str, tuple]:
         'train.steps': d.steps, 'train.eval_every': d.eval_every, 'optim.lr': d.lr,
         'data.playground.length_bias': max(ln.biases), 'loss.loss_type': loss,
         **{f'loss.{k}': v for k, v in coefficients.items()}})
+  t = experiment.alignment_tax
+  text = pretraining_text(experiment)
+  for gamma, beta in tax_arms(experiment):
+    out[tax_stage(gamma, beta)] = stage_config('ppo', experiment, **ppo, **text, **{
+        'rl.reward_model': os.path.join(workdir, 'proxy', 'hf'),
+        'rl.prompts': task_prompts(experiment, workdir), 'rl.kl_coef': beta,
+        'rl.ptx_coef': gamma, 'train.eval_batches': t.text_batches})
+  out |= midtraining_stages(experiment, workdir)
   return {name: (config, os.path.join(workdir, name)) for name, config in out.items()}
+
+
+def midtraining_stages(experiment, workdir: str) -> dict:
+  """{name: config} of the midtraining A/B: two warmup-stable-decay pretrainings of π_init's
+  base on text, with the instructions as a second source at weight 0, differing only in the
+  decay stage's weights; π_init's SFT after each (evaluated at its end on the experiment's
+  prompts), and twice as long after the text-only one."""
+  text_only = {'text': 1.0, 'sft': 0.0}
+  out = {}
+  for arm, decay in (('text', text_only), ('mixed', dict(experiment.midtraining.decay_weights))):
+    out[f'midtraining/{arm}/pretrain'] = stage_config('pretrain', experiment, **{
+        'train.steps': experiment.pretrain_steps, 'optim.schedule': 'warmup_stable_decay',
+        'data.sources': {'text': 'playground:text', 'sft': 'playground:sft'},
+        'data.weights': text_only, 'data.decay_weights': decay})
+  for name, (base, steps) in MIDTRAINING_SFT.items():
+    steps *= experiment.sft_steps
+    out[name] = stage_config('sft', experiment, **{
+        'train.steps': steps, 'train.eval_every': steps, 'train.eval_at_start': False,
+        'model.hf_path': os.path.join(workdir, 'midtraining', base, 'pretrain', 'hf'),
+        'eval.num_prompts': experiment.eval_prompts,
+        'eval.max_new_tokens': experiment.max_new_tokens})
+  return out
+
+
+def tax_arms(experiment) -> list[tuple[float, float]]:
+  """(γ, β) of each alignment-tax run: each γ of ptx_coefs at kl_coefs[0], then each other β
+  without PPO-ptx."""
+  t = experiment.alignment_tax
+  if 0.0 not in t.ptx_coefs or not t.kl_coefs:
+    raise InputError(f'config.alignment_tax.ptx_coefs={tuple(t.ptx_coefs)} needs 0 (RL without '
+                     f'PPO-ptx) and kl_coefs={tuple(t.kl_coefs)} at least one β.')
+  return ([(gamma, t.kl_coefs[0]) for gamma in t.ptx_coefs]
+          + [(0.0, beta) for beta in t.kl_coefs[1:]])
+
+
+def tax_stage(gamma: float, beta: float) -> str:
+  return f'tax/ptx{gamma:g}-kl{beta:g}'
+
+
+def pretraining_text(experiment) -> dict:
+  """A PPO stage's overrides that give PPO-ptx π_init's pretraining corpus."""
+  pretrain = stage_config('pretrain', experiment).data
+  (source,) = pretrain.sources.values()
+  return {'rl.ptx_source': source, 'data.playground.train_size': pretrain.playground.train_size}
+
+
+def task_prompts(experiment, workdir: str) -> str:
+  """<workdir>/tax/prompts.txt: as many training prompts of config.alignment_tax.tasks as PPO
+  draws from (written once), the rollouts' prompts of the alignment-tax runs."""
+  path = os.path.join(workdir, 'tax', 'prompts.txt')
+  if not os.path.exists(path) and jax.process_index() == 0:
+    config = stage_config('ppo', experiment)
+    prompts = tasks.sample_prompts(config.data.playground.seed, 'train', config.rl.num_prompts,
+                                   tuple(experiment.alignment_tax.tasks))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    replace_file(path, ''.join(prompt + '\n' for prompt in prompts))
+  parallel.barrier('task prompts written')
+  return path
 
 
 def proxy_stage(bias: float) -> str:
@@ -235,19 +330,22 @@ def needed_stages(experiment, names, phenomena) -> set[str]:
     biases = experiment.length.biases
     needed |= {proxy_stage(b) for b in biases} | {ppo_stage(experiment, b) for b in biases}
     needed |= {'length-only'} | {f'length-dpo/{loss}' for loss in experiment.length.losses}
+  if 'alignment_tax' in phenomena:
+    needed |= {'proxy'} | {tax_stage(gamma, beta) for gamma, beta in tax_arms(experiment)}
+  if 'midtraining' in phenomena:
+    needed |= {name for name in names if name.startswith('midtraining/')}
   return needed
 
 
 def train(experiment, workdir: str, policy: str, phenomena) -> dict[str, tuple]:
-  """The stages the phenomena read: the proxies and the offline runs side by side, then the
-  online ones (which read the proxies)."""
+  """The stages the phenomena read, config.workers at a time, each after the stages whose
+  models it reads (`stage_waves`: the proxies and bases, then what trains against or from
+  them)."""
   stages = stages_of(experiment, workdir, policy)
   needed = needed_stages(experiment, stages, phenomena)
   stages = {name: stage for name, stage in stages.items() if name in needed}
-  online = {name for name, (config, _) in stages.items() if config.algorithm in ONLINE}
-  run_stages([stage for name, stage in stages.items() if name not in online],
-             experiment.workers)
-  run_stages([stage for name, stage in stages.items() if name in online], experiment.workers)
+  for wave in stage_waves(stages):
+    run_stages([stages[name] for name in wave], experiment.workers)
   return stages
 
 
@@ -537,8 +635,62 @@ def length(experiment, workdir: str, policy: str, stages) -> dict:
   return {'holds': bool(holds), 'criterion': CRITERIA['length'], **out}
 
 
+def alignment_tax(experiment, workdir: str, policy: str, stages) -> dict:
+  """Each alignment-tax run from its first to its last evaluation (`lecture.alignment_tax`):
+  the proxy and gold gained on the trained tasks' held-out prompts, the gold change on the other
+  tasks', the held-out pretraining NLL's increase; by γ and by β, with the verdict of
+  CRITERIA['alignment_tax']."""
+  del policy  # Every run starts from it; its step-0 evaluation is π_init's.
+  t = experiment.alignment_tax
+  prompts = evaluation_prompts(experiment)
+  trained_I = np.array([tasks.task_of(prompt) in t.tasks for prompt in prompts])
+  runs = {}
+  for gamma, beta in tax_arms(experiment):
+    run_dir = stages[tax_stage(gamma, beta)][1]
+    measured = evaluations(run_dir, prompts)
+    (start, first), (end, last) = measured[0], measured[-1]
+    nll = {m['step']: m['eval/loss/ptx'] for m in read_metrics(os.path.join(run_dir,
+                                                                           'metrics.jsonl'))
+           if 'eval/loss/ptx' in m}
+    runs[(gamma, beta)] = lecture.alignment_tax(
+        first, last, nll[start], nll[end], trained_I, num_resamples=experiment.bootstrap,
+        seed=experiment.seed)
+  result = lecture.alignment_tax_sweeps(runs, base_beta=t.kl_coefs[0])
+  by_gamma = result['tax']['ptx_coef']
+  plain, mixed = by_gamma['0'], by_gamma[f'{max(t.ptx_coefs):g}']
+  gains = result['proxy_gain']['ptx_coef']
+  holds = (plain['nll_increase'] > 0 and mixed['nll_increase'] < plain['nll_increase'] / 2
+           and gains[f'{max(t.ptx_coefs):g}']['value'] >= gains['0']['value'] / 2)
+  lecture.plot_alignment_tax(result, os.path.join(workdir, 'plots', 'alignment_tax.png'))
+  return {'holds': bool(holds), 'criterion': CRITERIA['alignment_tax'], 'tasks': list(t.tasks),
+          **result}
+
+
+def midtraining(experiment, workdir: str, policy: str, stages) -> dict:
+  """Gold on the experiment's prompts after each midtraining arm's SFT (MIDTRAINING_SFT), per
+  task; the mixed decay's and the doubled SFT's gains over the text-only arm, paired over
+  prompts; the verdict of CRITERIA['midtraining']."""
+  del policy  # The arms have bases of their own.
+  prompts = evaluation_prompts(experiment)
+  task_I = np.array([tasks.task_of(prompt) for prompt in prompts])
+  bootstrap = {'num_resamples': experiment.bootstrap, 'seed': experiment.seed}
+  gold = {name.removeprefix('midtraining/'): evaluations(stages[name][1], prompts)[-1][1]['gold']
+          for name in MIDTRAINING_SFT}
+  text, mixed, double = gold['text/sft'], gold['mixed/sft'], gold['text/sft-double']
+  out = {'gold': {arm: lecture.gold_by_task(g, task_I, **bootstrap) for arm, g in gold.items()},
+         'gain_over_text_only': lecture.paired_change(text, mixed, **bootstrap),
+         'double_sft_gain': lecture.paired_change(text, double, **bootstrap),
+         'mixed_minus_double_sft': lecture.paired_change(double, mixed, **bootstrap),
+         'decay_weights': dict(experiment.midtraining.decay_weights),
+         'sft_steps': experiment.sft_steps}
+  lecture.plot_midtraining(out, os.path.join(workdir, 'plots', 'midtraining.png'))
+  return {'holds': bool(out['gain_over_text_only']['ci'][0] > 0),
+          'criterion': CRITERIA['midtraining'], **out}
+
+
 PHENOMENA = {'frontier': frontier, 'calibration': calibration,
-             'daa_overoptimization': daa_overoptimization, 'length': length}
+             'daa_overoptimization': daa_overoptimization, 'length': length,
+             'alignment_tax': alignment_tax, 'midtraining': midtraining}
 
 
 def report(summary: dict, experiment) -> str:

@@ -5,7 +5,8 @@ share.
 A stage's config is a preset of configs/<name>.py (`stage_config`) with the experiment's gold
 reward, shrunk or grown by the experiment's `stage_overrides` and by the stage's own overrides,
 each written as dotted keys ('train.steps'). `run_stages` trains several at once, each in a
-process of its own; `initial_policy` is π_init, pretraining then an SFT stopped early.
+process of its own, `stage_waves` orders stages that read one another's models; `initial_policy`
+is π_init, pretraining then an SFT stopped early.
 """
 
 import json
@@ -19,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import algorithms
-from rlhf_jax.config import load_config
+from rlhf_jax.config import load_config, reward_model_paths
 from rlhf_jax.engine.progress import RunsProgress
 from rlhf_jax.errors import InputError
 from rlhf_jax.models.loading import is_export
@@ -128,6 +129,32 @@ def initial_policy(experiment, workdir: str) -> str:
   return run_stage(stage_config('sft', experiment, **{'train.steps': experiment.sft_steps,
                                                       'model.hf_path': base}),
                    os.path.join(workdir, 'policy', 'sft'))
+
+
+def models_read(config) -> set[str]:
+  """The model directories a stage reads: its initial model, its reward and value models, and
+  the policy its preference pairs are sampled from."""
+  paths = {config.model.hf_path, config.data.get('playground', {}).get('pairs', '')}
+  if 'rl' in config:
+    paths |= set(reward_model_paths(config.rl.reward_model)) | {config.rl.value_model}
+  return {path for path in paths if path}
+
+
+def stage_waves(stages: dict[str, tuple]) -> list[list[str]]:
+  """The names of {name: (config, workdir)} in waves that `run_stages` can train one after
+  another: each stage after the stages whose exported model (<workdir>/hf) it reads."""
+  exporter = {os.path.join(workdir, 'hf'): name for name, (_, workdir) in stages.items()}
+  needs = {name: {exporter[path] for path in models_read(config) if path in exporter}
+           for name, (config, _) in stages.items()}
+  waves, done = [], set()
+  while len(done) < len(stages):
+    wave = [name for name in stages if name not in done and needs[name] <= done]
+    if not wave:
+      raise InputError('Stages that read one another\'s models in a cycle: '
+                       f'{sorted(set(stages) - done)}.')
+    waves.append(wave)
+    done |= set(wave)
+  return waves
 
 
 def read_samples(path: str) -> dict:

@@ -18,6 +18,7 @@ from scipy.special import log_softmax
 from rlhf_jax import parallel, stages
 from rlhf_jax.analysis import lecture
 from rlhf_jax.config import load_config
+from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.errors import InputError
 from rlhf_jax.evals import equal_mass_bins, expected_calibration_error, log_loss
 from rlhf_jax.evals.confidence import AnswerConfidence
@@ -180,6 +181,52 @@ def test_the_length_only_reward_counts_words():
   assert answer_words(['p', 'q', 'r'], ['one two  three', '', ' x ']).tolist() == [3.0, 0.0, 1.0]
 
 
+def test_the_alignment_tax_is_paired_per_prompt_and_split_by_task():
+  # Prompts 0, 1 of the trained task, 2, 3 of others; gold and proxy at the first and last
+  # evaluations. Trained: proxy 0 → 1 and 1 → 3 (gain 1.5), gold 0.5 → 1 twice (+0.5);
+  # others: gold 1 → 0.5 and 0.5 → 0.5 (change −0.25).
+  first = {'proxy': np.array([0.0, 1.0, 9.0, 9.0]), 'gold': np.array([0.5, 0.5, 1.0, 0.5]),
+           'kl': np.zeros(4)}
+  last = {'proxy': np.array([1.0, 3.0, 0.0, 0.0]), 'gold': np.array([1.0, 1.0, 0.5, 0.5]),
+          'kl': np.array([1.0, 2.0, 3.0, 2.0])}
+  trained = np.array([True, True, False, False])
+  r = lecture.alignment_tax(first, last, 2.0, 2.25, trained, num_resamples=200)
+  assert r['proxy_gain']['value'] == 1.5 and r['proxy_gain']['ci'] == [1.0, 2.0]
+  assert r['trained_tasks_gold_change']['value'] == 0.5
+  assert r['other_tasks_gold_change']['value'] == -0.25
+  assert r['other_tasks_gold_change']['ci'] == [-0.5, 0.0]
+  assert (r['nll_increase'], r['kl']) == (0.25, 2.0)
+  with pytest.raises(InputError, match='trained and of other tasks'):
+    lecture.alignment_tax(first, last, 2.0, 2.25, np.ones(4, bool))
+  sweeps = lecture.alignment_tax_sweeps({(0.0, 0.1): r, (1.0, 0.1): r | {'nll_increase': 0.1},
+                                         (0.0, 0.4): r | {'nll_increase': 0.2}}, base_beta=0.1)
+  assert {k: v['nll_increase'] for k, v in sweeps['tax']['ptx_coef'].items()} == {
+      '0': 0.25, '1': 0.1}
+  assert {k: v['nll_increase'] for k, v in sweeps['tax']['kl_coef'].items()} == {
+      '0.1': 0.25, '0.4': 0.2}
+  assert [(run['ptx_coef'], run['kl_coef']) for run in sweeps['runs']] == [
+      (0.0, 0.1), (0.0, 0.4), (1.0, 0.1)]
+  assert '| 1 | 0.1 | 2.00 | +1.500' in '\n'.join(lecture.alignment_tax_table(
+      sweeps | {'tasks': ['sort']}))
+
+
+def test_gold_by_task_and_the_midtraining_table():
+  gold = np.array([1.0, 0.0, 0.5, 0.5, 1.0])
+  task = np.array(['sort', 'add', 'sort', 'add', 'sort'])
+  by_task = lecture.gold_by_task(gold, task, num_resamples=200)
+  assert {t: g['value'] for t, g in by_task.items()} == {'add': 0.25, 'sort': 2.5 / 3,
+                                                          'all': 0.6}
+  assert by_task['add']['ci'] == [0.0, 0.5]  # Two prompts: means 0, 0.25 or 0.5.
+  change = lecture.paired_change(gold, gold + 0.25, num_resamples=20)
+  assert change == {'value': 0.25, 'ci': [0.25, 0.25]}
+  result = {'gold': {'text/sft': by_task, 'mixed/sft': by_task}, 'gain_over_text_only': change,
+            'double_sft_gain': change, 'mixed_minus_double_sft': change,
+            'decay_weights': {'text': 1.0, 'sft': 1.0}, 'sft_steps': 80}
+  table = '\n'.join(lecture.midtraining_table(result))
+  assert '| arm | add | sort | all |' in table and '| mixed/sft | 0.250 [0.000, 0.500]' in table
+  assert 'Mixed decay − text-only, same SFT: +0.250 [0.250, 0.250].' in table
+
+
 def test_points_survive_their_file(tmp_path):
   points = [point('dpo', 'a', 1, 0.05, [1, 0]), point('best-of-n', 'proxy', 4, 0.7, [0, 0.5])]
   lecture.save_points(points, str(tmp_path / 'points.npz'))
@@ -229,7 +276,10 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons():
                                                   'length_normalized')]
   assert set(configs) == {'proxy', 'proxy-len0.5', 'proxy-len1', *offline, *length_dpo,
                           'ppo/kl1', 'ppo/kl4', 'ppo/gold', 'ppo-len0.5/kl4', 'ppo-len1/kl4',
-                          'length-only'}
+                          'length-only', 'tax/ptx0-kl0.1', 'tax/ptx1-kl0.1', 'tax/ptx10-kl0.1',
+                          'tax/ptx0-kl0.4', 'tax/ptx0-kl1.6', 'midtraining/text/pretrain',
+                          'midtraining/mixed/pretrain', 'midtraining/text/sft',
+                          'midtraining/mixed/sft', 'midtraining/text/sft-double'}
   proxy = configs['proxy']
   for name in ('proxy-len0.5', 'proxy-len1', *length_dpo):  # The same pairs, other labels.
     biased = configs[name].data.playground.to_dict()
@@ -259,7 +309,24 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons():
   gold = configs['ppo/gold'].rl
   assert (gold.reward_model, tuple(gold.reward_fns), gold.kl_coef) == (
       '', (experiment.GOLD_FUNCTION,), 0.0)
-  evaluated = [c for c in configs.values() if c.algorithm != 'rm']
+  tax = configs['tax/ptx10-kl0.1']
+  assert (tax.rl.ptx_coef, tax.rl.kl_coef, tax.rl.adaptive_kl, tax.rl.prompts) == (
+      10.0, 0.1, False, 'w/tax/prompts.txt')
+  assert tax.rl.ptx_source == 'playground:text'  # π_init's pretraining corpus.
+  assert tax.data.playground.train_size == load_config('pretrain.py:tiny').data.playground.train_size
+  assert (tax.rl.reward_model, tax.train.steps) == ('w/proxy/hf', configs['ppo/kl4'].train.steps)
+  text, mixed = (configs[f'midtraining/{arm}/pretrain'].to_dict() for arm in ('text', 'mixed'))
+  assert text.pop('data').pop('decay_weights') == {'text': 1.0, 'sft': 0.0}
+  assert mixed.pop('data').pop('decay_weights') == {'text': 1.0, 'sft': 1.0}
+  assert text == mixed and text['optim']['schedule'] == 'warmup_stable_decay'
+  assert configs['midtraining/mixed/sft'].model.hf_path == 'w/midtraining/mixed/pretrain/hf'
+  assert [configs[f'midtraining/text/{n}'].train.steps for n in ('sft', 'sft-double')] == [80, 160]
+  waves = stages.stage_waves({name: (c, f'w/{name}') for name, c in configs.items()})
+  assert len(waves) == 2 and {'proxy', 'dpo/beta0.1', 'midtraining/text/pretrain'} <= set(
+      waves[0]) and {'ppo/kl4', 'ppo-len1/kl4', 'tax/ptx1-kl0.1', 'midtraining/text/sft'} <= set(
+      waves[1])
+  evaluated = [c for name, c in configs.items()
+               if c.algorithm != 'rm' and not name.endswith('/pretrain')]
   assert {(c.eval.num_prompts, c.eval.max_new_tokens, c.data.playground.seed)
           for c in evaluated} == {(1024, 16, proxy.data.playground.seed)}
 
@@ -275,7 +342,8 @@ def run(tmp_path_factory):
 
 def test_the_micro_run_writes_every_key_report_and_plot(run):
   workdir, summary, _, config = run
-  assert set(summary) == {'frontier', 'calibration', 'daa_overoptimization', 'length'}
+  assert set(summary) == {'frontier', 'calibration', 'daa_overoptimization', 'length',
+                          'alignment_tax', 'midtraining'}
   frontier = summary['frontier']
   assert isinstance(frontier['holds'], bool) and frontier['criterion']
   assert set(frontier['best']) == {'best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft'}
@@ -325,12 +393,31 @@ def test_the_micro_run_writes_every_key_report_and_plot(run):
   assert length['rdpo_length_growth_ratio'] is None or length['rdpo_length_growth_ratio'] == (
       pytest.approx(length['dpo_variants']['length_growth']['rdpo']
                     / length['dpo_variants']['length_growth']['sigmoid']))
+  tax = summary['alignment_tax']
+  assert isinstance(tax['holds'], bool) and tax['criterion'] and tax['tasks'] == ['sort']
+  assert {sweep: set(by_coef) for sweep, by_coef in tax['tax'].items()} == {
+      'ptx_coef': {'0', '1'}, 'kl_coef': {'0.1', '0.4'}}
+  assert tax['proxy_gain']['kl_coef']['0.1'] == tax['proxy_gain']['ptx_coef']['0']  # One run.
+  assert len(tax['runs']) == 3 and all(np.isfinite(r['nll_increase']) for r in tax['runs'])
+  assert all(p.startswith('Sort:') for p in (workdir / 'tax' / 'prompts.txt').read_text().split(
+      '\n') if p)
+  midtraining = summary['midtraining']
+  assert isinstance(midtraining['holds'], bool) and midtraining['criterion']
+  assert set(midtraining['gold']) == {'text/sft', 'mixed/sft', 'text/sft-double'}
+  assert set(midtraining['gold']['text/sft']) == {'sort', 'add', 'repeat', 'safety', 'all'}
+  double = [r['step'] for r in read_metrics(
+      str(workdir / 'midtraining' / 'text' / 'sft-double' / 'metrics.jsonl'))
+            if 'eval/samples/gold_reward' in r]
+  assert double == [2 * config.sft_steps]  # Evaluated once, at its end.
+  assert midtraining['double_sft_gain']['value'] == pytest.approx(
+      midtraining['gold']['text/sft-double']['all']['value']
+      - midtraining['gold']['text/sft']['all']['value'])
   assert json.loads((workdir / 'summary.json').read_text()) == json.loads(json.dumps(summary))
   report = (workdir / 'report.md').read_text()
   for name in summary:
     assert f'## {name}' in report
     assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == PNG
-  assert report.count('Verdict') == 4
+  assert report.count('Verdict') == 6
 
 
 def test_only_measures_a_subset_and_a_rerun_trains_nothing(run, tmp_path, monkeypatch):

@@ -1,13 +1,15 @@
 """Measurements of the phenomena that Stanford CS336 (2025) lecture 15 attributes to RLHF, on
 the playground (experiments/lecture.py): how calibrated a policy's answers are, how diverse, how
-a quantity trends over training, the frontier of gold reward against KL per method, and where
-direct alignment's runs peak within their epoch.
+a quantity trends over training, the frontier of gold reward against KL per method, where
+direct alignment's runs peak within their epoch, how much of a reward's gain is length,
+what RL on some tasks costs the others, and what instructions in pretraining's decay buy.
 
 Host-side NumPy: arrays in, numbers, dicts and figures out. Intervals are percentile bootstraps
 over prompts (`bootstrap_interval`).
 """
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -213,6 +215,56 @@ def value_at_kl(kl, values, target: float) -> float:
   return math.nan
 
 
+def paired_change(before_I, after_I, *, num_resamples: int = 1000, seed: int = 0) -> dict:
+  """{'value': mean(after − before), 'ci'}: the change of a per-prompt measure on the same
+  prompts, with the bootstrap interval of its mean over them."""
+  delta_I = np.asarray(after_I, np.float64) - np.asarray(before_I, np.float64)
+  return {'value': float(delta_I.mean()), 'ci': bootstrap_interval(
+      lambda i: delta_I[i].mean(), len(delta_I), num_resamples=num_resamples, seed=seed)}
+
+
+def gold_by_task(gold_I, task_I, *, num_resamples: int = 1000, seed: int = 0) -> dict:
+  """{task: {'value', 'ci'}} of the mean gold over each task's prompts, and 'all'."""
+  gold_I, task_I = np.asarray(gold_I, np.float64), np.asarray(task_I)
+  groups = {task: gold_I[task_I == task] for task in sorted(set(task_I))} | {'all': gold_I}
+  return {task: {'value': float(g.mean()), 'ci': bootstrap_interval(
+      lambda i, g=g: g[i].mean(), len(g), num_resamples=num_resamples, seed=seed)}
+          for task, g in groups.items()}
+
+
+def alignment_tax(first: dict, last: dict, nll_first: float, nll_last: float, trained_I, *,
+                  num_resamples: int = 1000, seed: int = 0) -> dict:
+  """What an RL run gained on the tasks it trained and paid on the rest (Ouyang et al. 2022's
+  alignment tax), from its first and last evaluations on the same prompts (per prompt 'gold',
+  'proxy', 'kl'): `trained_I` marks the prompts of trained tasks. The NLL of held-out
+  pretraining text is measured on the same rows both times."""
+  trained_I = np.asarray(trained_I, bool)
+  if trained_I.all() or not trained_I.any():
+    raise InputError('The alignment tax needs evaluation prompts of trained and of other tasks.')
+  change = functools.partial(paired_change, num_resamples=num_resamples, seed=seed)
+  return {'proxy_gain': change(first['proxy'][trained_I], last['proxy'][trained_I]),
+          'trained_tasks_gold_change': change(first['gold'][trained_I], last['gold'][trained_I]),
+          'other_tasks_gold_change': change(first['gold'][~trained_I], last['gold'][~trained_I]),
+          'nll_increase': float(nll_last - nll_first), 'kl': float(np.mean(last['kl']))}
+
+
+def alignment_tax_sweeps(runs: dict, *, base_beta: float) -> dict:
+  """`alignment_tax` results of runs keyed (γ, β), arranged by sweep: 'tax' (the NLL increase
+  and the other tasks' gold change) and 'proxy_gain', each {'ptx_coef': by γ at base_beta,
+  'kl_coef': by β at γ = 0}, keys formatted '%g'; 'runs' lists every run."""
+  out = {'runs': [{'ptx_coef': gamma, 'kl_coef': beta, **r}
+                  for (gamma, beta), r in sorted(runs.items())],
+         'tax': {'ptx_coef': {}, 'kl_coef': {}}, 'proxy_gain': {'ptx_coef': {}, 'kl_coef': {}}}
+  for (gamma, beta), r in sorted(runs.items()):
+    tax = {k: r[k] for k in ('nll_increase', 'other_tasks_gold_change')}
+    for sweep, coef, member in (('ptx_coef', gamma, beta == base_beta),
+                                ('kl_coef', beta, gamma == 0)):
+      if member:
+        out['tax'][sweep][f'{coef:g}'] = tax
+        out['proxy_gain'][sweep][f'{coef:g}'] = r['proxy_gain']
+  return out
+
+
 def save_arrays(arrays: dict, path: str) -> None:
   """The arrays as one .npz at `path` (local or a URL), replaced whole."""
   buffer = io.BytesIO()
@@ -344,6 +396,41 @@ def length_table(result: dict) -> list[str]:
   return lines
 
 
+def alignment_tax_table(result: dict) -> list[str]:
+  """Markdown lines: per run its coefficients, what it gained and what it cost."""
+  lines = [f'PPO against the proxy on {", ".join(result["tasks"])} prompts only; first → last '
+           'evaluation, on held-out prompts of the trained tasks and of the others, and on '
+           'held-out pretraining text.', '',
+           '| γ (PPO-ptx) | β (KL) | KL | proxy gain, trained tasks | gold change, trained | '
+           'gold change, other tasks | pretraining NLL increase |',
+           '|---|---|---|---|---|---|---|']
+  for r in result['runs']:
+    lines.append(
+        f'| {r["ptx_coef"]:g} | {r["kl_coef"]:g} | {r["kl"]:.2f} | '
+        + ' | '.join(f'{r[k]["value"]:+.3f} {_interval(r[k]["ci"])}' for k in (
+            'proxy_gain', 'trained_tasks_gold_change', 'other_tasks_gold_change'))
+        + f' | {r["nll_increase"]:+.4f} |')
+  return lines
+
+
+def midtraining_table(result: dict) -> list[str]:
+  """Markdown lines: gold per arm and task, and the paired differences between arms."""
+  arms = list(result['gold'])
+  columns = list(result['gold'][arms[0]])
+  lines = [f'Decay-stage weights of the mixed arm: {result["decay_weights"]}; SFT of '
+           f'{result["sft_steps"]} steps after each base (twice that in "text/sft-double").', '',
+           '| arm | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
+  lines += [f'| {arm} | ' + ' | '.join(f'{g["value"]:.3f} {_interval(g["ci"])}'
+                                       for g in result['gold'][arm].values()) + ' |'
+            for arm in arms]
+  lines += [''] + [f'{label}: {result[key]["value"]:+.3f} {_interval(result[key]["ci"])}.'
+                   for label, key in (('Mixed decay − text-only, same SFT', 'gain_over_text_only'),
+                                      ('Twice the SFT − once, text-only base', 'double_sft_gain'),
+                                      ('Mixed decay − text-only with twice the SFT',
+                                       'mixed_minus_double_sft'))]
+  return lines
+
+
 def _figure(width: float, height: float, columns: int = 1):
   figure = Figure(figsize=(width, height), dpi=100, layout='constrained')
   FigureCanvasAgg(figure)
@@ -458,4 +545,50 @@ def plot_length(result: dict, path: str | None = None) -> Figure:
   right.set(xlabel='KL(π ‖ π_SFT) per prompt (nats)', ylabel='words per answer',
             title='DPO family on length-biased pairs')
   right.legend(fontsize=7)
+  return _save(figure, path)
+
+
+def plot_alignment_tax(result: dict, path: str | None = None) -> Figure:
+  """What each run paid against what it gained, one line per sweep (PPO-ptx's γ, the KL
+  coefficient β): left, the increase of held-out pretraining NLL; right, the other tasks' gold
+  change with 95% intervals; both against the proxy gain on the trained tasks."""
+  figure, (left, right) = _figure(10, 4, 2)
+  for i, (sweep, label) in enumerate((('ptx_coef', 'γ'), ('kl_coef', 'β'))):
+    coefs = list(result['tax'][sweep])
+    gain = [result['proxy_gain'][sweep][c]['value'] for c in coefs]
+    tax = [result['tax'][sweep][c] for c in coefs]
+    left.plot(gain, [t['nll_increase'] for t in tax], 'o-', color=f'C{i}',
+              label=f'sweep of {label}')
+    other = np.array([t['other_tasks_gold_change']['value'] for t in tax])
+    ci = np.array([t['other_tasks_gold_change']['ci'] for t in tax])
+    right.errorbar(gain, other, yerr=[other - ci[:, 0], ci[:, 1] - other], fmt='o-',
+                   color=f'C{i}', capsize=3, label=f'sweep of {label}')
+    for axis, values in ((left, [t['nll_increase'] for t in tax]), (right, other)):
+      for x, y, c in zip(gain, values, coefs):
+        axis.annotate(f'{label} {c}', (x, y), fontsize=7, xytext=(3, 3),
+                      textcoords='offset points')
+  for axis in (left, right):
+    axis.axhline(0, color='black', linewidth=0.5)
+    axis.legend(fontsize=7)
+  left.set(xlabel='proxy reward gained, trained tasks', ylabel='pretraining NLL increase (nats)',
+           title='Alignment tax on pretraining text')
+  right.set(xlabel='proxy reward gained, trained tasks', ylabel='gold change, other tasks',
+            title='Alignment tax on the other tasks')
+  return _save(figure, path)
+
+
+def plot_midtraining(result: dict, path: str | None = None) -> Figure:
+  """Mean gold per task (and over all) after each arm's SFT, with 95% intervals."""
+  figure, axis = _figure(8, 4)
+  arms = list(result['gold'])
+  tasks = list(result['gold'][arms[0]])
+  x, width = np.arange(len(tasks)), 0.8 / len(arms)
+  for i, arm in enumerate(arms):
+    values = np.array([result['gold'][arm][t]['value'] for t in tasks])
+    ci = np.array([result['gold'][arm][t]['ci'] for t in tasks])
+    axis.bar(x + (i - (len(arms) - 1) / 2) * width, values, width, label=arm,
+             yerr=[values - ci[:, 0], ci[:, 1] - values], capsize=2)
+  axis.set_xticks(x, tasks)
+  axis.set(ylabel='gold reward after SFT', title='Midtraining: instructions in the decay stage')
+  axis.legend(fontsize=7)
   return _save(figure, path)
