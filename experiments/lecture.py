@@ -124,6 +124,7 @@ CRITERIA = {
 # The midtraining arms' SFT stages: (their base's decay arm, their steps in π_init's SFT steps).
 MIDTRAINING_SFT = {'midtraining/text/sft': ('text', 1), 'midtraining/mixed/sft': ('mixed', 1),
                    'midtraining/text/sft-double': ('text', 2)}
+TASK_PROMPTS = os.path.join('tax', 'prompts.txt')  # The alignment-tax runs' rollout prompts.
 LOSS_STAGES = {'sigmoid': 'dpo'}  # The stage of a DPO loss: its name, but DPO's own is 'dpo'.
 FRONTIER = ('best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft')  # The frontier's methods.
 
@@ -218,7 +219,7 @@ def stages_of(experiment, workdir: str, policy: str) -> dict[str, tuple]:
   for gamma, beta in tax_arms(experiment):
     out[tax_stage(gamma, beta)] = stage_config('ppo', experiment, **ppo, **text, **{
         'rl.reward_model': os.path.join(workdir, 'proxy', 'hf'),
-        'rl.prompts': task_prompts(experiment, workdir), 'rl.kl_coef': beta,
+        'rl.prompts': os.path.join(workdir, TASK_PROMPTS), 'rl.kl_coef': beta,
         'rl.ptx_coef': gamma, 'train.eval_batches': t.text_batches})
   out |= midtraining_stages(experiment, workdir)
   return {name: (config, os.path.join(workdir, name)) for name, config in out.items()}
@@ -268,10 +269,10 @@ def pretraining_text(experiment) -> dict:
   return {'rl.ptx_source': source, 'data.playground.train_size': pretrain.playground.train_size}
 
 
-def task_prompts(experiment, workdir: str) -> str:
-  """<workdir>/tax/prompts.txt: as many training prompts of config.alignment_tax.tasks as PPO
-  draws from (written once), the rollouts' prompts of the alignment-tax runs."""
-  path = os.path.join(workdir, 'tax', 'prompts.txt')
+def write_task_prompts(experiment, workdir: str) -> None:
+  """<workdir>/TASK_PROMPTS, unless there: as many training prompts of
+  config.alignment_tax.tasks as PPO draws from, the alignment-tax runs' rollout prompts."""
+  path = os.path.join(workdir, TASK_PROMPTS)
   if not os.path.exists(path) and jax.process_index() == 0:
     config = stage_config('ppo', experiment)
     prompts = tasks.sample_prompts(config.data.playground.seed, 'train', config.rl.num_prompts,
@@ -279,7 +280,6 @@ def task_prompts(experiment, workdir: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     replace_file(path, ''.join(prompt + '\n' for prompt in prompts))
   parallel.barrier('task prompts written')
-  return path
 
 
 def proxy_stage(bias: float) -> str:
@@ -344,6 +344,8 @@ def train(experiment, workdir: str, policy: str, phenomena) -> dict[str, tuple]:
   stages = stages_of(experiment, workdir, policy)
   needed = needed_stages(experiment, stages, phenomena)
   stages = {name: stage for name, stage in stages.items() if name in needed}
+  if 'alignment_tax' in phenomena:
+    write_task_prompts(experiment, workdir)
   for wave in stage_waves(stages):
     run_stages([stages[name] for name in wave], experiment.workers)
   return stages
