@@ -711,7 +711,9 @@ def report(summary: dict, experiment) -> str:
 
 
 def run(experiment, workdir: str, only=None) -> dict:
-  """Trains what the phenomena need, measures each and writes report.md and summary.json."""
+  """Trains what the phenomena need, measures each and writes report.md and summary.json
+  (where phenomena measured before in `workdir` and not now keep their entries); returns what
+  it measured."""
   phenomena = tuple(only or experiment.phenomena)
   unknown = set(phenomena) - set(PHENOMENA)
   if unknown:
@@ -721,10 +723,17 @@ def run(experiment, workdir: str, only=None) -> dict:
   policy = initial_policy(experiment, workdir)
   stages = train(experiment, workdir, policy, phenomena)
   summary = {name: PHENOMENA[name](experiment, workdir, policy, stages) for name in phenomena}
+  path = os.path.join(workdir, 'summary.json')
+  earlier = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      earlier = json.load(f)
+  merged = {name: summary.get(name, earlier.get(name)) for name in PHENOMENA
+            if name in summary or name in earlier}
   if jax.process_index() == 0:
     replace_file(os.path.join(workdir, 'config.json'), experiment.to_json(indent=1))
-    replace_file(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=1))
-    replace_file(os.path.join(workdir, 'report.md'), report(summary, experiment))
+    replace_file(path, json.dumps(merged, indent=1))
+    replace_file(os.path.join(workdir, 'report.md'), report(merged, experiment))
   return summary
 
 

@@ -141,12 +141,13 @@ def models_read(config) -> set[str]:
 
 
 def stage_waves(stages: dict[str, tuple]) -> list[list[str]]:
-  """The names of {name: (config, workdir)} in waves that `run_stages` can train one after
-  another: each stage after the stages whose exported model (<workdir>/hf) it reads."""
+  """The names of the unfinished stages of {name: (config, workdir)} in waves that `run_stages`
+  can train one after another: each after the stages whose exported model (<workdir>/hf) it
+  reads."""
   exporter = {os.path.join(workdir, 'hf'): name for name, (_, workdir) in stages.items()}
   needs = {name: {exporter[path] for path in models_read(config) if path in exporter}
            for name, (config, _) in stages.items()}
-  waves, done = [], set()
+  waves, done = [], {name for name, (_, workdir) in stages.items() if finished(workdir)}
   while len(done) < len(stages):
     wave = [name for name in stages if name not in done and needs[name] <= done]
     if not wave:

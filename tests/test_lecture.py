@@ -266,7 +266,7 @@ def test_bad_phenomena_and_policies_are_errors_naming_the_key(tmp_path):
     experiment.calibrated_policies(config)
 
 
-def test_the_proxy_and_dpo_train_on_the_same_comparisons():
+def test_the_proxy_and_dpo_train_on_the_same_comparisons(monkeypatch):
   experiment = load_experiment()
   config = load_config('lecture.py:tiny')
   configs = {name: c for name, (c, _) in experiment.stages_of(config, 'w', 'pi').items()}
@@ -325,10 +325,21 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons():
   assert len(waves) == 2 and {'proxy', 'dpo/beta0.1', 'midtraining/text/pretrain'} <= set(
       waves[0]) and {'ppo/kl4', 'ppo-len1/kl4', 'tax/ptx1-kl0.1', 'midtraining/text/sft'} <= set(
       waves[1])
+  monkeypatch.setattr(stages, 'finished', lambda workdir: workdir == 'w/proxy')
+  waves = stages.stage_waves({name: (c, f'w/{name}') for name, c in configs.items()})
+  assert 'proxy' not in waves[0] and 'ppo/kl4' in waves[0]  # Its proxy is trained already.
+  assert 'ppo-len1/kl4' in waves[1]
   evaluated = [c for name, c in configs.items()
                if c.algorithm != 'rm' and not name.endswith('/pretrain')]
   assert {(c.eval.num_prompts, c.eval.max_new_tokens, c.data.playground.seed)
           for c in evaluated} == {(1024, 16, proxy.data.playground.seed)}
+
+
+def test_stages_that_read_one_another_are_an_error():
+  first, second = load_config('sft.py:tiny'), load_config('sft.py:tiny')
+  first.model.hf_path, second.model.hf_path = 'w/second/hf', 'w/first/hf'
+  with pytest.raises(InputError, match=r"in a cycle: \['first', 'second'\]"):
+    stages.stage_waves({'first': (first, 'w/first'), 'second': (second, 'w/second')})
 
 
 @pytest.fixture(scope='module')
@@ -428,6 +439,9 @@ def test_only_measures_a_subset_and_a_rerun_trains_nothing(run, tmp_path, monkey
   again = experiment.run(config, str(tmp_path), only=['calibration'])
   assert not calls
   assert again == {'calibration': summary['calibration']}
+  kept = json.loads((tmp_path / 'summary.json').read_text())  # The others' entries stay.
+  assert kept == json.loads(json.dumps(summary))
+  assert (tmp_path / 'report.md').read_text().count('Verdict') == len(summary)
 
 
 def test_the_notebook_redraws_every_plot_from_the_workdir(run, tmp_path, monkeypatch):
