@@ -13,8 +13,8 @@ runs: `frontier` (gold against KL per method, the DPO paper's figure 2), `calibr
 temperature scaling, entropy and diversity, after SFT, PPO and DPO), `daa_overoptimization`
 (gold against KL over one epoch per direct-alignment loss and β, Rafailov et al. 2024),
 `length` (Singhal et al. 2023), `alignment_tax` (PPO on one task with and without PPO-ptx,
-Ouyang et al. 2022) and `midtraining` (instructions in the pretraining's decay stage, Hu et al.
-2024).
+Ouyang et al. 2022), `midtraining` (instructions in the pretraining's decay stage, Hu et al.
+2024) and `rlaif` (a reward model trained on AI labels).
 Stage configs are the `stage_preset` of configs/{pretrain,sft,rm,ppo,dpo,bon}.py, changed
 here; `stage_overrides` changes every stage ('all') or one kind, as nested keys of its config.
 """
@@ -22,7 +22,7 @@ here; `stage_overrides` changes every stage ('all') or one kind, as nested keys 
 import ml_collections
 
 PHENOMENA = ('frontier', 'calibration', 'daa_overoptimization', 'length', 'alignment_tax',
-             'midtraining')
+             'midtraining', 'rlaif')
 
 # DPO and its length-aware variants on length-biased pairs (rlhf_jax/losses/dpo.py): DPO's β;
 # R-DPO's α cancels the labelers' own length term (their logit is λ/T per word, one token a word
@@ -46,7 +46,8 @@ TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, comparisons=8
             dpo_eval_every=32, dpo_lr=3e-5, preferred_sft_lr=3e-4, n_max=16,
             calibration_prompts=1024, calibration_samples=16, length_biases=(0.0, 0.5, 1.0),
             length_losses=tuple(LENGTH_LOSSES), tax_tasks=('sort',), ptx_coefs=(0.0, 1.0, 10.0),
-            tax_kl_coefs=(0.1, 0.4, 1.6), tax_text_batches=4, workers=2)
+            tax_kl_coefs=(0.1, 0.4, 1.6), tax_text_batches=4, rlaif_comparisons=500,
+            rlaif_steps=200, workers=2)
 
 PRESETS = {
     'tiny': TINY,
@@ -57,7 +58,8 @@ PRESETS = {
                   dpo_eval_every=2, dpo_lr=3e-3, preferred_sft_lr=3e-3, n_max=4,
                   calibration_prompts=24, length_biases=(0.0, 1.0),
                   length_losses=('sigmoid', 'rdpo'), ptx_coefs=(0.0, 1.0),
-                  tax_kl_coefs=(0.1, 0.4), tax_text_batches=1,
+                  tax_kl_coefs=(0.1, 0.4), tax_text_batches=1, rlaif_comparisons=32,
+                  rlaif_steps=4,
                   calibration_samples=3, bootstrap=50, workers=1, stage_overrides={
                       'all': {'train': {'batch_size': 16, 'tensorboard': False},
                               'data': {'playground': {'train_size': 64, 'eval_size': 16}}},
@@ -148,6 +150,11 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # `decay_weights`; then π_init's SFT (sft_steps) after each, and twice as long after the
       # text-only one.
       'midtraining': {'decay_weights': {'text': 1.0, 'sft': 1.0}},
+      # AI feedback: an AI labeler, a reward model on the first `comparisons` of the proxy's
+      # comparisons (the simulated humans' labels, `steps` steps), labels all of them in the
+      # humans' place (its standardised scores through the same Bradley-Terry labelers); a
+      # proxy trained on its labels is compared with the proxy on the humans'.
+      'rlaif': {'comparisons': p['rlaif_comparisons'], 'steps': p['rlaif_steps']},
       'bootstrap': p.get('bootstrap', 1000),  # Resamples of every interval (over prompts).
       'seed': 0,
       # Stages trained this many at a time in processes of their own (1 on an accelerator).

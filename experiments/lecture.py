@@ -23,6 +23,9 @@ Stages, each a run in <workdir> that a rerun resumes or skips once finished (rlh
                           text only or mixed with instructions (config.midtraining)
   midtraining/{text,mixed}/sft/, midtraining/text/sft-double/  π_init's SFT after each, and
                           twice as long after the text-only one
+  rlaif/labeler/          an AI labeler: a reward model on the first config.rlaif.comparisons
+                          of the proxy's comparisons
+  rlaif/proxy/            a proxy on the proxy's comparisons labelled by the AI labeler
   bon/                    n_max answers of π_init per evaluation prompt, for best-of-n
 Every run is evaluated along the way on the same held-out prompts: per prompt, the gold reward of
 a sampled answer and the Monte-Carlo KL to π_init along it (its samples/step_<N>.jsonl).
@@ -48,6 +51,8 @@ Phenomena (config.phenomena, or --only):
                2022)
   midtraining  gold after the same SFT of bases whose pretraining decay stage mixed in
                instructions or not, and after twice the SFT (Hu et al. 2024)
+  rlaif        how often an AI labeler agrees with the simulated humans, and a proxy on its
+               labels against the proxy on theirs: accuracy against gold, best-of-n's gold
 Then in <workdir>: report.md (per phenomenon the claim, criterion, numbers and verdict),
 summary.json, config.json (the experiment's), plots/<phenomenon>.png, points.npz and
 calibration/<stage>.npz (with summary.json, what notebooks/lecture.ipynb redraws the plots
@@ -100,6 +105,9 @@ CLAIMS = {
     'midtraining': ('Mixing instruction data into the pretraining decay stage ("midtraining") '
                     'beats plain SFT afterwards (Hu et al. 2024, MiniCPM: MMLU 44.6 → 50.9, '
                     'GSM8K 27.7 → 42.3 at 2.4B).'),
+    'rlaif': ('AI feedback can stand in for human labels: GPT-4 judgements agree with humans '
+              '(0.87 in the lecture), and UltraFeedback and Zephyr train reward models and '
+              'policies on AI labels (Lee et al. 2023, RLAIF; Cui et al. 2023).'),
 }
 CRITERIA = {
     'frontier': ("DPO's best mean gold ≥ PPO's (against the proxy), or their 95% bootstrap "
@@ -120,6 +128,10 @@ CRITERIA = {
     'midtraining': ('After the same SFT, the base whose decay stage mixed in instructions has a '
                     'higher mean gold than the text-only one (95% paired bootstrap interval over '
                     'prompts of the difference above 0).'),
+    'rlaif': ("The AI labeler agrees with the simulated humans at least as often as two "
+              "humans agree with each other, and best-of-n under the proxy on its labels "
+              "reaches a gold within the 95% interval of, or above, best-of-n's under the "
+              "proxy on the humans' labels (at n_max)."),
 }
 # The midtraining arms' SFT stages: (their base's decay arm, their steps in π_init's SFT steps).
 MIDTRAINING_SFT = {'midtraining/text/sft': ('text', 1), 'midtraining/mixed/sft': ('mixed', 1),
@@ -163,10 +175,10 @@ def stages_of(experiment, workdir: str, policy: str) -> dict[str, tuple]:
   pairs = comparison_overrides(experiment, policy)
   steps = experiment.proxy.steps
 
-  def proxy(bias: float):  # On the comparisons labelled with length bias λ = bias.
-    return stage_config('rm', experiment, **shared_overrides(experiment, policy), **pairs, **{
+  def proxy(bias: float, **more):  # On the comparisons labelled with length bias λ = bias.
+    return stage_config('rm', experiment, **shared_overrides(experiment, policy) | pairs | {
         'train.steps': steps, 'train.eval_every': steps, 'train.eval_at_start': False,
-        'data.playground.length_bias': bias})
+        'data.playground.length_bias': bias} | more)
 
   out = {'proxy': proxy(0.0)}
   shared = policy_overrides(experiment, policy)
@@ -222,6 +234,11 @@ def stages_of(experiment, workdir: str, policy: str) -> dict[str, tuple]:
         'rl.prompts': os.path.join(workdir, TASK_PROMPTS), 'rl.kl_coef': beta,
         'rl.ptx_coef': gamma, 'train.eval_batches': t.text_batches})
   out |= midtraining_stages(experiment, workdir)
+  a = experiment.rlaif
+  out['rlaif/labeler'] = proxy(0.0, **{'data.playground.train_size': a.comparisons,
+                                       'train.steps': a.steps, 'train.eval_every': a.steps})
+  out['rlaif/proxy'] = proxy(0.0, **{'data.playground.gold': 'teacher:' + os.path.join(
+      workdir, 'rlaif', 'labeler', 'hf')})
   return {name: (config, os.path.join(workdir, name)) for name, config in out.items()}
 
 
@@ -334,6 +351,8 @@ def needed_stages(experiment, names, phenomena) -> set[str]:
     needed |= {'proxy'} | {tax_stage(gamma, beta) for gamma, beta in tax_arms(experiment)}
   if 'midtraining' in phenomena:
     needed |= {name for name in names if name.startswith('midtraining/')}
+  if 'rlaif' in phenomena:
+    needed |= {'proxy', 'rlaif/labeler', 'rlaif/proxy'}
   return needed
 
 
@@ -690,9 +709,57 @@ def midtraining(experiment, workdir: str, policy: str, stages) -> dict:
           'criterion': CRITERIA['midtraining'], **out}
 
 
+def rlaif(experiment, workdir: str, policy: str, stages) -> dict:
+  """On π_init's candidate answers to the experiment's prompts (best-of-n's), pairs (2j, 2j+1)
+  of distinct answers: how often the AI labeler's choice matches the simulated humans'
+  (expected over their Bradley-Terry draws) and two humans' match each other; each proxy's
+  ordering against the gold; best-of-n's gold under each proxy; the verdict of
+  CRITERIA['rlaif']."""
+  bootstrap = {'num_resamples': experiment.bootstrap, 'seed': experiment.seed}
+  prompts = evaluation_prompts(experiment)
+  config, ctx = scoring_context(experiment, workdir, policy)
+  answers = candidate_answers(experiment, ctx, config, policy,
+                              os.path.join(workdir, 'bon', 'answers.json'), prompts)
+  gold_NxK = best_of_n.score_candidates(ctx.gold, prompts, answers)
+  words_NxK = np.stack([words(a) for a in answers], axis=1)
+  distinct_NxP = lecture.distinct_pairs(answers)
+  humans_NxP = Labeler(experiment.proxy.label_temperature).probability(
+      gold_NxK[:, 0::2], gold_NxK[:, 1::2], words_NxK[:, 0::2], words_NxK[:, 1::2])
+  scores = {}
+  for label, stage in (('ai_labeler', 'rlaif/labeler'), ('human', 'proxy'), ('ai', 'rlaif/proxy')):
+    path = os.path.join(stages[stage][1], 'hf')
+    scores[label] = best_of_n.score_candidates(ctx.reward_model(path), prompts, answers)
+    ctx.release(path, head='scalar')
+  out = {'ai_human_agreement': lecture.labeler_agreement(scores['ai_labeler'], humans_NxP,
+                                                         distinct_NxP, **bootstrap),
+         'human_human_agreement': lecture.labeler_agreement(None, humans_NxP, distinct_NxP,
+                                                            **bootstrap),
+         'ai_gold_agreement': lecture.ordering_agreement(scores['ai_labeler'], gold_NxK,
+                                                         distinct_NxP, **bootstrap),
+         'rm_accuracy': {label: lecture.ordering_agreement(scores[label], gold_NxK,
+                                                           distinct_NxP, **bootstrap)
+                         for label in ('human', 'ai')},
+         'bon_gold': {}, 'comparisons': {'ai_labeler': experiment.rlaif.comparisons,
+                                         'proxies': experiment.proxy.comparisons}}
+  for label, stage in (('human', 'proxy'), ('ai', 'rlaif/proxy')):
+    curve = best_of_n_curve(experiment, ctx, os.path.join(stages[stage][1], 'hf'), prompts,
+                            answers, gold_NxK)
+    gold_N = curve[-1][2]
+    out['bon_gold'][label] = {
+        'n': [n for n, _, _ in curve], 'kl': [float(kl.mean()) for _, kl, _ in curve],
+        'gold': [float(g.mean()) for _, _, g in curve],
+        'at_n_max': {'value': float(gold_N.mean()), 'ci': lecture.bootstrap_interval(
+            lambda i, g=gold_N: g[i].mean(), len(gold_N), **bootstrap)}}
+  ai, human = out['bon_gold']['ai']['at_n_max'], out['bon_gold']['human']['at_n_max']
+  holds = (out['ai_human_agreement']['value'] >= out['human_human_agreement']['value']
+           and ai['value'] >= human['ci'][0])
+  lecture.plot_rlaif(out, os.path.join(workdir, 'plots', 'rlaif.png'))
+  return {'holds': bool(holds), 'criterion': CRITERIA['rlaif'], **out}
+
+
 PHENOMENA = {'frontier': frontier, 'calibration': calibration,
              'daa_overoptimization': daa_overoptimization, 'length': length,
-             'alignment_tax': alignment_tax, 'midtraining': midtraining}
+             'alignment_tax': alignment_tax, 'midtraining': midtraining, 'rlaif': rlaif}
 
 
 def report(summary: dict, experiment) -> str:

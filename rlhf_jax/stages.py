@@ -132,9 +132,11 @@ def initial_policy(experiment, workdir: str) -> str:
 
 
 def models_read(config) -> set[str]:
-  """The model directories a stage reads: its initial model, its reward and value models, and
-  the policy its preference pairs are sampled from."""
-  paths = {config.model.hf_path, config.data.get('playground', {}).get('pairs', '')}
+  """The model directories a stage reads: its initial model, its reward and value models, the
+  policy its preference pairs are sampled from and the teacher that labels them."""
+  playground = config.data.get('playground', {})
+  paths = {config.model.hf_path, playground.get('pairs', ''),
+           playground.get('gold', '').removeprefix('teacher:')}
   if 'rl' in config:
     paths |= set(reward_model_paths(config.rl.reward_model)) | {config.rl.value_model}
   return {path for path in paths if path}

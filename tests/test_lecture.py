@@ -227,6 +227,28 @@ def test_gold_by_task_and_the_midtraining_table():
   assert 'Mixed decay − text-only, same SFT: +0.250 [0.250, 0.250].' in table
 
 
+def test_agreement_of_labelers_and_of_orderings_by_hand():
+  # Two prompts, four candidates: pairs (0, 1) and (2, 3). Prompt 1's second pair repeats an
+  # answer and is left out.
+  answers = [['a', 'x'], ['b', 'y'], ['c', 'z'], ['d', 'z']]
+  mask = lecture.distinct_pairs(answers)
+  np.testing.assert_array_equal(mask, [[True, True], [True, False]])
+  p_first = np.array([[0.9, 0.5], [0.2, 0.7]])
+  scores = np.array([[2.0, 1.0, 0.0, 0.0], [1.0, 3.0, 5.0, 4.0]])
+  # The scores pick the first (0.9), a tie (½), the second (1 − 0.2); the masked pair drops.
+  ai = lecture.labeler_agreement(scores, p_first, mask, num_resamples=50)
+  assert ai['value'] == pytest.approx((0.9 + 0.5 + 0.8) / 3)
+  humans = lecture.labeler_agreement(None, p_first, mask, num_resamples=50)
+  assert humans['value'] == pytest.approx((0.82 + 0.5 + 0.68) / 3)
+  gold = np.array([[1.0, 0.0, 0.5, 0.5], [0.0, 1.0, 1.0, 0.0]])
+  # Pair (0, 1) of prompt 0 agrees; its pair (2, 3) has equal gold; prompt 1's first agrees.
+  ordering = lecture.ordering_agreement(scores, gold, mask, num_resamples=50)
+  assert ordering == {'value': 1.0, 'ci': [1.0, 1.0]}
+  assert lecture.ordering_agreement(-scores, gold, mask, num_resamples=50)['value'] == 0.0
+  with pytest.raises(InputError, match='No pair'):
+    lecture.ordering_agreement(scores, gold, np.zeros_like(mask), num_resamples=50)
+
+
 def test_points_survive_their_file(tmp_path):
   points = [point('dpo', 'a', 1, 0.05, [1, 0]), point('best-of-n', 'proxy', 4, 0.7, [0, 0.5])]
   lecture.save_points(points, str(tmp_path / 'points.npz'))
@@ -279,7 +301,8 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons(monkeypatch):
                           'length-only', 'tax/ptx0-kl0.1', 'tax/ptx1-kl0.1', 'tax/ptx10-kl0.1',
                           'tax/ptx0-kl0.4', 'tax/ptx0-kl1.6', 'midtraining/text/pretrain',
                           'midtraining/mixed/pretrain', 'midtraining/text/sft',
-                          'midtraining/mixed/sft', 'midtraining/text/sft-double'}
+                          'midtraining/mixed/sft', 'midtraining/text/sft-double',
+                          'rlaif/labeler', 'rlaif/proxy'}
   proxy = configs['proxy']
   for name in ('proxy-len0.5', 'proxy-len1', *length_dpo):  # The same pairs, other labels.
     biased = configs[name].data.playground.to_dict()
@@ -329,6 +352,12 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons(monkeypatch):
   waves = stages.stage_waves({name: (c, f'w/{name}') for name, c in configs.items()})
   assert 'proxy' not in waves[0] and 'ppo/kl4' in waves[0]  # Its proxy is trained already.
   assert 'ppo-len1/kl4' in waves[1]
+  labeler, ai = configs['rlaif/labeler'], configs['rlaif/proxy']
+  assert (labeler.data.playground.train_size, labeler.train.steps) == (500, 200)
+  assert ai.data.playground.gold == 'teacher:w/rlaif/labeler/hf'
+  assert ai.data.playground.to_dict() == proxy.data.playground.to_dict() | {
+      'gold': 'teacher:w/rlaif/labeler/hf'}  # The same pairs, labelled by the AI.
+  assert 'rlaif/proxy' in waves[1] and 'rlaif/labeler' in waves[0]
   evaluated = [c for name, c in configs.items()
                if c.algorithm != 'rm' and not name.endswith('/pretrain')]
   assert {(c.eval.num_prompts, c.eval.max_new_tokens, c.data.playground.seed)
@@ -354,7 +383,7 @@ def run(tmp_path_factory):
 def test_the_micro_run_writes_every_key_report_and_plot(run):
   workdir, summary, _, config = run
   assert set(summary) == {'frontier', 'calibration', 'daa_overoptimization', 'length',
-                          'alignment_tax', 'midtraining'}
+                          'alignment_tax', 'midtraining', 'rlaif'}
   frontier = summary['frontier']
   assert isinstance(frontier['holds'], bool) and frontier['criterion']
   assert set(frontier['best']) == {'best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft'}
@@ -423,12 +452,18 @@ def test_the_micro_run_writes_every_key_report_and_plot(run):
   assert midtraining['double_sft_gain']['value'] == pytest.approx(
       midtraining['gold']['text/sft-double']['all']['value']
       - midtraining['gold']['text/sft']['all']['value'])
+  rlaif = summary['rlaif']
+  assert isinstance(rlaif['holds'], bool) and rlaif['criterion']
+  for key in ('ai_human_agreement', 'human_human_agreement', 'ai_gold_agreement'):
+    assert 0 <= rlaif[key]['value'] <= 1 and rlaif[key]['ci'][0] <= rlaif[key]['ci'][1], key
+  assert set(rlaif['rm_accuracy']) == set(rlaif['bon_gold']) == {'human', 'ai'}
+  assert rlaif['bon_gold']['ai']['n'] == [1, 2, 4]
   assert json.loads((workdir / 'summary.json').read_text()) == json.loads(json.dumps(summary))
   report = (workdir / 'report.md').read_text()
   for name in summary:
     assert f'## {name}' in report
     assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == PNG
-  assert report.count('Verdict') == 6
+  assert report.count('Verdict') == 7
 
 
 def test_only_measures_a_subset_and_a_rerun_trains_nothing(run, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 the playground (experiments/lecture.py): how calibrated a policy's answers are, how diverse, how
 a quantity trends over training, the frontier of gold reward against KL per method, where
 direct alignment's runs peak within their epoch, how much of a reward's gain is length,
-what RL on some tasks costs the others, and what instructions in pretraining's decay buy.
+what RL on some tasks costs the others, what instructions in pretraining's decay buy, and how
+far AI labels can stand in for human ones.
 
 Host-side NumPy: arrays in, numbers, dicts and figures out. Intervals are percentile bootstraps
 over prompts (`bootstrap_interval`).
@@ -265,6 +266,49 @@ def alignment_tax_sweeps(runs: dict, *, base_beta: float) -> dict:
   return out
 
 
+def distinct_pairs(answers_KxN: Sequence[Sequence[str]]) -> np.ndarray:
+  """[N, K/2]: whether candidates 2j and 2j+1 of a prompt (answers[k][i]) differ."""
+  answers = np.array(answers_KxN, dtype=object).T
+  return answers[:, 0::2] != answers[:, 1::2]
+
+
+def _pair_mean(values_NxP, mask_NxP, *, num_resamples: int, seed: int) -> dict:
+  """{'value', 'ci'}: the mean of values over the masked pairs, resampling prompts."""
+  values_NxP, mask_NxP = np.asarray(values_NxP, np.float64), np.asarray(mask_NxP, bool)
+  rows = np.flatnonzero(mask_NxP.any(1))
+  if not rows.size:
+    raise InputError('No pair to measure agreement on.')
+  sums, counts = (values_NxP * mask_NxP).sum(1)[rows], mask_NxP.sum(1)[rows]
+  return {'value': float(sums.sum() / counts.sum()), 'ci': bootstrap_interval(
+      lambda i: sums[i].sum() / counts[i].sum(), len(rows), num_resamples=num_resamples,
+      seed=seed)}
+
+
+def labeler_agreement(scores_NxK, p_first_NxP, mask_NxP, *, num_resamples: int = 1000,
+                      seed: int = 0) -> dict:
+  """How often a Bradley-Terry labeler who prefers the first answer of pair (2j, 2j+1) with
+  probability p_first picks the answer that `scores` rank higher (a tie: ½), in expectation
+  over its draws; with scores None, how often two such labelers agree (p² + (1 − p)²)."""
+  p = np.asarray(p_first_NxP, np.float64)
+  if scores_NxK is None:
+    agree = p**2 + (1 - p)**2
+  else:
+    first, second = scores_NxK[:, 0::2], scores_NxK[:, 1::2]
+    agree = np.where(first == second, 0.5, np.where(first > second, p, 1 - p))
+  return _pair_mean(agree, mask_NxP, num_resamples=num_resamples, seed=seed)
+
+
+def ordering_agreement(scores_NxK, reference_NxK, mask_NxP, *, num_resamples: int = 1000,
+                       seed: int = 0) -> dict:
+  """The share of pairs (2j, 2j+1) whose reference values differ that `scores` order as the
+  reference does (a tie in the scores: ½): a reward model's pairwise accuracy against gold."""
+  first, second = scores_NxK[:, 0::2], scores_NxK[:, 1::2]
+  ref_first, ref_second = reference_NxK[:, 0::2], reference_NxK[:, 1::2]
+  agree = np.where(first == second, 0.5, ((first > second) == (ref_first > ref_second)) * 1.0)
+  return _pair_mean(agree, np.asarray(mask_NxP, bool) & (ref_first != ref_second),
+                    num_resamples=num_resamples, seed=seed)
+
+
 def save_arrays(arrays: dict, path: str) -> None:
   """The arrays as one .npz at `path` (local or a URL), replaced whole."""
   buffer = io.BytesIO()
@@ -431,6 +475,24 @@ def midtraining_table(result: dict) -> list[str]:
   return lines
 
 
+def rlaif_table(result: dict) -> list[str]:
+  """Markdown lines: the AI labeler's agreement, each proxy's accuracy and best-of-n gold."""
+  c = result['comparisons']
+  lines = [f'AI labeler: a reward model on {c["ai_labeler"]} human-labelled comparisons; '
+           f'proxies on {c["proxies"]} comparisons labelled by the humans or by it. On pairs '
+           "of distinct candidate answers of π_init:", '',
+           '| measure | value | 95% interval |', '|---|---|---|']
+  rows = [('AI labeler agrees with a human labeler', result['ai_human_agreement']),
+          ('two human labelers agree', result['human_human_agreement']),
+          ('AI labeler orders the pair as the gold does', result['ai_gold_agreement'])]
+  rows += [(f'proxy on {label} labels orders the pair as the gold does', r)
+           for label, r in result['rm_accuracy'].items()]
+  rows += [(f'best-of-{result["bon_gold"][label]["n"][-1]} gold under the proxy on {label} '
+            'labels', r['at_n_max']) for label, r in result['bon_gold'].items()]
+  lines += [f'| {name} | {r["value"]:.3f} | {_interval(r["ci"])} |' for name, r in rows]
+  return lines
+
+
 def _figure(width: float, height: float, columns: int = 1):
   figure = Figure(figsize=(width, height), dpi=100, layout='constrained')
   FigureCanvasAgg(figure)
@@ -591,4 +653,25 @@ def plot_midtraining(result: dict, path: str | None = None) -> Figure:
   axis.set_xticks(x, tasks)
   axis.set(ylabel='gold reward after SFT', title='Midtraining: instructions in the decay stage')
   axis.legend(fontsize=7)
+  return _save(figure, path)
+
+
+def plot_rlaif(result: dict, path: str | None = None) -> Figure:
+  """Left: agreement of the AI labeler and of two humans, and each labeler's or proxy's
+  accuracy against gold; right: best-of-n's gold against d under each proxy."""
+  figure, (left, right) = _figure(10, 4, 2)
+  bars = {'AI–human': result['ai_human_agreement'], 'human–human': result['human_human_agreement'],
+          'AI labeler vs gold': result['ai_gold_agreement'],
+          **{f'proxy ({label}) vs gold': r for label, r in result['rm_accuracy'].items()}}
+  values = np.array([r['value'] for r in bars.values()])
+  ci = np.array([r['ci'] for r in bars.values()])
+  left.bar(range(len(bars)), values, yerr=[values - ci[:, 0], ci[:, 1] - values], capsize=3,
+           color=[f'C{i}' for i in range(len(bars))])
+  left.set_xticks(range(len(bars)), list(bars), rotation=20, fontsize=7)
+  left.set(ylabel='share of pairs', ylim=(0, 1), title='Agreement on pairs of answers')
+  for label, curve in result['bon_gold'].items():
+    right.plot(np.sqrt(curve['kl']), curve['gold'], 'o-', label=f'proxy on {label} labels')
+  right.set(xlabel='d = √KL(best-of-n ‖ π_init)', ylabel='gold reward',
+            title='Best-of-n under each proxy')
+  right.legend(fontsize=7)
   return _save(figure, path)
