@@ -612,8 +612,9 @@ def plot_length(result: dict, path: str | None = None) -> Figure:
 
 def plot_alignment_tax(result: dict, path: str | None = None) -> Figure:
   """What each run paid against what it gained, one line per sweep (PPO-ptx's γ, the KL
-  coefficient β): left, the increase of held-out pretraining NLL; right, the other tasks' gold
-  change with 95% intervals; both against the proxy gain on the trained tasks."""
+  coefficient β, which share their first run): left, the increase of held-out pretraining
+  NLL; right, the other tasks' gold change with 95% intervals; both against the proxy gain on
+  the trained tasks."""
   figure, (left, right) = _figure(10, 4, 2)
   for i, (sweep, label) in enumerate((('ptx_coef', 'γ'), ('kl_coef', 'β'))):
     coefs = list(result['tax'][sweep])
@@ -625,14 +626,18 @@ def plot_alignment_tax(result: dict, path: str | None = None) -> Figure:
     ci = np.array([t['other_tasks_gold_change']['ci'] for t in tax])
     right.errorbar(gain, other, yerr=[other - ci[:, 0], ci[:, 1] - other], fmt='o-',
                    color=f'C{i}', capsize=3, label=f'sweep of {label}')
+    names = [f'{label} {c}' for c in coefs]
+    if sweep == 'kl_coef':  # Its first run is the γ sweep's γ = 0, named there.
+      names[0] = ''
+    else:
+      names[0] += f', β {next(iter(result["tax"]["kl_coef"]))}'
     for axis, values in ((left, [t['nll_increase'] for t in tax]), (right, other)):
-      for x, y, c in zip(gain, values, coefs):
-        axis.annotate(f'{label} {c}', (x, y), fontsize=7, xytext=(3, 3),
-                      textcoords='offset points')
+      for x, y, name in zip(gain, values, names):
+        axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords='offset points')
   for axis in (left, right):
     axis.axhline(0, color='black', linewidth=0.5)
     axis.legend(fontsize=7)
-  left.set(xlabel='proxy reward gained, trained tasks', ylabel='pretraining NLL increase (nats)',
+  left.set(xlabel='proxy reward gained, trained tasks', ylabel='pretraining NLL change (nats)',
            title='Alignment tax on pretraining text')
   right.set(xlabel='proxy reward gained, trained tasks', ylabel='gold change, other tasks',
             title='Alignment tax on the other tasks')
