@@ -409,11 +409,14 @@ def evaluation_points(method: str, run: str, run_dir: str, prompts) -> list[lect
           for step, samples in evaluations(run_dir, prompts)]
 
 
-def candidate_answers(experiment, ctx, config, policy: str, path: str, prompts) -> list:
-  """π_init's n_max answers per prompt ([n_max][prompts]), sampled once into `path`."""
+def candidate_answers(experiment, workdir: str, policy: str, prompts) -> tuple:
+  """(a RunContext of `scoring_context`, π_init's n_max answers per prompt [n_max][prompts]),
+  the answers sampled once into <workdir>/bon/answers.json."""
+  config, ctx = scoring_context(experiment, workdir, policy)
+  path = os.path.join(workdir, 'bon', 'answers.json')
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      return ctx, json.load(f)
   n_max = experiment.bon.n_max
   seeds = range(experiment.seed * n_max, (experiment.seed + 1) * n_max)
   answers = best_of_n.sample_candidates(ctx.load(policy, head='lm'), config, ctx.tokenizer,
@@ -421,15 +424,20 @@ def candidate_answers(experiment, ctx, config, policy: str, path: str, prompts) 
   ctx.release(policy, head='lm')
   if jax.process_index() == 0:
     replace_file(path, json.dumps(answers))
-  return answers
+  return ctx, answers
 
 
-def best_of_n_curve(experiment, ctx, proxy_path: str, prompts, answers, values_NxK) -> list:
-  """(n, exact KL [N], expected value [N] of the proxy's choice) for n = 1, 2, 4, … n_max:
-  best-of-n under the proxy at `proxy_path` over the answers, KL from `bon_kl` (answers
-  repeat, and log n − (n−1)/n is then only a bound)."""
-  proxy_NxK = best_of_n.score_candidates(ctx.reward_model(proxy_path), prompts, answers)
+def proxy_scores(ctx, proxy_path: str, prompts, answers) -> np.ndarray:
+  """[N, n_max]: the reward model at `proxy_path`'s scores of the candidate answers."""
+  scores_NxK = best_of_n.score_candidates(ctx.reward_model(proxy_path), prompts, answers)
   ctx.release(proxy_path, head='scalar')
+  return scores_NxK
+
+
+def best_of_n_curve(experiment, proxy_NxK, answers, values_NxK) -> list:
+  """(n, exact KL [N], expected value [N] of the proxy's choice) for n = 1, 2, 4, … n_max:
+  best-of-n under a proxy's scores of the answers, KL from `bon_kl` (answers repeat, and
+  log n − (n−1)/n is then only a bound)."""
   distributions = [bon_kl.empirical_distribution(a, s) for a, s in zip(zip(*answers), proxy_NxK)]
   return [(n, np.array([bon_kl.kl_best_of_n_exact(*d, n) for d in distributions]),
            best_of_n.expected_rewards(proxy_NxK, values_NxK, n)[1])
@@ -439,13 +447,11 @@ def best_of_n_curve(experiment, ctx, proxy_path: str, prompts, answers, values_N
 def best_of_n_points(experiment, workdir: str, policy: str, prompts) -> list[lecture.Point]:
   """Best-of-n under the proxy over π_init's answers (<workdir>/bon/answers.json), judged by
   the gold: per n, the points of `best_of_n_curve`."""
-  config, ctx = scoring_context(experiment, workdir, policy)
-  answers = candidate_answers(experiment, ctx, config, policy,
-                              os.path.join(workdir, 'bon', 'answers.json'), prompts)
+  ctx, answers = candidate_answers(experiment, workdir, policy, prompts)
   gold_NxK = best_of_n.score_candidates(ctx.gold, prompts, answers)
+  proxy_NxK = proxy_scores(ctx, os.path.join(workdir, 'proxy', 'hf'), prompts, answers)
   return [lecture.Point('best-of-n', 'proxy', n, kl, gold)
-          for n, kl, gold in best_of_n_curve(experiment, ctx, os.path.join(workdir, 'proxy', 'hf'),
-                                             prompts, answers, gold_NxK)]
+          for n, kl, gold in best_of_n_curve(experiment, proxy_NxK, answers, gold_NxK)]
 
 
 def frontier(experiment, workdir: str, policy: str, stages) -> dict:
@@ -600,9 +606,7 @@ def length(experiment, workdir: str, policy: str, stages) -> dict:
   ln, bootstrap = experiment.length, {'num_resamples': experiment.bootstrap,
                                       'seed': experiment.seed}
   prompts = evaluation_prompts(experiment)
-  config, ctx = scoring_context(experiment, workdir, policy)
-  answers = candidate_answers(experiment, ctx, config, policy,
-                              os.path.join(workdir, 'bon', 'answers.json'), prompts)
+  ctx, answers = candidate_answers(experiment, workdir, policy, prompts)
   words_NxK = np.stack([words(a) for a in answers], axis=1)
   out = {key: {} for key in ('length_growth', 'within_bin_share', 'decomposition', 'curves')}
   growth_I = {}  # Per λ, PPO's words gained per prompt.
@@ -610,8 +614,8 @@ def length(experiment, workdir: str, policy: str, stages) -> dict:
     key = f'{bias:g}'
     runs = evaluations(stages[ppo_stage(experiment, bias)][1], prompts)
     (_, first), (_, last) = runs[0], runs[-1]
-    bon = best_of_n_curve(experiment, ctx, os.path.join(workdir, proxy_stage(bias), 'hf'),
-                          prompts, answers, words_NxK)
+    bon = best_of_n_curve(experiment, proxy_scores(ctx, os.path.join(
+        workdir, proxy_stage(bias), 'hf'), prompts, answers), answers, words_NxK)
     out['curves'][key] = {'ppo': length_curve(runs), 'best-of-n': {
         'kl': [float(kl.mean()) for _, kl, _ in bon],
         'd': [float(np.sqrt(kl.mean())) for _, kl, _ in bon],
@@ -717,19 +721,15 @@ def rlaif(experiment, workdir: str, policy: str, stages) -> dict:
   CRITERIA['rlaif']."""
   bootstrap = {'num_resamples': experiment.bootstrap, 'seed': experiment.seed}
   prompts = evaluation_prompts(experiment)
-  config, ctx = scoring_context(experiment, workdir, policy)
-  answers = candidate_answers(experiment, ctx, config, policy,
-                              os.path.join(workdir, 'bon', 'answers.json'), prompts)
+  ctx, answers = candidate_answers(experiment, workdir, policy, prompts)
   gold_NxK = best_of_n.score_candidates(ctx.gold, prompts, answers)
   words_NxK = np.stack([words(a) for a in answers], axis=1)
   distinct_NxP = lecture.distinct_pairs(answers)
   humans_NxP = Labeler(experiment.proxy.label_temperature).probability(
       gold_NxK[:, 0::2], gold_NxK[:, 1::2], words_NxK[:, 0::2], words_NxK[:, 1::2])
-  scores = {}
-  for label, stage in (('ai_labeler', 'rlaif/labeler'), ('human', 'proxy'), ('ai', 'rlaif/proxy')):
-    path = os.path.join(stages[stage][1], 'hf')
-    scores[label] = best_of_n.score_candidates(ctx.reward_model(path), prompts, answers)
-    ctx.release(path, head='scalar')
+  scores = {label: proxy_scores(ctx, os.path.join(stages[stage][1], 'hf'), prompts, answers)
+            for label, stage in (('ai_labeler', 'rlaif/labeler'), ('human', 'proxy'),
+                                 ('ai', 'rlaif/proxy'))}
   out = {'ai_human_agreement': lecture.labeler_agreement(scores['ai_labeler'], humans_NxP,
                                                          distinct_NxP, **bootstrap),
          'human_human_agreement': lecture.labeler_agreement(None, humans_NxP, distinct_NxP,
@@ -741,9 +741,8 @@ def rlaif(experiment, workdir: str, policy: str, stages) -> dict:
                          for label in ('human', 'ai')},
          'bon_gold': {}, 'comparisons': {'ai_labeler': experiment.rlaif.comparisons,
                                          'proxies': experiment.proxy.comparisons}}
-  for label, stage in (('human', 'proxy'), ('ai', 'rlaif/proxy')):
-    curve = best_of_n_curve(experiment, ctx, os.path.join(stages[stage][1], 'hf'), prompts,
-                            answers, gold_NxK)
+  for label in ('human', 'ai'):
+    curve = best_of_n_curve(experiment, scores[label], answers, gold_NxK)
     gold_N = curve[-1][2]
     out['bon_gold'][label] = {
         'n': [n for n, _, _ in curve], 'kl': [float(kl.mean()) for _, kl, _ in curve],
