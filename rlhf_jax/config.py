@@ -178,6 +178,9 @@ def data_config(sources: dict[str, str]) -> ml_collections.ConfigDict:
       # `tasks`, in turn; pretraining text states facts of all of them.
       'playground': {'seed': 0, 'train_size': 20000, 'eval_size': 512, 'tasks': tasks.TASKS,
                      'label_temperature': 0.1, 'length_bias': 0.0,
+                     # Pairs' answers hedged ("I think …") with probability hedge_share, and
+                     # the labelers' bias toward confident ones (rlhf_jax/playground/labelers.py).
+                     'hedge_share': 0.0, 'assertiveness_bias': 0.0,
                      # 'program' | 'teacher:random' | 'teacher:<HF reward model dir>'
                      'gold': 'program', 'teacher_preset': 'playground-teacher',
                      # Preference pairs: 'corruptions' of the best answer, two samples of

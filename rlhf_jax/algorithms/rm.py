@@ -60,7 +60,7 @@ def pair_evaluations(ctx, data, graphdef) -> dict:
     texts = ([r.chosen for r in records], [r.rejected for r in records])
     gold = tuple(np.asarray(ctx.gold(prompts, side), np.float64) for side in texts)
     p = config.data.playground
-    labeler = Labeler(p.label_temperature, p.length_bias)
+    labeler = Labeler(p.label_temperature, p.length_bias, p.assertiveness_bias)
   return {'pairs': PairEvaluation(
       examples, score_pairs=pair_rewards, graphdef=graphdef, seq_len=config.train.seq_len,
       pad_id=data.shape.pad_id, mesh=ctx.mesh, rules=ctx.rules,

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.data.batching import pad_pairs
-from rlhf_jax.playground.labelers import Labeler, num_words
+from rlhf_jax.playground.labelers import Labeler, is_confident, num_words
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.evals.calibration import (bradley_terry_ceiling, preference_metrics,
                                        reliability_diagram)
@@ -34,8 +34,8 @@ class PairEvaluation:
     """examples: (chosen piece, rejected piece) per pair, encoded like the training data.
 
     score_pairs(model, batch) -> (r_chosen, r_rejected); gold: gold rewards of the chosen and
-    rejected answers; texts: their strings (for the labelers' length bias); groups: a label
-    per pair (e.g. the playground task) for per-group accuracy and ceiling.
+    rejected answers; texts: their strings (for the labelers' length and tone biases); groups:
+    a label per pair (e.g. the playground task) for per-group accuracy and ceiling.
     """
     self.arrays = pad_pairs(examples, seq_len, pad_id=pad_id)
     self.gold = gold
@@ -43,7 +43,8 @@ class PairEvaluation:
     self.labeler_logits = None  # The labelers' margins, where they are known and noisy.
     if labeler is not None and labeler.temperature > 0:
       lengths = [np.array([num_words(t) for t in side]) for side in texts]
-      self.labeler_logits = labeler.preference_logit(*gold, *lengths)
+      tones = [np.array([is_confident(t) for t in side]) for side in texts]
+      self.labeler_logits = labeler.preference_logit(*gold, *lengths, *tones)
       self.temperature = labeler.temperature
     self.mesh, self.rules, self.batch_size, self.workdir = mesh, rules, batch_size, workdir
     self._score = jax.jit(lambda params, batch: score_pairs(nnx.merge(graphdef, params), batch))

@@ -15,7 +15,7 @@ import numpy as np
 from rlhf_jax.data import SPLITS
 from rlhf_jax.errors import InputError
 from rlhf_jax.playground import tasks
-from rlhf_jax.playground.labelers import Labeler, num_words
+from rlhf_jax.playground.labelers import Labeler, hedge, is_confident, num_words
 
 KINDS = ('sft', 'preference', 'text')
 
@@ -34,6 +34,8 @@ def source_spec(kind: str, p, cache_dir: str, *, gold=None, answer_pairs=None,
              f'-pairs-{_slug(p.pairs)}')
     if p.pairs != 'corruptions':
       name += f'-at{p.pair_temperature}'
+    if p.hedge_share or p.assertiveness_bias:
+      name += f'-hedge{p.hedge_share}-assert{p.assertiveness_bias}'
   pattern = os.path.join(cache_dir, name + '.jsonl')
   for split in SPLITS:
     write_file(kind, split, p, pattern.format(split=split), gold=gold,
@@ -52,8 +54,9 @@ def write_file(kind: str, split: str, p, path: str, *, gold=None, answer_pairs=N
   if not os.path.exists(path):
     os.makedirs(cache_dir, exist_ok=True)
     rows = playground_rows(kind, split, size, seed=p.seed, gold=gold, answer_pairs=answer_pairs,
-                           labeler=Labeler(p.label_temperature, p.length_bias),
-                           task_names=tasks.configured_tasks(p))
+                           labeler=Labeler(p.label_temperature, p.length_bias,
+                                           p.assertiveness_bias),
+                           task_names=tasks.configured_tasks(p), hedge_share=p.hedge_share)
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w') as f:
       f.writelines(json.dumps(row) + '\n' for row in rows)
@@ -65,14 +68,16 @@ def _slug(text: str) -> str:
 
 
 def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labeler,
-                    gold=None, answer_pairs=None, task_names=tasks.TASKS) -> list:
+                    gold=None, answer_pairs=None, task_names=tasks.TASKS,
+                    hedge_share: float = 0.0) -> list:
   """The JSON objects of a playground file; preference rows also keep their gold rewards.
 
   Preference pairs are two corruptions of the best answer, or with `answer_pairs(prompts,
   split)` two answers of a policy; pairs whose answers are the same are redrawn
   (corruptions) or left out (a policy's, as are pairs with an empty answer).
   gold(prompts, responses) -> rewards labels them (default: the playground's program). The
-  prompts are of `task_names`, in turn.
+  prompts are of `task_names`, in turn. With `hedge_share`, each answer of a pair is hedged
+  (`labelers.hedge`) with that probability, for labelers biased toward confident answers.
   """
   if kind == 'text':
     rng = np.random.default_rng([seed, SPLITS.index(split), 9])
@@ -87,11 +92,15 @@ def playground_rows(kind: str, split: str, n: int, *, seed: int, labeler: Labele
     pairs = list(zip(*answer_pairs(prompts, split)))
     kept = [i for i, (a, b) in enumerate(pairs) if a != b and a.strip() and b.strip()]
     prompts, pairs, rngs = ([xs[i] for i in kept] for xs in (prompts, pairs, rngs))
+  if hedge_share:
+    pairs = [tuple(hedge(x) if rng.random() < hedge_share else x for x in pair)
+             for pair, rng in zip(pairs, rngs)]
   gold = gold or tasks.program_gold
   gold_a, gold_b = (gold(prompts, [pair[j] for pair in pairs]) for j in (0, 1))
   rows = []
   for prompt, (a, b), g_a, g_b, rng in zip(prompts, pairs, gold_a, gold_b, rngs):
-    a_wins, p_a = labeler.label(g_a, g_b, num_words(a), num_words(b), rng)
+    a_wins, p_a = labeler.label(g_a, g_b, num_words(a), num_words(b), rng, is_confident(a),
+                                is_confident(b))
     (chosen, g_c), (rejected, g_r) = ((a, g_a), (b, g_b))[::1 if a_wins else -1]
     rows.append({'prompt': prompt, 'chosen': chosen, 'rejected': rejected,
                  'gold_chosen': float(g_c), 'gold_rejected': float(g_r),
