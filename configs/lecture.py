@@ -14,7 +14,10 @@ temperature scaling, entropy and diversity, after SFT, PPO and DPO), `daa_overop
 (gold against KL over one epoch per direct-alignment loss and β, Rafailov et al. 2024),
 `length` (Singhal et al. 2023), `alignment_tax` (PPO on one task with and without PPO-ptx,
 Ouyang et al. 2022), `midtraining` (instructions in the pretraining's decay stage, Hu et al.
-2024) and `rlaif` (a reward model trained on AI labels).
+2024), `rlaif` (a reward model trained on AI labels), `safety` (the share of safety data in
+SFT against over-refusal, Bianchi et al. 2023 and XSTest), `unknown_facts` (SFT on facts
+the base never saw, Gekhman et al. 2024) and `assertive_labelers` (labelers who like a
+confident tone).
 Stage configs are the `stage_preset` of configs/{pretrain,sft,rm,ppo,dpo,bon}.py, changed
 here; `stage_overrides` changes every stage ('all') or one kind, as nested keys of its config.
 """
@@ -22,7 +25,7 @@ here; `stage_overrides` changes every stage ('all') or one kind, as nested keys 
 import ml_collections
 
 PHENOMENA = ('frontier', 'calibration', 'daa_overoptimization', 'length', 'alignment_tax',
-             'midtraining', 'rlaif')
+             'midtraining', 'rlaif', 'safety', 'unknown_facts', 'assertive_labelers')
 
 # DPO and its length-aware variants on length-biased pairs (rlhf_jax/losses/dpo.py): DPO's β;
 # R-DPO's α cancels the labelers' own length term (their logit is λ/T per word, one token a word
@@ -39,6 +42,11 @@ LENGTH_LOSSES = {'sigmoid': {'beta': 0.1}, 'rdpo': {'beta': 0.1, 'alpha': 10.0},
 # alignment tax: PPO as above on sort's prompts, γ ∈ {0, 1, 10} at β 0.1 and β ∈ {0.4, 1.6}
 # without PPO-ptx (five runs): the NLL and the clipped policy loss are both means per token,
 # so γ = 1 weighs them alike (InstructGPT's γ = 27.8 is on the scale of its own losses).
+# Safety: SFT of the base for 200 steps of 32 on 2,048 rows (about three epochs), so 3 % is 61
+# refusals seen three times (Bianchi et al.: 500 safety examples, 3 % of their mix). Unknown
+# facts: 150 steps of 32 on 640 questions about 80 facts (7.5 epochs: Gekhman et al. find the
+# unknown ones fitted late, so the SFT runs long enough to fit them). Both repeat each SFT with
+# three seeds (their order of the rows): one run per share was too noisy to rank the shares.
 TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, comparisons=8000,
             rm_steps=400, eval_prompts=1024, max_prompt_len=20, max_new_tokens=16,
             ppo_steps=80, ppo_eval_every=20, ppo_batch_size=256, ppo_minibatches=2, ppo_lr=7e-5,
@@ -47,7 +55,11 @@ TINY = dict(stage_preset='tiny', pretrain_steps=800, sft_steps=80, comparisons=8
             calibration_prompts=1024, calibration_samples=16, length_biases=(0.0, 0.5, 1.0),
             length_losses=tuple(LENGTH_LOSSES), tax_tasks=('sort',), ptx_coefs=(0.0, 1.0, 10.0),
             tax_kl_coefs=(0.1, 0.4, 1.6), tax_text_batches=4, rlaif_comparisons=500,
-            rlaif_steps=200, workers=2)
+            rlaif_steps=200, safety_shares=(0.0, 0.01, 0.03, 0.1, 0.25, 0.5),
+            safety_examples=2048, safety_steps=200, safety_samples=16,
+            knowledge_documents=20000, fact_shares=(0.0, 0.25, 0.5, 0.75), fact_examples=640,
+            fact_steps=150, fact_samples=8, assertive_biases=(0.0, 0.2, 0.5), sft_seeds=(0, 1, 2),
+            workers=2)
 
 PRESETS = {
     'tiny': TINY,
@@ -59,7 +71,10 @@ PRESETS = {
                   calibration_prompts=24, length_biases=(0.0, 1.0),
                   length_losses=('sigmoid', 'rdpo'), ptx_coefs=(0.0, 1.0),
                   tax_kl_coefs=(0.1, 0.4), tax_text_batches=1, rlaif_comparisons=32,
-                  rlaif_steps=4,
+                  rlaif_steps=4, safety_shares=(0.0, 0.03, 0.5), safety_examples=64,
+                  safety_steps=4, safety_samples=2, knowledge_documents=200,
+                  fact_shares=(0.0, 0.5), fact_examples=32, fact_steps=4, fact_samples=2,
+                  assertive_biases=(0.0, 0.5), sft_seeds=(0,),
                   calibration_samples=3, bootstrap=50, workers=1, stage_overrides={
                       'all': {'train': {'batch_size': 16, 'tensorboard': False},
                               'data': {'playground': {'train_size': 64, 'eval_size': 16}}},
@@ -155,6 +170,35 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
       # humans' place (its standardised scores through the same Bradley-Terry labelers); a
       # proxy trained on its labels is compared with the proxy on the humans'.
       'rlaif': {'comparisons': p['rlaif_comparisons'], 'steps': p['rlaif_steps']},
+      # The knowledge base of `safety` (and of the questions about facts): pretrained like
+      # π_init's base, on its corpus and `documents` documents of world knowledge (who can be
+      # harmed, made-up facts: rlhf_jax/playground/knowledge.py) mixed at `weights`.
+      'knowledge': {'documents': p['knowledge_documents'],
+                    'weights': {'text': 3.0, 'knowledge': 1.0}},
+      # Safety data and over-refusal: per share, an SFT of the knowledge base (`steps` steps) on
+      # `examples` rows of which that share are harmful requests answered with a refusal and
+      # the rest helpful (rlhf_jax/playground/safety.py); each policy answers held-out harmful
+      # requests, the XSTest-style contrast set and held-out unrelated requests `samples` times;
+      # each share's SFT is run once per seed of `seeds`, its measures averaged over them.
+      # small_share: the share the verdict asks to cut unsafe compliance (Bianchi et al.'s 3 %).
+      'safety': {'shares': p['safety_shares'], 'examples': p['safety_examples'],
+                 'steps': p['safety_steps'], 'samples': p['safety_samples'],
+                 'small_share': 0.03, 'seeds': p['sft_seeds']},
+      # Unknown facts (Gekhman et al. 2024): per unknown share, an SFT of the knowledge base on
+      # `examples` questions about 40 facts its corpus states and 40 it never states, that share
+      # of them about the unknown ones; at idk_share also with those answered "I don't know".
+      # Each policy answers held-out questions about 40 known and 40 unknown facts `samples`
+      # times; each arm is run once per seed of `seeds`, its measures averaged over them.
+      # Labelers who like confidence: proxies on the proxy's comparisons with each answer hedged
+      # ("I think …") with probability hedge_share, labelled with assertiveness bias κ of
+      # `biases` (the logit gains κ for a confident answer; rlhf_jax/playground/labelers.py);
+      # best-of-n under each over π_init's candidates, hedged where less than unsure_below of
+      # the prompt's candidates agree with them.
+      'assertive_labelers': {'biases': p['assertive_biases'], 'hedge_share': 0.5,
+                             'unsure_below': 0.5},
+      'unknown_facts': {'shares': p['fact_shares'], 'idk_share': 0.5,
+                        'examples': p['fact_examples'], 'steps': p['fact_steps'],
+                        'samples': p['fact_samples'], 'seeds': p['sft_seeds']},
       'bootstrap': p.get('bootstrap', 1000),  # Resamples of every interval (over prompts).
       'seed': 0,
       # Stages trained this many at a time in processes of their own (1 on an accelerator).

@@ -227,6 +227,89 @@ def test_gold_by_task_and_the_midtraining_table():
   assert 'Mixed decay − text-only, same SFT: +0.250 [0.250, 0.250].' in table
 
 
+def test_the_safety_sweep_by_hand():
+  measured = {
+      0.0: {'unsafe': np.array([0, 0, 0.5, 1]), 'contrast': np.zeros(4),
+            'unrelated': np.zeros(2), 'other_gold': np.array([1.0, 0.5])},
+      0.03: {'unsafe': np.ones(4), 'contrast': np.array([0, 0.5, 0, 0]),
+             'unrelated': np.zeros(2), 'other_gold': np.array([1.0, 1.0])},
+      0.5: {'unsafe': np.ones(4), 'contrast': np.array([1, 1, 0.5, 1]),
+            'unrelated': np.array([0.5, 1.0]), 'other_gold': np.array([0.5, 0.5])}}
+  categories = ['homonym', 'homonym', 'figurative', 'figurative']
+  result = lecture.safety_sweep(measured, categories, small_share=0.03, num_resamples=200)
+  assert {s: r['value'] for s, r in result['unsafe_compliance'].items()} == {
+      '0': 0.625, '0.03': 0.0, '0.5': 0.0}
+  assert {s: r['value'] for s, r in result['false_refusal_contrast'].items()} == {
+      '0': 0.0, '0.03': 0.125, '0.5': 0.875}
+  assert result['false_refusal_unrelated']['0.5']['value'] == 0.75
+  assert result['other_tasks_gold']['0']['value'] == 0.75
+  assert result['false_refusal_by_category']['0.5'] == {'homonym': 1.0, 'figurative': 0.75}
+  assert result['safety_overrefusal_spearman']['rho'] == pytest.approx(1.0)
+  assert result['compliance_change_to_small_share']['value'] == -0.625
+  assert result['overrefusal_change_to_largest_share']['value'] == 0.75  # [1, .5, .5, 1].
+  assert result['unsafe_compliance']['0']['ci'][0] <= 0.625 <= (
+      result['unsafe_compliance']['0']['ci'][1])
+  table = '\n'.join(lecture.safety_table(result | {
+      'examples': 64, 'steps': 4, 'samples': 2,
+      'prompts': {'unsafe': 4, 'contrast': 4, 'unrelated': 2, 'other_tasks': 2}}))
+  assert '| 50 % | 0.000 [0.000, 0.000] | 0.875' in table
+  assert 'contrast false refusal, 50 % − 3 %: +0.750' in table
+  with pytest.raises(InputError, match=r'needs 0 and small_share 0.1'):
+    lecture.safety_sweep(measured, categories, small_share=0.1)
+
+
+def test_the_unknown_facts_sweep_by_hand():
+  def arm(known_right, unknown_hallucination, unknown_abstention, fitted):
+    known_right = np.array(known_right)
+    return {'known/right': known_right, 'known/hallucination': 1 - known_right,
+            'known/abstention': np.zeros(4), 'unknown/hallucination': np.array(
+                unknown_hallucination), 'unknown/abstention': np.array(unknown_abstention),
+            'sft_unknown/right': np.array(fitted)}
+
+  measured = {(0.0, False): arm([1, 1, 0.5, 0.5], [1, 1, 1, 0.5], [0, 0, 0, 0], [0, 0]),
+              (0.5, False): arm([0.5, 0.5, 0.5, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0.5]),
+              (0.5, True): arm([1, 0.5, 0.5, 0], [0, 0.5, 0, 0], [1, 0.5, 1, 1], [0, 0])}
+  result = lecture.fact_sweep(measured, idk_share=0.5, num_resamples=200)
+  assert {s: r['value'] for s, r in result['known_accuracy'].items()} == {'0': 0.75,
+                                                                          '0.5': 0.375}
+  assert result['hallucination_rate']['0']['unknown']['value'] == 0.875
+  assert result['hallucination_rate']['0.5']['known']['value'] == 0.625
+  assert result['sft_unknown_fitted'] == {'0': 0.0, '0.5': 0.75}
+  assert result['known_accuracy_change']['value'] == -0.375
+  idk = result['idk_variant']
+  assert idk['hallucination_change']['value'] == -0.875  # 0.125 − 1.
+  assert idk['known_accuracy_change']['value'] == 0.125
+  assert idk['abstention_rate']['unknown']['value'] == 0.875
+  table = '\n'.join(lecture.unknown_facts_table(result | {
+      'examples': 64, 'steps': 4, 'samples': 2,
+      'questions': {'known': 4, 'unknown': 4, 'sft_unknown': 2}}))
+  assert '| 50 %, answered IDK | 0.500 ' in table
+  assert 'Known accuracy, 50 % − 0 % unknown: -0.375' in table
+
+
+def test_unsure_answers_are_hedged_and_tone_curves_by_hand():
+  answers = [['4', 'a'], ['4', 'b'], ['5', 'c'], ['4', 'a']]  # [K = 4][N = 2].
+  toned = lecture.hedge_when_unsure(answers, unsure_below=0.5)
+  assert toned == [['4', 'a'], ['4', 'I think b'], ['I think 5', 'I think c'], ['4', 'a']]
+  kl = np.zeros(2)
+  curves = {'0': {'confident_wrong': [(1, kl, np.array([0.5, 0.0])),
+                                      (2, kl + 1, np.array([0.0, 0.0]))],
+                  'confident': [(1, kl, np.ones(2)), (2, kl + 1, np.ones(2))],
+                  'gold': [(1, kl, np.ones(2)), (2, kl + 1, np.ones(2))]},
+            '0.5': {'confident_wrong': [(1, kl, np.array([0.5, 0.0])),
+                                        (2, kl + 4, np.array([1.0, 0.5]))],
+                    'confident': [(1, kl, np.ones(2)), (2, kl + 4, np.ones(2))],
+                    'gold': [(1, kl, np.ones(2)), (2, kl + 4, np.zeros(2))]}}
+  result = lecture.tone_curves(curves, num_resamples=100)
+  wrong = result['confident_wrong_rate']['0.5']
+  assert (wrong['n'], wrong['d'], wrong['rate']) == ([1, 2], [0.0, 2.0], [0.25, 0.75])
+  assert wrong['at_n_max']['value'] == 0.75 and result['gold']['0.5'] == [1.0, 0.0]
+  assert result['biased_minus_unbiased']['value'] == 0.75 and result['most_biased'] == 0.5
+  table = '\n'.join(lecture.assertive_labelers_table(result | {'prompts': 2,
+                                                                'hedged_share': 0.375}))
+  assert '| 0.5 | 2 | 2.00 | 0.750 [' in table and 'κ 0.5 − κ 0: +0.750' in table
+
+
 def test_agreement_of_labelers_and_of_orderings_by_hand():
   # Two prompts, four candidates: pairs (0, 1) and (2, 3). Prompt 1's second pair repeats an
   # answer and is left out.
@@ -302,8 +385,19 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons(monkeypatch):
                           'tax/ptx0-kl0.4', 'tax/ptx0-kl1.6', 'midtraining/text/pretrain',
                           'midtraining/mixed/pretrain', 'midtraining/text/sft',
                           'midtraining/mixed/sft', 'midtraining/text/sft-double',
-                          'rlaif/labeler', 'rlaif/proxy'}
+                          'rlaif/labeler', 'rlaif/proxy',
+                          *(f'safety/share{s}/seed{k}' for s in ('0', '0.01', '0.03', '0.1',
+                                                                 '0.25', '0.5') for k in range(3)),
+                          'knowledge/pretrain',
+                          *(f'facts/{arm}/seed{k}' for arm in ('unknown0', 'unknown0.25',
+                                                               'unknown0.5', 'unknown0.75', 'idk0.5')
+                            for k in range(3)),
+                          'assertive/proxy0', 'assertive/proxy0.2', 'assertive/proxy0.5'}
   proxy = configs['proxy']
+  assertive = configs['assertive/proxy0.2'].data.playground.to_dict()
+  assert (assertive.pop('hedge_share'), assertive.pop('assertiveness_bias')) == (0.5, 0.2)
+  assert assertive == {k: v for k, v in proxy.data.playground.to_dict().items()
+                       if k not in ('hedge_share', 'assertiveness_bias')}
   for name in ('proxy-len0.5', 'proxy-len1', *length_dpo):  # The same pairs, other labels.
     biased = configs[name].data.playground.to_dict()
     assert biased.pop('length_bias') == (1.0 if name.startswith('length-dpo') else
@@ -358,8 +452,23 @@ def test_the_proxy_and_dpo_train_on_the_same_comparisons(monkeypatch):
   assert ai.data.playground.to_dict() == proxy.data.playground.to_dict() | {
       'gold': 'teacher:w/rlaif/labeler/hf'}  # The same pairs, labelled by the AI.
   assert 'rlaif/proxy' in waves[1] and 'rlaif/labeler' in waves[0]
-  evaluated = [c for name, c in configs.items()
-               if c.algorithm != 'rm' and not name.endswith('/pretrain')]
+  safety = configs['safety/share0.03/seed2']
+  assert (safety.algorithm, dict(safety.data.sources), safety.model.hf_path,
+          safety.data.tokenizer, safety.train.steps, safety.train.eval_every) == (
+      'sft', {'sft': 'jsonl:w/safety/data/share0.03-{split}.jsonl'},
+      'w/knowledge/pretrain/hf', 'w/knowledge/pretrain/hf', 200, 0)
+  assert (safety.seed, safety.data.seed) == (2, 2)  # Replicates differ in their seed only.
+  assert safety.to_dict() | {'seed': 0, 'data': safety.data.to_dict() | {'seed': 0}} == (
+      configs['safety/share0.03/seed0'].to_dict())
+  assert dict(configs['knowledge/pretrain'].data.sources) == {
+      'text': 'playground:text', 'knowledge': 'jsonl:w/knowledge/corpus-{split}.jsonl'}
+  idk = configs['facts/idk0.5/seed1']
+  assert (dict(idk.data.sources), idk.model.hf_path, idk.train.steps) == (
+      {'sft': 'jsonl:w/facts/data/idk0.5-{split}.jsonl'}, 'w/knowledge/pretrain/hf', 150)
+  assert 'knowledge/pretrain' in waves[0] and {'safety/share0.5/seed0',
+                                                'facts/idk0.5/seed2'} <= set(waves[1])
+  evaluated = [c for name, c in configs.items() if c.algorithm != 'rm'
+               and not name.endswith('/pretrain') and not name.startswith(('safety/', 'facts/'))]
   assert {(c.eval.num_prompts, c.eval.max_new_tokens, c.data.playground.seed)
           for c in evaluated} == {(1024, 16, proxy.data.playground.seed)}
 
@@ -383,7 +492,8 @@ def run(tmp_path_factory):
 def test_the_micro_run_writes_every_key_report_and_plot(run):
   workdir, summary, _, config = run
   assert set(summary) == {'frontier', 'calibration', 'daa_overoptimization', 'length',
-                          'alignment_tax', 'midtraining', 'rlaif'}
+                          'alignment_tax', 'midtraining', 'rlaif', 'safety', 'unknown_facts',
+                          'assertive_labelers'}
   frontier = summary['frontier']
   assert isinstance(frontier['holds'], bool) and frontier['criterion']
   assert set(frontier['best']) == {'best-of-n', 'dpo', 'ppo', 'ppo-gold', 'preferred-sft'}
@@ -458,12 +568,39 @@ def test_the_micro_run_writes_every_key_report_and_plot(run):
     assert 0 <= rlaif[key]['value'] <= 1 and rlaif[key]['ci'][0] <= rlaif[key]['ci'][1], key
   assert set(rlaif['rm_accuracy']) == set(rlaif['bon_gold']) == {'human', 'ai'}
   assert rlaif['bon_gold']['ai']['n'] == [1, 2, 4]
+  safety = summary['safety']
+  assert isinstance(safety['holds'], bool) and safety['criterion']
+  for key in ('unsafe_compliance', 'false_refusal_contrast', 'false_refusal_unrelated',
+              'other_tasks_gold'):
+    assert list(safety[key]) == ['0', '0.03', '0.5'], key
+    assert all(0 <= r['ci'][0] <= r['value'] <= r['ci'][1] <= 1 for r in safety[key].values())
+  assert safety['prompts'] == {'unsafe': 20, 'contrast': 24, 'unrelated': 8,
+                               'other_tasks': config.eval_prompts}
+  rows = (workdir / 'safety' / 'data' / 'share0.5-train.jsonl').read_text().splitlines()
+  assert len(rows) == 64 and sum('I can' in row for row in rows) == 32
+  assert (workdir / 'safety' / 'share0.03' / 'seed0' / 'hf' / 'config.json').exists()
+  assert set(safety['by_seed']) == {'0', '0.03', '0.5'}
+  assert set(summary['unknown_facts']['by_seed']) == {'unknown0', 'unknown0.5', 'idk0.5'}
+  facts = summary['unknown_facts']
+  assert isinstance(facts['holds'], bool) and facts['criterion']
+  assert list(facts['known_accuracy']) == list(facts['hallucination_rate']) == ['0', '0.5']
+  assert facts['questions'] == {'known': 40, 'unknown': 40, 'sft_unknown': 40}
+  assert facts['idk_variant']['share'] == 0.5
+  rows = (workdir / 'facts' / 'data' / 'idk0.5-train.jsonl').read_text().splitlines()
+  assert len(rows) == 32 and sum("I don't know." in row for row in rows) == 16
+  tone = summary['assertive_labelers']
+  assert isinstance(tone['holds'], bool) and tone['criterion']
+  assert set(tone['confident_wrong_rate']) == {'0', '0.5'} and 0 <= tone['hedged_share'] <= 1
+  assert all(w['n'] == [1, 2, 4] and w['d'][0] == 0.0
+             for w in tone['confident_wrong_rate'].values())
+  assert tone['prompts'] == sum(not p.startswith('How do I') for p in
+                                run[2].evaluation_prompts(config))
   assert json.loads((workdir / 'summary.json').read_text()) == json.loads(json.dumps(summary))
   report = (workdir / 'report.md').read_text()
   for name in summary:
     assert f'## {name}' in report
     assert (workdir / 'plots' / f'{name}.png').read_bytes()[:8] == PNG
-  assert report.count('Verdict') == 7
+  assert report.count('Verdict') == 10
 
 
 def test_only_measures_a_subset_and_a_rerun_trains_nothing(run, tmp_path, monkeypatch):

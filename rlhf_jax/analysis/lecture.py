@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from rlhf_jax.analysis.overoptimization import fit_rl, rl_gain
 from rlhf_jax.errors import InputError
 from rlhf_jax.evals.calibration import equal_mass_bins, expected_calibration_error, log_loss
+from rlhf_jax.playground.labelers import hedge
 from rlhf_jax.storage import open_file, replace_file
 
 
@@ -216,21 +217,67 @@ def value_at_kl(kl, values, target: float) -> float:
   return math.nan
 
 
+def mean_interval(values_I, *, num_resamples: int = 1000, seed: int = 0) -> dict:
+  """{'value': the mean of a per-prompt measure, 'ci': its bootstrap interval over prompts}."""
+  values_I = np.asarray(values_I, np.float64)
+  return {'value': float(values_I.mean()), 'ci': bootstrap_interval(
+      lambda i: values_I[i].mean(), len(values_I), num_resamples=num_resamples, seed=seed)}
+
+
 def paired_change(before_I, after_I, *, num_resamples: int = 1000, seed: int = 0) -> dict:
   """{'value': mean(after − before), 'ci'}: the change of a per-prompt measure on the same
   prompts, with the bootstrap interval of its mean over them."""
-  delta_I = np.asarray(after_I, np.float64) - np.asarray(before_I, np.float64)
-  return {'value': float(delta_I.mean()), 'ci': bootstrap_interval(
-      lambda i: delta_I[i].mean(), len(delta_I), num_resamples=num_resamples, seed=seed)}
+  return mean_interval(np.asarray(after_I, np.float64) - np.asarray(before_I, np.float64),
+                       num_resamples=num_resamples, seed=seed)
 
 
 def gold_by_task(gold_I, task_I, *, num_resamples: int = 1000, seed: int = 0) -> dict:
   """{task: {'value', 'ci'}} of the mean gold over each task's prompts, and 'all'."""
   gold_I, task_I = np.asarray(gold_I, np.float64), np.asarray(task_I)
   groups = {task: gold_I[task_I == task] for task in sorted(set(task_I))} | {'all': gold_I}
-  return {task: {'value': float(g.mean()), 'ci': bootstrap_interval(
-      lambda i, g=g: g[i].mean(), len(g), num_resamples=num_resamples, seed=seed)}
+  return {task: mean_interval(g, num_resamples=num_resamples, seed=seed)
           for task, g in groups.items()}
+
+
+def safety_sweep(measured: dict, categories, *, small_share: float, num_resamples: int = 1000,
+                 seed: int = 0) -> dict:
+  """The safety-data sweep from each share's per-prompt measures, `measured[share]` =
+  {'unsafe', 'contrast', 'unrelated': refusal rate per prompt, 'other_gold': gold per prompt}:
+  by share (keys '<share:g>') the unsafe compliance (1 − refusal on held-out harmful requests),
+  false refusal on the contrast set (also per XSTest category, `categories` naming each contrast
+  prompt's) and on unrelated requests, and the other tasks' gold, each with its interval;
+  Spearman's ρ between share and contrast false refusal; and, paired over prompts, the change
+  of unsafe compliance from share 0 to `small_share` and of contrast false refusal from
+  `small_share` to the largest share."""
+  shares = sorted(measured)
+  if 0 not in shares or small_share not in shares:
+    raise InputError(f'config.safety.shares={tuple(shares)} needs 0 and small_share '
+                     f'{small_share}.')
+  bootstrap = {'num_resamples': num_resamples, 'seed': seed}
+  categories = np.asarray(categories)
+  out = {key: {} for key in ('unsafe_compliance', 'false_refusal_contrast',
+                             'false_refusal_unrelated', 'other_tasks_gold',
+                             'false_refusal_by_category')}
+  for share in shares:
+    m, key = measured[share], f'{share:g}'
+    out['unsafe_compliance'][key] = mean_interval(1 - m['unsafe'], **bootstrap)
+    out['false_refusal_contrast'][key] = mean_interval(m['contrast'], **bootstrap)
+    out['false_refusal_unrelated'][key] = mean_interval(m['unrelated'], **bootstrap)
+    out['other_tasks_gold'][key] = mean_interval(m['other_gold'], **bootstrap)
+    out['false_refusal_by_category'][key] = {
+        c: float(m['contrast'][categories == c].mean()) for c in dict.fromkeys(categories)}
+  rates = [out['false_refusal_contrast'][f'{s:g}']['value'] for s in shares]
+  rho = scipy.stats.spearmanr(shares, rates) if len(set(rates)) > 1 else None
+  out['safety_overrefusal_spearman'] = {'rho': None if rho is None else float(rho.statistic),
+                                        'p': None if rho is None else float(rho.pvalue),
+                                        'shares': len(shares)}
+  small, large = measured[small_share], measured[shares[-1]]
+  out['compliance_change_to_small_share'] = paired_change(1 - measured[0]['unsafe'],
+                                                          1 - small['unsafe'], **bootstrap)
+  out['overrefusal_change_to_largest_share'] = paired_change(small['contrast'],
+                                                             large['contrast'], **bootstrap)
+  out['small_share'], out['largest_share'] = small_share, shares[-1]
+  return out
 
 
 def alignment_tax(first: dict, last: dict, nll_first: float, nll_last: float, trained_I, *,
@@ -349,6 +396,10 @@ def own_confidence(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 def _share(value) -> str:
   return 'none (no gain)' if value is None else f'{value:.2f}'
+
+
+def _percent(share: float) -> str:
+  return f'{100 * share:g} %'
 
 
 def _interval(ci) -> str:
@@ -473,6 +524,168 @@ def midtraining_table(result: dict) -> list[str]:
                                       ('Mixed decay − text-only with twice the SFT',
                                        'mixed_minus_double_sft'))]
   return lines
+
+
+def fact_sweep(measured: dict, *, idk_share: float, num_resamples: int = 1000,
+               seed: int = 0) -> dict:
+  """The unknown-facts sweep from each arm's per-question answer shares, measured[(share, idk)]
+  = {'<set>/<kind>': [Q]} (sets 'known', 'unknown' held out, 'sft_unknown' the SFT's own;
+  kinds right, hallucination, abstention): by unknown share (keys '<share:g>') the accuracy on
+  known questions, hallucination and abstention on known and unknown ones, how many SFT unknown
+  questions are fitted; the change of known accuracy from share 0 to the largest, paired over
+  questions; and the IDK variant at `idk_share` against the same share without it."""
+  bootstrap = {'num_resamples': num_resamples, 'seed': seed}
+  shares = sorted(share for share, idk in measured if not idk)
+
+  def rates(m) -> dict:
+    return {'known_accuracy': mean_interval(m['known/right'], **bootstrap),
+            'hallucination_rate': {s: mean_interval(m[f'{s}/hallucination'], **bootstrap)
+                                   for s in ('known', 'unknown')},
+            'abstention_rate': {s: mean_interval(m[f'{s}/abstention'], **bootstrap)
+                                for s in ('known', 'unknown')},
+            'sft_unknown_fitted': float(m['sft_unknown/right'].mean())}
+
+  by_share = {f'{share:g}': rates(measured[share, False]) for share in shares}
+  out = {key: {share: r[key] for share, r in by_share.items()}
+         for key in ('known_accuracy', 'hallucination_rate', 'abstention_rate',
+                     'sft_unknown_fitted')}
+  out['known_accuracy_change'] = paired_change(measured[0.0, False]['known/right'],
+                                               measured[shares[-1], False]['known/right'],
+                                               **bootstrap)
+  plain, idk = measured[idk_share, False], measured[idk_share, True]
+  out['idk_variant'] = rates(idk) | {
+      'share': idk_share,
+      'hallucination_change': paired_change(plain['unknown/hallucination'],
+                                            idk['unknown/hallucination'], **bootstrap),
+      'known_accuracy_change': paired_change(plain['known/right'], idk['known/right'],
+                                             **bootstrap)}
+  out['largest_share'] = shares[-1]
+  return out
+
+
+def unknown_facts_table(result: dict) -> list[str]:
+  """Markdown lines: per unknown share (and the IDK variant) accuracy, hallucination and
+  abstention on held-out questions about known and unknown facts."""
+  q = result['questions']
+  lines = [f'SFT of the knowledge base on {result["examples"]} questions ({result["steps"]} '
+           f'steps); held out: {q["known"]} questions about facts its pretraining stated, '
+           f'{q["unknown"]} about facts it never saw, {result["samples"]} answers each.', '',
+           '| unknown share | known: accuracy | known: hallucination | unknown: hallucination '
+           '| unknown: abstention | SFT unknown fitted |', '|---|---|---|---|---|---|']
+  arms = [(_percent(float(s)), {k: result[k][s] for k in (
+      'known_accuracy', 'hallucination_rate', 'abstention_rate', 'sft_unknown_fitted')})
+          for s in result['known_accuracy']]
+  idk = result['idk_variant']
+  arms.append((f'{_percent(idk["share"])}, answered IDK', idk))
+  for label, r in arms:
+    cells = [r['known_accuracy'], r['hallucination_rate']['known'],
+             r['hallucination_rate']['unknown'], r['abstention_rate']['unknown']]
+    lines.append(f'| {label} | ' + ' | '.join(f'{c["value"]:.3f} {_interval(c["ci"])}'
+                                              for c in cells)
+                 + f' | {r["sft_unknown_fitted"]:.3f} |')
+  change = result['known_accuracy_change']
+  lines += ['', f'Known accuracy, {_percent(result["largest_share"])} − 0 % unknown: '
+            f'{change["value"]:+.3f} {_interval(change["ci"])}; IDK − colors at '
+            f'{_percent(idk["share"])}: unknown hallucination '
+            f'{idk["hallucination_change"]["value"]:+.3f} '
+            f'{_interval(idk["hallucination_change"]["ci"])}, known accuracy '
+            f'{idk["known_accuracy_change"]["value"]:+.3f} '
+            f'{_interval(idk["known_accuracy_change"]["ci"])}.']
+  return lines + _seed_lines(result.get('by_seed'))
+
+
+def hedge_when_unsure(answers_KxN: Sequence[Sequence[str]], unsure_below: float) -> list:
+  """The answers [K][N], each hedged (`labelers.hedge`) where it is less than `unsure_below`
+  of its prompt's K answers: a policy that says "I think" when its own samples disagree with
+  it (self-consistency as confidence; Wang et al. 2022)."""
+  columns = list(zip(*answers_KxN))  # Per prompt, its K answers.
+  share = [{a: column.count(a) / len(column) for a in set(column)} for column in columns]
+  return [[a if share[i][a] >= unsure_below else hedge(a) for i, a in enumerate(row)]
+          for row in answers_KxN]
+
+
+def tone_curves(curves: dict, *, num_resamples: int = 1000, seed: int = 0) -> dict:
+  """Best-of-n under each proxy of the assertiveness sweep, curves[κ][name] = [(n, KL [N],
+  value [N])] for names confident_wrong, confident and gold: per κ (keys '<κ:g>') n, d = √KL
+  and the rate of confident wrong answers with its interval at the largest n, the confident
+  share and the gold; and the most biased proxy's confident-wrong rate at the largest n minus
+  the unbiased one's ('0'), paired over prompts."""
+  bootstrap = {'num_resamples': num_resamples, 'seed': seed}
+  out = {'confident_wrong_rate': {}, 'confident_share': {}, 'gold': {}}
+  for bias, named in curves.items():
+    wrong = named['confident_wrong']
+    out['confident_wrong_rate'][bias] = {
+        'n': [n for n, _, _ in wrong], 'd': [float(np.sqrt(kl.mean())) for _, kl, _ in wrong],
+        'rate': [float(v.mean()) for _, _, v in wrong],
+        'at_n_max': mean_interval(wrong[-1][2], **bootstrap)}
+    for name, key in (('confident', 'confident_share'), ('gold', 'gold')):
+      out[key][bias] = [float(v.mean()) for _, _, v in named[name]]
+  most = max(curves, key=float)
+  out['biased_minus_unbiased'] = paired_change(curves['0']['confident_wrong'][-1][2],
+                                               curves[most]['confident_wrong'][-1][2],
+                                               **bootstrap)
+  out['most_biased'] = float(most)
+  return out
+
+
+def assertive_labelers_table(result: dict) -> list[str]:
+  """Markdown lines: per assertiveness bias, best-of-n's confident-wrong rate, confident share
+  and gold at n = 1 and at the largest n."""
+  lines = [f'π_init\'s candidate answers to {result["prompts"]} verifiable prompts, hedged '
+           f'("I think …") where its own samples disagree with it ({result["hedged_share"]:.2f} '
+           'of them); proxies on the same comparisons with half their answers hedged, labelled '
+           'with assertiveness bias κ.', '',
+           '| κ | n | d | confident wrong | confident | gold |', '|---|---|---|---|---|---|']
+  for bias, wrong in result['confident_wrong_rate'].items():
+    for i in (0, -1):
+      rate = (f'{wrong["rate"][i]:.3f}' if i == 0 else
+              f'{wrong["at_n_max"]["value"]:.3f} {_interval(wrong["at_n_max"]["ci"])}')
+      lines.append(f'| {bias} | {wrong["n"][i]} | {wrong["d"][i]:.2f} | {rate} | '
+                   f'{result["confident_share"][bias][i]:.3f} | {result["gold"][bias][i]:.3f} |')
+  change = result['biased_minus_unbiased']
+  lines += ['', f'Confident wrong at the largest n, κ {result["most_biased"]:g} − κ 0: '
+            f'{change["value"]:+.3f} {_interval(change["ci"])}.']
+  return lines
+
+
+def safety_table(result: dict) -> list[str]:
+  """Markdown lines: per safety share what the policy complies with and refuses."""
+  lines = [f'SFT of π_init\'s base on {result["examples"]} rows per share ({result["steps"]} '
+           'steps), a share of them harmful requests answered with a refusal. Held out: '
+           f'{result["prompts"]["unsafe"]} harmful requests (new people), '
+           f'{result["prompts"]["contrast"]} XSTest-style safe requests with the same verbs, '
+           f'{result["prompts"]["unrelated"]} unrelated safe requests ({result["samples"]} '
+           f'answers each), {result["prompts"]["other_tasks"]} prompts of the other tasks.', '',
+           '| safety share | unsafe compliance | false refusal, contrast | false refusal, '
+           'unrelated | other tasks\' gold |', '|---|---|---|---|---|']
+  for share in result['unsafe_compliance']:
+    lines.append(f'| {_percent(float(share))} | ' + ' | '.join(
+        f'{result[k][share]["value"]:.3f} {_interval(result[k][share]["ci"])}'
+        for k in ('unsafe_compliance', 'false_refusal_contrast', 'false_refusal_unrelated',
+                  'other_tasks_gold')) + ' |')
+  rho = result['safety_overrefusal_spearman']
+  small, large = _percent(result['small_share']), _percent(result['largest_share'])
+  lines += ['', f'Unsafe compliance, {small} − 0 %: '
+            f'{result["compliance_change_to_small_share"]["value"]:+.3f} '
+            f'{_interval(result["compliance_change_to_small_share"]["ci"])}; contrast false '
+            f'refusal, {large} − {small}: '
+            f'{result["overrefusal_change_to_largest_share"]["value"]:+.3f} '
+            f'{_interval(result["overrefusal_change_to_largest_share"]["ci"])}; Spearman ρ '
+            f'(share, contrast false refusal) = '
+            + ('undefined (one value)' if rho['rho'] is None else
+               f'{rho["rho"]:+.2f} (p {rho["p"]:.3f}, {rho["shares"]} shares)') + '.']
+  return lines + _seed_lines(result.get('by_seed'))
+
+
+def _seed_lines(by_seed: dict | None) -> list[str]:
+  """'Per seed' lines: each measure's value in each replicated run, by arm."""
+  if not by_seed:
+    return []
+  measures = list(next(iter(by_seed.values())))
+  return ['', 'Per seed (run-to-run spread): ' + '; '.join(
+      f'{measure.replace("_", " ")} ' + ', '.join(
+          f'{arm}: ' + '/'.join(f'{v:.2f}' for v in values[measure])
+          for arm, values in by_seed.items()) for measure in measures) + '.']
 
 
 def rlaif_table(result: dict) -> list[str]:
@@ -679,4 +892,85 @@ def plot_rlaif(result: dict, path: str | None = None) -> Figure:
   right.set(xlabel='d = √KL(best-of-n ‖ π_init)', ylabel='gold reward',
             title='Best-of-n under each proxy')
   right.legend(fontsize=7)
+  return _save(figure, path)
+
+
+def plot_safety(result: dict, path: str | None = None) -> Figure:
+  """Left: unsafe compliance and false refusal (contrast set, per XSTest category, unrelated)
+  against the safety share; right: the other tasks' gold against it; 95% intervals."""
+  figure, (left, right) = _figure(10, 4, 2)
+  shares = list(result['unsafe_compliance'])
+  x = np.arange(len(shares))
+
+  def curve(axis, key, label, **style):
+    values = np.array([result[key][s]['value'] for s in shares])
+    ci = np.array([result[key][s]['ci'] for s in shares])
+    axis.errorbar(x, values, yerr=[values - ci[:, 0], ci[:, 1] - values], capsize=3,
+                  label=label, **style)
+
+  curve(left, 'unsafe_compliance', 'unsafe compliance (held-out harmful)', fmt='o-', color='C3')
+  curve(left, 'false_refusal_contrast', 'false refusal, contrast set', fmt='s-', color='C0')
+  curve(left, 'false_refusal_unrelated', 'false refusal, unrelated', fmt='^-', color='C2')
+  for category in result['false_refusal_by_category'][shares[0]]:
+    left.plot(x, [result['false_refusal_by_category'][s][category] for s in shares], ':',
+              color='C0', alpha=0.5)
+    left.annotate(category, (x[-1], result['false_refusal_by_category'][shares[-1]][category]),
+                  fontsize=6, color='C0')
+  left.set(ylabel='share of answers', ylim=(-0.02, 1.02), title='Safety data and over-refusal')
+  curve(right, 'other_tasks_gold', 'sort, add, repeat', fmt='o-', color='C1')
+  right.set(ylabel='gold reward', title="The other tasks' gold")
+  for axis in (left, right):
+    axis.set_xticks(x, [_percent(float(s)) for s in shares])
+    axis.set_xlabel('safety share of the SFT data')
+    axis.legend(fontsize=7)
+  return _save(figure, path)
+
+
+def plot_unknown_facts(result: dict, path: str | None = None) -> Figure:
+  """Against the unknown share of the SFT questions: accuracy and hallucination on held-out
+  known facts (left) and hallucination and abstention on unknown ones (right), with the IDK
+  variant as open markers; 95% intervals."""
+  figure, (left, right) = _figure(10, 4, 2)
+  shares = list(result['known_accuracy'])
+  x = [float(s) for s in shares]
+  idk = result['idk_variant']
+
+  def curve(axis, label, values, idk_value, color, fmt):
+    v = np.array([r['value'] for r in values])
+    ci = np.array([r['ci'] for r in values])
+    axis.errorbar(x, v, yerr=[v - ci[:, 0], ci[:, 1] - v], fmt=fmt, color=color, capsize=3,
+                  label=label)
+    axis.errorbar([idk['share']], [idk_value['value']], fmt=fmt[0], mfc='none', color=color,
+                  yerr=[[idk_value['value'] - idk_value['ci'][0]],
+                        [idk_value['ci'][1] - idk_value['value']]], capsize=3)
+
+  curve(left, 'accuracy', [result['known_accuracy'][s] for s in shares],
+        idk['known_accuracy'], 'C2', 'o-')
+  curve(left, 'hallucination', [result['hallucination_rate'][s]['known'] for s in shares],
+        idk['hallucination_rate']['known'], 'C3', 's-')
+  curve(right, 'hallucination', [result['hallucination_rate'][s]['unknown'] for s in shares],
+        idk['hallucination_rate']['unknown'], 'C3', 's-')
+  curve(right, 'abstention (IDK)', [result['abstention_rate'][s]['unknown'] for s in shares],
+        idk['abstention_rate']['unknown'], 'C0', '^-')
+  left.set(title='Held-out questions about known facts')
+  right.set(title='Held-out questions about unknown facts')
+  for axis in (left, right):
+    axis.set(xlabel='unknown share of the SFT questions (open: answered IDK)',
+             ylabel='share of answers', ylim=(-0.02, 1.02))
+    axis.legend(fontsize=7)
+  return _save(figure, path)
+
+
+def plot_assertive_labelers(result: dict, path: str | None = None) -> Figure:
+  """Best-of-n under each assertiveness-biased proxy against d: the rate of confident wrong
+  answers (left) and the gold (right)."""
+  figure, (left, right) = _figure(10, 4, 2)
+  for bias, wrong in result['confident_wrong_rate'].items():
+    left.plot(wrong['d'], wrong['rate'], 'o-', label=f'κ = {bias}')
+    right.plot(wrong['d'], result['gold'][bias], 'o-', label=f'κ = {bias}')
+  left.set(ylabel='share of answers confident and wrong', title='Confidently wrong')
+  right.set(ylabel='gold reward', title='Gold')
+  for axis in (left, right):
+    axis.set_xlabel('d = √KL(best-of-n ‖ π_init)')
+    axis.legend(fontsize=7)
   return _save(figure, path)
