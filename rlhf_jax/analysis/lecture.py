@@ -568,7 +568,8 @@ def unknown_facts_table(result: dict) -> list[str]:
   abstention on held-out questions about known and unknown facts."""
   q = result['questions']
   lines = [f'SFT of the knowledge base on {result["examples"]} questions ({result["steps"]} '
-           f'steps); held out: {q["known"]} questions about facts its pretraining stated, '
+           f'steps, seeds {result.get("seeds", [0])}); held out: {q["known"]} questions about '
+           'facts its pretraining stated, '
            f'{q["unknown"]} about facts it never saw, {result["samples"]} answers each.', '',
            '| unknown share | known: accuracy | known: hallucination | unknown: hallucination '
            '| unknown: abstention | SFT unknown fitted |', '|---|---|---|---|---|---|']
@@ -650,8 +651,9 @@ def assertive_labelers_table(result: dict) -> list[str]:
 
 def safety_table(result: dict) -> list[str]:
   """Markdown lines: per safety share what the policy complies with and refuses."""
-  lines = [f'SFT of π_init\'s base on {result["examples"]} rows per share ({result["steps"]} '
-           'steps), a share of them harmful requests answered with a refusal. Held out: '
+  lines = [f'SFT of the knowledge base on {result["examples"]} rows per share '
+           f'({result["steps"]} steps, seeds {result.get("seeds", [0])}), a share of them harmful '
+           'requests answered with a refusal. Held out: '
            f'{result["prompts"]["unsafe"]} harmful requests (new people), '
            f'{result["prompts"]["contrast"]} XSTest-style safe requests with the same verbs, '
            f'{result["prompts"]["unrelated"]} unrelated safe requests ({result["samples"]} '
