@@ -344,16 +344,21 @@ def write_knowledge_corpus(experiment, workdir: str) -> None:
       n if split == 'train' else n // 10, seed=experiment.seed, split=split))
 
 
+def write_once(path: str, text_of) -> None:
+  """The file at `path` with text_of()'s text, written by process 0 unless there; every process
+  waits for it."""
+  if not os.path.exists(path) and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    replace_file(path, text_of())
+  parallel.barrier(f'{path} written')
+
+
 def write_rows(workdir: str, pattern: str, rows_of) -> None:
-  """<workdir>/pattern with {split} filled, for each split: the JSONL rows of rows_of(split),
-  written by process 0 unless there; every process waits for them."""
-  if jax.process_index() == 0:
-    for split in SPLITS:
-      path = os.path.join(workdir, pattern.format(split=split))
-      if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        replace_file(path, ''.join(json.dumps(row) + '\n' for row in rows_of(split)))
-  parallel.barrier(f'{pattern} written')
+  """<workdir>/pattern with {split} filled, for each split: the JSONL rows of rows_of(split)
+  (`write_once`)."""
+  for split in SPLITS:
+    write_once(os.path.join(workdir, pattern.format(split=split)),
+               lambda split=split: ''.join(json.dumps(row) + '\n' for row in rows_of(split)))
 
 
 def knowledge_base(workdir: str) -> str:
@@ -472,14 +477,13 @@ def pretraining_text(experiment) -> dict:
 def write_task_prompts(experiment, workdir: str) -> None:
   """<workdir>/TASK_PROMPTS, unless there: as many training prompts of
   config.alignment_tax.tasks as PPO draws from, the alignment-tax runs' rollout prompts."""
-  path = os.path.join(workdir, TASK_PROMPTS)
-  if not os.path.exists(path) and jax.process_index() == 0:
+  def text() -> str:
     config = stage_config('ppo', experiment)
     prompts = tasks.sample_prompts(config.data.playground.seed, 'train', config.rl.num_prompts,
                                    tuple(experiment.alignment_tax.tasks))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    replace_file(path, ''.join(prompt + '\n' for prompt in prompts))
-  parallel.barrier('task prompts written')
+    return ''.join(prompt + '\n' for prompt in prompts)
+
+  write_once(os.path.join(workdir, TASK_PROMPTS), text)
 
 
 def proxy_stage(bias: float) -> str:
@@ -973,7 +977,7 @@ def safety_answers(experiment, ctx, config, path: str, prompt_sets: dict) -> dic
 def safety(experiment, workdir: str, policy: str, stages) -> dict:
   """Each share's SFT policy answering held-out harmful requests, the contrast set, held-out
   unrelated requests and the verifiable tasks' held-out prompts (`safety_answers`, kept in
-  <workdir>/safety/measured/share<s>.npz), `lecture.safety_sweep`, the verdict of
+  <workdir>/safety/measured/share<s>-seed<k>.npz), `lecture.safety_sweep`, the verdict of
   CRITERIA['safety']."""
   s = experiment.safety
   config, ctx = scoring_context(experiment, workdir, policy)
@@ -983,11 +987,9 @@ def safety(experiment, workdir: str, policy: str, stages) -> dict:
                  'unrelated': safety_data.unrelated_prompts(held_out=True),
                  'other': tasks.sample_prompts(config.data.playground.seed, 'eval',
                                                experiment.eval_prompts, VERIFIABLE)}
-  runs = {share: [measured_once(
-      os.path.join(workdir, 'safety', 'measured', f'share{share:g}-seed{k}.npz'),
-      lambda run=f'{safety_stage(share)}/seed{k}': safety_answers(
-          experiment, ctx, config, os.path.join(stages[run][1], 'hf'), prompt_sets))
-                   for k in s.seeds] for share in s.shares}
+  runs = replicated_measures(
+      workdir, stages, {share: safety_stage(share) for share in s.shares}, s.seeds,
+      lambda path: safety_answers(experiment, ctx, config, path, prompt_sets))
   result = lecture.safety_sweep({share: seed_means(r) for share, r in runs.items()},
                                 [pair['category'] for pair in pairs],
                                 small_share=s.small_share, num_resamples=experiment.bootstrap,
@@ -1038,6 +1040,17 @@ def measured_once(path: str, measure) -> dict[str, np.ndarray]:
     return dict(arrays)
 
 
+def replicated_measures(workdir: str, stages, arms: dict, seeds, measure) -> dict:
+  """{arm: [arrays of each seed's run]} for arms {arm: stage of `replicated_sft`}: measure(the
+  run's exported model) kept in <workdir>/<stage's parent>/measured/<stage's last
+  part>-seed<k>.npz (`measured_once`)."""
+  return {arm: [measured_once(
+      os.path.join(workdir, os.path.dirname(stage), 'measured',
+                   f'{os.path.basename(stage)}-seed{k}.npz'),
+      lambda run=f'{stage}/seed{k}': measure(os.path.join(stages[run][1], 'hf')))
+                for k in seeds] for arm, stage in arms.items()}
+
+
 def unknown_facts(experiment, workdir: str, policy: str, stages) -> dict:
   """Each `fact_arms` policy answering held-out questions about known and unknown facts, and
   its SFT questions (`fact_answers`, kept in <workdir>/facts/measured/), `lecture.fact_sweep`,
@@ -1047,11 +1060,9 @@ def unknown_facts(experiment, workdir: str, policy: str, stages) -> dict:
   table = knowledge.split_facts(experiment.seed)
   questions = {'known': table['known', 'held_out'], 'unknown': table['unknown', 'held_out'],
                'sft_unknown': table['unknown', 'sft']}
-  runs = {arm: [measured_once(
-      os.path.join(workdir, 'facts', 'measured', f'{fact_arm(*arm)}-seed{k}.npz'),
-      lambda run=f'{fact_stage(*arm)}/seed{k}': fact_answers(
-          experiment, ctx, config, os.path.join(stages[run][1], 'hf'), questions))
-                 for k in u.seeds] for arm in fact_arms(experiment)}
+  runs = replicated_measures(
+      workdir, stages, {arm: fact_stage(*arm) for arm in fact_arms(experiment)}, u.seeds,
+      lambda path: fact_answers(experiment, ctx, config, path, questions))
   result = lecture.fact_sweep({arm: seed_means(r) for arm, r in runs.items()},
                               idk_share=u.idk_share, num_resamples=experiment.bootstrap,
                               seed=experiment.seed)
