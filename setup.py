@@ -38,8 +38,9 @@ setuptools.setup(
         # wandb: config.train.wandb, run offline (WANDB_MODE=offline) in tests/test_metrics.py.
         # libtpu: tests/test_aot.py compiles train steps for TPU slices on CPU machines (the
         # version tested with jax 0.10.2).
+        # peft: loads the LoRA adapters we export onto the HF base (tests/test_lora.py).
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'torch==2.13.0', 'trl==1.16.0',
-                 'wandb>=0.19', 'libtpu==0.0.52'],
+                 'wandb>=0.19', 'libtpu==0.0.52', 'peft==0.21.2'],
         # The TPU runtime and compiler; python -m rlhf_jax.aot needs it, not a TPU.
         'tpu': ['libtpu==0.0.52'],
         # Workdirs on Google Cloud Storage (gs://...): every file of a workdir, TensorBoard's

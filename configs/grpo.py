@@ -12,13 +12,14 @@ subtracts β · Σ_t KL_t from the reward, as PPO does.
 
 import ml_collections
 
-from rlhf_jax.config import rl_run_config
+from rlhf_jax.config import pod_presets, rl_run_config
 
 PRESETS = {
     # 16 prompts × G = 8 samples per rollout.
     'tiny': dict(model='playground', steps=60, batch_size=128, seq_len=56, lr=3e-5),
     'rloo-tiny': dict(model='playground', steps=60, batch_size=128, seq_len=56, lr=3e-5),
     'small': dict(model='small', steps=500, batch_size=64, seq_len=512, lr=3e-6),
+    **pod_presets(sequences_per_chip=8, steps=500, seq_len=2048, lr=1e-6),
 }
 ALGORITHMS = {'tiny': 'grpo', 'rloo-tiny': 'rloo', 'small': 'grpo'}
 

@@ -19,7 +19,7 @@ prompts.
 
 import ml_collections
 
-from rlhf_jax.config import rl_run_config
+from rlhf_jax.config import pod_presets, rl_run_config
 
 PRESETS = {
     # steps: iterations (a rollout, then ppo_epochs × num_minibatches updates); batch_size:
@@ -27,6 +27,7 @@ PRESETS = {
     'tiny': dict(model='playground', steps=60, batch_size=128, seq_len=56, lr=3e-5),
     'small': dict(model='small', steps=500, batch_size=64, seq_len=512, lr=3e-6),
     'llama-1b': dict(model='llama-1b', steps=500, batch_size=128, seq_len=1024, lr=1e-6),
+    **pod_presets(sequences_per_chip=8, steps=500, seq_len=2048, lr=1e-6),
 }
 
 

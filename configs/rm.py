@@ -13,12 +13,14 @@ and calibration (ECE, reliability diagram under <workdir>/plots).
 
 import ml_collections
 
-from rlhf_jax.config import data_config, preset_config
+from rlhf_jax.config import data_config, pod_presets, preset_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=400, batch_size=32, seq_len=48, lr=1e-3),
     'small': dict(model='small', steps=2000, batch_size=64, seq_len=512, lr=3e-4),
     'llama-1b': dict(model='llama-1b', steps=2000, batch_size=128, seq_len=2048, lr=1e-5),
+    # Pairs: 2 sequences of seq_len each.
+    **pod_presets(sequences_per_chip=1, steps=2000, seq_len=2048, lr=5e-6),
 }
 
 

@@ -15,7 +15,7 @@ response loss and, on playground prompts, the gold reward of sampled answers
 
 import ml_collections
 
-from rlhf_jax.config import data_config, preset_config, sample_eval_config
+from rlhf_jax.config import data_config, pod_presets, preset_config, sample_eval_config
 
 PRESETS = {
     'tiny': dict(model='playground', steps=600, batch_size=32, seq_len=48, lr=2e-3),
@@ -24,6 +24,7 @@ PRESETS = {
     'small': dict(model='small', steps=2000, batch_size=32, seq_len=512, lr=1e-3),
     'gpt2': dict(model='gpt2', steps=5000, batch_size=64, seq_len=1024, lr=3e-4),
     'llama-1b': dict(model='llama-1b', steps=5000, batch_size=128, seq_len=2048, lr=1e-4),
+    **pod_presets(sequences_per_chip=2, steps=2000, seq_len=4096, lr=1e-5),
 }
 
 

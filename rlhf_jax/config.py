@@ -10,12 +10,13 @@ import ml_collections
 from ml_collections import config_dict
 
 from rlhf_jax.errors import InputError, NotFound
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import RUN_FIELDS, ModelConfig
 from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.parallel import DEFAULT_RULES
 from rlhf_jax.playground import tasks
+from rlhf_jax.tpu import parse_slice
 
 # ModelConfig fields that default to None, with the type a command-line override may give them.
 _OPTIONAL_MODEL_FIELDS = {'head_dim': int, 'sliding_window': int, 'rope_llama3_scaling': tuple}
@@ -50,8 +51,7 @@ def architecture(model: ml_collections.ConfigDict, *, head: str | None = None) -
     return to_model_config(model)
   cfg = read_hf_config(local_dir(model.hf_path, key='config.model.hf_path'),
                        head=head or model.head)
-  return cfg.replace(param_dtype=model.param_dtype, dtype=model.dtype, remat=model.remat,
-                     attention=model.attention)
+  return cfg.replace(**{field: model[field] for field in RUN_FIELDS})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config_dict('tiny')
 
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c.slice = ''  # The TPU slice the sizes were chosen for (e.g. 'v5p-64'); '' for any machine.
   c.sharding_rules = tuple(DEFAULT_RULES)
   c.distributed = ml_collections.ConfigDict({
       'enabled': 'auto',  # 'auto': start jax.distributed on detected multi-host launches.
@@ -121,9 +122,32 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# How the pod-scale presets run (`pod_presets`): bfloat16 matmuls over float32 master weights,
+# every block rematerialised, layers scanned, attention never holding [T, S] scores, and
+# parameters, gradients and optimizer state sharded over every chip (FSDP).
+POD_NUMERICS = dict(dtype='bfloat16', remat='full', scan_layers=True, attention='chunked')
+POD_MESH = {'data': 1, 'fsdp': -1, 'tensor': 1}
+
+
+# The pod-scale models and the TPU slice each preset is sized for.
+POD_SLICES = {'llama3-8b': 'v5p-64', 'qwen2.5-7b': 'v5p-64', 'qwen3-8b': 'v5p-64',
+              'llama3-70b': 'v5p-256'}
+
+
+def pod_presets(*, sequences_per_chip: int, **sizes) -> dict[str, dict]:
+  """A preset (`preset_config`) per pod-scale model, sized for its slice (`POD_SLICES`):
+  batch_size = sequences_per_chip × chips, POD_NUMERICS, POD_MESH and `sizes` (steps,
+  seq_len, lr, ...)."""
+  return {model: dict(model=model, slice=slice_, numerics=POD_NUMERICS, mesh=POD_MESH,
+                      batch_size=sequences_per_chip * parse_slice(slice_).chips, **sizes)
+          for model, slice_ in POD_SLICES.items()}
+
+
 def preset_config(presets: dict[str, dict], preset: str, config_file: str, *,
                   head: str = 'lm') -> ml_collections.ConfigDict:
-  """base_config() sized by a named preset: model, steps, batch_size, seq_len, lr.
+  """base_config() sized by a named preset: model, steps, batch_size, seq_len, lr; and, for
+  the pod-scale ones (`pod_presets`), the model's numerics, the mesh and the slice (config.slice,
+  `rlhf_jax.aot`'s default topology).
 
   Evaluations and checkpoints come every quarter of the run, warmup takes its first 5 %.
   """
@@ -132,7 +156,9 @@ def preset_config(presets: dict[str, dict], preset: str, config_file: str, *,
                      f'{sorted(presets)}.')
   p = presets[preset]
   c = base_config()
-  c.model = model_config_dict(p['model'], head=head)
+  c.model = model_config_dict(p['model'], head=head, **p.get('numerics', {}))
+  c.mesh.update(p.get('mesh', {}))
+  c.slice = p.get('slice', '')
   c.train.steps = p['steps']
   c.train.batch_size = p['batch_size']
   c.train.seq_len = p['seq_len']
@@ -278,6 +304,8 @@ PREFERENCE_PRESETS = {
     'small': dict(model='small', steps=2000, batch_size=64, seq_len=512, lr=5e-6, beta=0.1),
     'llama-1b': dict(model='llama-1b', steps=2000, batch_size=128, seq_len=2048, lr=5e-7,
                      beta=0.1),
+    # Pairs: 2 sequences of seq_len each.
+    **pod_presets(sequences_per_chip=1, steps=2000, seq_len=2048, lr=5e-7, beta=0.1),
 }
 
 

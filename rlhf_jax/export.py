@@ -7,7 +7,9 @@ The run is rebuilt from <workdir>/config.json: the architecture of the model it 
 (config.model, or config.model.hf_path's checkpoint), its tokenizer, and where that model's
 parameters sit in the train state (online RL trains the policy with its critic; the policy is
 exported). Only the parameters of checkpoint --step (default: the latest) are read, each
-process its shards of a mesh over all devices, whatever mesh trained them. Weights over
+process its shards of a mesh over all devices, whatever mesh trained them; a LoRA run's are
+its adapters, joined to the base it read (config.model.hf_path) and folded in, with the
+adapters also written for PEFT in --out/adapter. Weights over
 --max_shard_size are split into model-00001-of-0000N.safetensors files with an index, as
 transformers writes them. --out may be a URL (gs://...). Process 0 writes it and, with
 --push_to_hub, uploads it to that Hub repository (created if needed). On a multi-host slice run
@@ -27,7 +29,7 @@ from rlhf_jax import errors, parallel
 from rlhf_jax.config import EXPORT_DTYPES, architecture
 from rlhf_jax.context import RunContext
 from rlhf_jax.engine.checkpoint import Checkpointer
-from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.models import ModelConfig, Transformer, lora
 from rlhf_jax.models.loading import export_hf
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.storage import open_file
@@ -73,10 +75,15 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = 'bfl
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'),
                               save_every=config.train.checkpoint_every,
                               keep=config.train.keep_checkpoints, async_save=False)
-  try:
-    step, params = checkpointer.restore_params(step, target, within=within)
+  try:  # A LoRA run's checkpoints hold its adapters; the base is where the run read it.
+    step, params = checkpointer.restore_params(step, lora.split_trained(target)[0],
+                                               within=within)
   finally:
     checkpointer.close()
+  if cfg.lora_rank:
+    base = ctx.initial_model() if not config.model.hf_path else ctx.load(
+        config.model.hf_path, head=cfg.head)
+    params = lora.join(params, lora.split_trained(base.params)[1])
   tokenizer = ctx.tokenizer if 'tokenizer' in config.data else None  # Not the sorting task.
   export_hf(graphdef, params, out, tokenizer, dtype=dtype, max_shard_size=max_shard_size)
   if push_to_hub and jax.process_index() == 0:

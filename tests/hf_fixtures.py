@@ -17,6 +17,9 @@ CONFIGS = {
                                       original_max_position_embeddings=64))),
     'qwen2': (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(_LLAMA, tie_word_embeddings=True)),
+    # Qwen3: per-head q/k RMSNorm, head_dim set apart from hidden_size / heads.
+    'qwen3': (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(_LLAMA, head_dim=16, tie_word_embeddings=True)),
     'mistral': (transformers.MistralConfig, transformers.MistralForCausalLM,
                 dict(_LLAMA, sliding_window=3)),
     'gpt2': (transformers.GPT2Config, transformers.GPT2LMHeadModel,

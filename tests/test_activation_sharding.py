@@ -70,7 +70,7 @@ def one_step(model: str, use_mesh: bool) -> None:
     step = make_train_step(loss_fn, optimizer, graphdef, **options)
   else:  # The bare jitted step, traced without one: the control.
     jitted = jit_train_step(loss_fn, optimizer, graphdef, **options)
-    step = lambda state, batch: jitted(state, batch, None)  # noqa: E731
+    step = lambda state, batch: jitted(state, batch, None, None)  # noqa: E731
   data = SortingTask(seq_len=16, vocab_size=config.vocab_size, min_items=2, max_items=6,
                      seed=0)
   batch = parallel.shard_batch(data.batch('train', 0, range(8)), mesh, RULES)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from rlhf_jax import aot
-from rlhf_jax.config import load_config, to_model_config
+from rlhf_jax import aot, parallel
+from rlhf_jax.config import POD_SLICES, check_batch_sizes, load_config, to_model_config
 from rlhf_jax.errors import InputError
 from rlhf_jax.tpu import parse_slice
 
@@ -57,6 +57,39 @@ def test_sft_step_fits_and_memory_grows_with_the_batch():
   assert large['model_tflops_per_chip'] == pytest.approx(2 * small['model_tflops_per_chip'])
 
 
+def test_scanned_layers_compile_one_block_and_count_every_layer():
+  """The scanned step's program does not grow with depth, where the unrolled one does, and its
+  HLO FLOPs (extrapolated from one and two unrolled layers) are the unrolled step's."""
+  def lowered_size(n_layers, scan_layers):
+    config = sorting_config(32)
+    config.model.n_layers, config.model.scan_layers = n_layers, scan_layers
+    return len(aot.compile_train_step(config, parse_slice('v5p-8')).executable.as_text())
+  assert lowered_size(6, True) < 1.05 * lowered_size(2, True)
+  assert lowered_size(6, False) > 1.5 * lowered_size(2, False)
+  reports = {}
+  for scan_layers in (False, True):
+    config = sorting_config(32)
+    config.model.n_layers, config.model.scan_layers = 4, scan_layers
+    reports[scan_layers] = aot.report(config, 'v5p-8')
+  assert reports[True]['hlo_tflops_per_chip'] == pytest.approx(
+      reports[False]['hlo_tflops_per_chip'], rel=0.02)
+  assert reports[True]['fits'] and 0 < reports[True]['mfu_bound'] <= 1
+
+
+def test_a_slice_comes_from_the_flag_or_the_preset():
+  with pytest.raises(InputError, match='--topology'):
+    aot.report(sorting_config(32))
+  assert load_config('sft.py:llama3-8b').slice == 'v5p-64'
+
+
+@pytest.mark.parametrize('model', sorted(POD_SLICES))
+@pytest.mark.parametrize('config_file', ['sft.py', 'rm.py', 'dpo.py', 'ppo.py', 'grpo.py'])
+def test_pod_presets_split_over_their_slice(config_file, model):
+  config = load_config(f'{config_file}:{model}')
+  assert config.slice == POD_SLICES[model] and config.model.scan_layers
+  check_batch_sizes(config, parallel.make_mesh(config.mesh, parse_slice(config.slice).devices()))
+
+
 def test_dpo_step_counts_the_frozen_reference():
   config = load_config('dpo.py:tiny')
   result = aot.report(config, 'v5e-4')
@@ -68,9 +101,23 @@ def test_dpo_step_counts_the_frozen_reference():
   assert result['hlo_tflops_per_chip'] > result['model_tflops_per_chip'] * 0.9
 
 
-def test_online_rl_is_not_compiled_yet():
-  with pytest.raises(InputError, match='config.algorithm'):
-    aot.report(load_config('ppo.py:tiny'), 'v5p-8')
+def test_online_rl_compiles_sampling_scoring_and_the_update():
+  """GRPO's three programs fit; each counts the models it does not take as arguments (the
+  update: the reference and the reward model), and the report's total is the largest
+  program's."""
+  config = load_config('grpo.py:tiny')
+  config.model.hf_path = None  # The architecture of config.model.
+  config.rl.rollout_batch_size, config.rl.max_new_tokens = 16, 8
+  config.train.seq_len = config.data.max_prompt_len + 8
+  result = aot.report(config, 'v5p-8')
+  programs = result['programs']
+  assert set(programs) == {'sampling', 'scoring', 'train'} and result['fits']
+  assert result['per_chip_gib'] == max(p['per_chip_gib'] for p in programs.values())
+  assert result['compile_s'] == pytest.approx(sum(p['compile_s'] for p in programs.values()),
+                                              abs=0.05)
+  cfg = to_model_config(config.model)  # Replicated (mesh data=-1), float32.
+  other_models = 4 * (cfg.num_params() + cfg.replace(head='scalar').num_params())
+  assert programs['train']['resident_gib'] * aot.GIB == pytest.approx(other_models)
 
 
 def test_a_step_that_does_not_fit_exits_with_status_1():

@@ -14,6 +14,8 @@ from flax import nnx
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import (ModelConfig, Transformer, config_from_hf, load_hf,
                              save_first_layers, save_hf)
+from rlhf_jax.models.hf import hf_config_from
+from rlhf_jax.models.presets import get_preset
 from hf_fixtures import hf_forward, padded_batch, tiny_model
 
 TOL = 1e-4
@@ -32,7 +34,7 @@ def assert_close_on_real(a, b, mask, tol=TOL):
 def checkpoints(tmp_path_factory):
   """kind -> (HF model, directory of its save_pretrained checkpoint)."""
   out = {}
-  for kind in ('llama', 'llama3', 'qwen2', 'mistral', 'gpt2'):
+  for kind in ('llama', 'llama3', 'qwen2', 'qwen3', 'mistral', 'gpt2'):
     model = tiny_model(kind)
     path = tmp_path_factory.mktemp(kind)
     model.save_pretrained(path)
@@ -40,18 +42,21 @@ def checkpoints(tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize('kind', ['llama', 'llama3', 'qwen2', 'mistral', 'gpt2'])
-def test_logits_match_transformers(checkpoints, kind):
+@pytest.mark.parametrize('scan_layers', [False, True], ids=['unrolled', 'scanned'])
+@pytest.mark.parametrize('kind', ['llama', 'llama3', 'qwen2', 'qwen3', 'mistral', 'gpt2'])
+def test_logits_match_transformers(checkpoints, kind, scan_layers):
   hf_model, path = checkpoints[kind]
   tokens, mask = padded_batch()
-  model = load_hf(path)
+  model = load_hf(path, scan_layers=scan_layers)
   assert_close_on_real(ours(model, tokens, mask), hf_forward(hf_model, tokens, mask), mask)
 
 
-@pytest.mark.parametrize('kind', ['llama', 'qwen2', 'gpt2'])
-def test_save_round_trip(checkpoints, kind, tmp_path):
+@pytest.mark.parametrize('kind, scan_layers', [('llama', False), ('qwen2', False),
+                                               ('qwen3', False), ('gpt2', False),
+                                               ('llama', True), ('gpt2', True)])
+def test_save_round_trip(checkpoints, kind, scan_layers, tmp_path):
   hf_model, path = checkpoints[kind]
-  save_hf(load_hf(path), tmp_path)
+  save_hf(load_hf(path, scan_layers=scan_layers), tmp_path)
   reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
@@ -205,3 +210,14 @@ def test_first_layers_are_the_model_cut_after_them(checkpoints, kind, tmp_path):
   with pytest.raises(InputError, match='has 2 layers; cannot keep the first 3'):
     save_first_layers(path, tmp_path / 'too_many', 3)
   assert not (tmp_path / 'too_many').exists()
+
+
+@pytest.mark.parametrize('preset', ['llama3-8b', 'llama3-70b', 'qwen2.5-7b', 'qwen3-8b',
+                                    'llama-1b', 'qwen2-0.5b'])
+def test_presets_are_their_hf_architectures(preset):
+  """The preset's transformers config reads back as the preset (`hf_config_from` checks), and
+  transformers' model of it, built on the meta device, has the preset's parameter count."""
+  cfg = get_preset(preset)
+  with torch.device('meta'):
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config_from(cfg))
+  assert sum(p.numel() for p in hf_model.parameters()) == cfg.num_params()

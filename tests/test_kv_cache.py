@@ -18,7 +18,8 @@ LLAMA = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads
 GPT2 = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=128,
                    norm='layer', norm_eps=1e-5, position='learned', max_position=32,
                    mlp='gelu', qkv_bias=True, out_bias=True, tie_embeddings=True)
-CONFIGS = {'llama': LLAMA, 'gpt2': GPT2, 'sliding': LLAMA.replace(sliding_window=3)}
+CONFIGS = {'llama': LLAMA, 'gpt2': GPT2, 'sliding': LLAMA.replace(sliding_window=3),
+           'scanned': LLAMA.replace(scan_layers=True), 'qk_norm': LLAMA.replace(qk_norm=True)}
 
 
 @functools.cache
@@ -58,7 +59,7 @@ def assert_close(a, b, mask=None):
   np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize('name', ['llama', 'gpt2', 'sliding'])
+@pytest.mark.parametrize('name', ['llama', 'gpt2', 'sliding', 'scanned', 'qk_norm'])
 def test_prefill_then_decode_matches_full_forward(name):
   model = random_model(CONFIGS[name])
   tokens, mask = batch()
@@ -70,7 +71,7 @@ def test_prefill_then_decode_matches_full_forward(name):
     assert_close(out[:, 0], full[:, t])
 
 
-@pytest.mark.parametrize('name', ['llama', 'gpt2', 'sliding'])
+@pytest.mark.parametrize('name', ['llama', 'gpt2', 'sliding', 'scanned'])
 def test_chunked_prefill_matches_one_prefill(name):
   """The first chunk is all padding for the last row and part padding for the first."""
   model = random_model(CONFIGS[name])

@@ -5,10 +5,10 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'rlhf_jax'
 # Lowest first; a module may import its own layer's and lower layers' modules only.
-LAYERS = [('errors', 'storage', 'losses', 'parallel'), ('models',), ('data',), ('sampling',),
-          ('playground',), ('rewards',), ('evals', 'analysis'), ('config',), ('engine',),
-          ('context',), ('algorithms',),
-          ('main', 'sweep', 'stages', 'launch', 'export', 'aot', 'tpu')]
+LAYERS = [('errors', 'storage', 'losses', 'parallel', 'tpu'), ('models',), ('data',),
+          ('sampling',), ('playground',), ('rewards',), ('evals', 'analysis'), ('config',),
+          ('engine',), ('context',), ('algorithms',),
+          ('main', 'sweep', 'stages', 'launch', 'export', 'aot')]
 LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 

@@ -16,9 +16,11 @@ import subprocess
 import sys
 
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
+from flax import nnx
 from data_fixtures import write_jsonl
 from devices import environment
 from hf_fixtures import VOCAB as HF_VOCAB
@@ -33,9 +35,10 @@ from rlhf_jax.models import loading
 from rlhf_jax.playground.files import playground_rows
 from rlhf_jax.data.tfds_source import prepare_from_jsonl
 from rlhf_jax.playground.tokenizer import build_playground_tokenizer
-from rlhf_jax.models import load_hf
+from rlhf_jax.models import Transformer, load_hf, lora
 from rlhf_jax.algorithms import sft
 from rlhf_jax.engine.metrics import read_metrics
+from rlhf_jax.export import export
 from rlhf_jax.models.scoring import sequence_rewards
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -380,21 +383,33 @@ def test_dpo_precomputed_reference_gives_the_on_the_fly_trace(sft_run, env, tmp_
   assert kto_eval['eval/samples/win_rate'] == 0.5
 
 
-def test_a_dpo_run_reads_the_sft_checkpoint_once(sft_run, tmp_path, monkeypatch):
-  """Pairs sampled from the SFT policy, the reference, the trained copy and the evaluations'
-  win rate and KL against the reference (at steps 0, 2 and 4): one read of the checkpoint."""
+def counted_reads(monkeypatch) -> list[str]:
+  """The checkpoints `loading.load_hf` reads from now on, in order."""
   reads = []
   load_hf = loading.load_hf
   monkeypatch.setattr(loading, 'load_hf', lambda path, *a, **k: reads.append(str(path)) or
                       load_hf(path, *a, **k))
+  return reads
+
+
+def small_dpo_config(sft_run, **overrides):
+  """dpo.py:tiny from the SFT export, 4 steps of 8 pairs, evaluated at its start."""
   config = load_config('dpo', 'tiny')
   config.update_from_flattened_dict({
       'model.hf_path': str(sft_run / 'hf'), 'data.tokenizer': '', 'train.steps': 4,
-      'train.batch_size': 8, 'train.seq_len': 48, 'train.eval_every': 2,
-      'train.eval_at_start': True, 'train.progress_bar': False, 'train.tensorboard': False,
-      'train.export_hf': False, 'data.playground.train_size': 64,
-      'data.playground.eval_size': 16, 'eval.num_prompts': 8, 'eval.max_new_tokens': 8,
-      'optim.lr': 1e-3, 'optim.warmup_steps': 1})
+      'train.batch_size': 8, 'train.seq_len': 48, 'train.eval_at_start': True,
+      'train.progress_bar': False, 'train.tensorboard': False,
+      'data.playground.train_size': 64, 'data.playground.eval_size': 16,
+      'eval.num_prompts': 8, 'eval.max_new_tokens': 8, 'optim.warmup_steps': 1, **overrides})
+  return config
+
+
+def test_a_dpo_run_reads_the_sft_checkpoint_once(sft_run, tmp_path, monkeypatch):
+  """Pairs sampled from the SFT policy, the reference, the trained copy and the evaluations'
+  win rate and KL against the reference (at steps 0, 2 and 4): one read of the checkpoint."""
+  reads = counted_reads(monkeypatch)
+  config = small_dpo_config(sft_run, **{'train.eval_every': 2, 'train.export_hf': False,
+                                        'optim.lr': 1e-3})
   assert config.data.playground.pairs == 'policy'  # Pairs of the SFT policy's own samples.
   algorithms.run(config, str(tmp_path))
   assert reads == [str(sft_run / 'hf')]
@@ -425,3 +440,48 @@ def test_best_of_n_of_the_sft_policy_under_a_reward_model(sft_run, env, tmp_path
   assert proxy[0] < proxy[1] <= proxy[2]  # The best of a growing set, by the proxy.
   assert all(0.0 <= r['gold_reward'] <= 1.0 for r in records)
   assert (workdir / 'best_of_n.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_a_lora_dpo_run_trains_adapters_on_the_sft_base(sft_run, tmp_path, monkeypatch):
+  """DPO with LoRA adapters on the SFT export, the checkpoint read once: the reference is the
+  base with the adapters off (loss log 2 and KL 0 at the start, the KL moving after), the
+  train state holds the adapters alone (its parameter norm is theirs), and the export is the
+  merged model, with the adapters beside it for PEFT, whose non-adapted weights are the
+  base's."""
+  reads = counted_reads(monkeypatch)
+  config = small_dpo_config(sft_run, **{
+      'train.eval_every': 4, 'train.log_every': 1, 'optim.lr': 1e-2, 'model.lora_rank': 4,
+      'model.lora_targets': ('q', 'v', 'up')})
+  algorithms.run(config, str(tmp_path))
+  assert reads == [str(sft_run / 'hf')]
+  metrics = read_metrics(tmp_path / 'metrics.jsonl')
+  train, evals = train_records(metrics), [m for m in metrics if 'eval/samples/kl' in m]
+  assert train[0]['loss'] == pytest.approx(math.log(2), abs=1e-6)
+  assert [m['step'] for m in evals] == [0, 4]
+  assert evals[0]['eval/samples/kl'] == pytest.approx(0.0, abs=1e-5)
+  assert evals[-1]['eval/samples/kl'] > 1e-4
+  base = load_hf(sft_run / 'hf')
+  cfg = base.cfg.replace(lora_rank=4, lora_targets=('q', 'v', 'up'))
+  adapters = lora.init_adapters(dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0)))))))
+  initial_norm = float(np.sqrt(sum(float((a ** 2).sum()) for a in adapters.values())))
+  assert train[0]['param_norm'] == pytest.approx(initial_norm, rel=0.05)
+
+  merged = load_hf(tmp_path / 'hf')
+  merged_flat, base_flat = (dict(nnx.to_flat_state(nnx.state(m))) for m in (merged, base))
+  adapted = {('attn', 'q'), ('attn', 'v'), ('mlp', 'up')}
+  for path, value in base_flat.items():
+    same = np.array_equal(np.asarray(merged_flat[path][...]), np.asarray(value[...]))
+    assert same != (path[0] == 'blocks' and path[2:4] in adapted and path[-1] == 'kernel'), path
+  tokens = np.array([[5, 9, 33, 7, 12]])
+  hf_base = transformers.AutoModelForCausalLM.from_pretrained(sft_run / 'hf')
+  with_adapter = peft.PeftModel.from_pretrained(hf_base, tmp_path / 'hf' / 'adapter').eval()
+  with torch.no_grad():
+    peft_logits = with_adapter(input_ids=torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(peft_logits, np.asarray(merged(tokens)), atol=1e-4)
+  # The last checkpoint holds the adapters; exported later, they join the base again.
+  export(str(tmp_path), str(tmp_path / 'exported'), dtype='float32')
+  exported = dict(nnx.to_flat_state(nnx.state(load_hf(tmp_path / 'exported'))))
+  for path, value in merged_flat.items():
+    np.testing.assert_array_equal(np.asarray(exported[path][...]), np.asarray(value[...]))
+  assert (tmp_path / 'exported' / 'adapter' / 'adapter_model.safetensors').exists()

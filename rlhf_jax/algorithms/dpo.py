@@ -9,7 +9,9 @@ chunked, never float32 [B, T, V] logits). The reference is the initial policy (t
     training, stored in `<workdir>/reference_logps.npz` and attached to the batches, so the
     reference never sits in memory while training.
 Reference-free losses (SimPO, ORPO) need neither. The reference is read from disk once: the
-trained policy starts as a copy of it, and evaluations (win rate, KL) use it where it sits.
+trained policy starts as a copy of it, and evaluations (win rate, KL) use it where it sits. A
+LoRA policy (config.model.lora_rank > 0) is no copy: its reference is its own base with the
+adapters switched off.
 With precomputed log-probs it is kept on the mesh only when evaluations need it.
 """
 
@@ -28,6 +30,7 @@ from rlhf_jax.data.batching import pad_pairs
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses import dpo_loss
 from rlhf_jax.losses.dpo import LOSS_TYPES, REFERENCE_FREE, VARIANT_ARGS
+from rlhf_jax.models import lora
 from rlhf_jax.models.scoring import sequence_logps
 from rlhf_jax.parallel import map_batches
 from rlhf_jax.storage import exists, open_file, replace_file
@@ -45,16 +48,18 @@ def dpo_loss_fn(model, batch, rng=None, frozen=None, *, loss_options: dict, chun
   """The policy's pair log-probs against the reference's, into `dpo_loss`.
 
   The reference's log-probs are batch['ref_logps'] when precomputed, else computed here from
-  `frozen`, the reference's parameters (the policy's architecture); neither for a
-  reference-free loss.
+  `frozen`, the reference's parameters (the policy's architecture), or, for a LoRA policy,
+  from its base with the adapters switched off; neither for a reference-free loss.
   """
   del rng  # Deterministic loss.
   policy, lengths = pair_logps(model, batch, chunk_size=chunk_size)
   ref_chosen = ref_rejected = None
+  needs_reference = loss_options['loss_type'] not in REFERENCE_FREE
   if 'ref_logps' in batch:
     ref_chosen, ref_rejected = batch['ref_logps'][:, 0], batch['ref_logps'][:, 1]
-  elif frozen is not None:
-    reference = nnx.merge(nnx.graphdef(model), frozen)
+  elif frozen is not None or (needs_reference and lora.has_adapters(model)):
+    reference = (nnx.merge(nnx.graphdef(model), frozen) if frozen is not None
+                 else lora.without_adapters(model))
     ref = jax.lax.stop_gradient(pair_logps(reference, batch, chunk_size=chunk_size)[0])
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
   return dpo_loss(policy[:, 0], policy[:, 1], ref_chosen, ref_rejected,
@@ -88,14 +93,20 @@ def make_algorithm(ctx) -> Algorithm:
                  else ctx.initial_model())
   if precompute:
     attach_reference_logps(ctx, data, reference)
-  model = reference.copy() if reference is not None else ctx.initial_model()
+  # A LoRA policy is its own reference with the adapters switched off: no copy.
+  adapters = reference is not None and lora.has_adapters(reference.params)
+  if adapters:
+    model, reference = reference, reference._replace(
+        params=lora.adapters_off(reference.params))
+  else:
+    model = reference.copy() if reference is not None else ctx.initial_model()
   if not on_mesh:  # Its log-probs are computed: only the trained copy stays.
     ctx.release(config.model.hf_path, head='lm')
     reference = None
   return Algorithm(
       model=model, loss_fn=make_loss_fn(config), batches=DataBatches.for_run(ctx, data),
-      frozen=((reference.params, reference.shardings) if needs_reference and not precompute
-              else None),
+      frozen=((reference.params, reference.shardings)
+              if needs_reference and not precompute and not adapters else None),
       evaluations=sample_evaluations(ctx, model.graphdef,
                                      reference=reference.params if evaluated else None),
       data_stats=data.stats, tokenizer=ctx.tokenizer)

@@ -35,6 +35,7 @@ from rlhf_jax.engine.optimizer import make_optimizer
 from rlhf_jax.engine.state import abstract_like, init_train_state, train_state_shardings
 from rlhf_jax.engine.step import LossFn, make_train_step
 from rlhf_jax.errors import CheckpointFailed, Error, InputError, NonFinite
+from rlhf_jax.models import lora
 from rlhf_jax.models.loading import export_hf
 
 
@@ -53,6 +54,9 @@ class Engine:
     self.ctx, self.algorithm, self.batches = ctx, algorithm, algorithm.batches
     write_config(config, workdir)
     graphdef, params, param_shardings = algorithm.model
+    # A LoRA model trains its adapters; its base weights stay out of the train state.
+    params, self.fixed = lora.split_trained(params)
+    param_shardings, fixed_shardings = lora.split_trained(param_shardings)
     optimizer, schedule = make_optimizer(config.optim, tc.steps * self.batches.updates_per_step)
     state_shardings = train_state_shardings(param_shardings, optimizer, params, ctx.mesh)
     self.state = init_train_state(params, optimizer, config.seed, state_shardings)
@@ -78,18 +82,26 @@ class Engine:
     self.train_step = make_train_step(algorithm.loss_fn, optimizer, graphdef,
                                       state_shardings=state_shardings,
                                       batch_shardings=self.batches.shardings,
-                                      frozen_shardings=frozen_shardings, schedule=schedule,
+                                      frozen_shardings=frozen_shardings,
+                                      fixed_shardings=fixed_shardings, schedule=schedule,
                                       grad_accum_steps=config.optim.grad_accum_steps)
-    self.evaluate_loss = make_eval_step(algorithm.loss_fn, graphdef, state_shardings.params,
-                                        self.batches.shardings, frozen_shardings)
+    self.evaluate_loss = make_eval_step(
+        algorithm.loss_fn, graphdef,
+        lora.join(state_shardings.params, fixed_shardings), self.batches.shardings,
+        frozen_shardings)
     self.tokens = 0  # Through the train step since the progress bar last showed tokens/s.
+
+  @property
+  def params(self):
+    """The model's parameters now: the trained ones, joined with a LoRA model's base."""
+    return lora.join(self.state.params, self.fixed)
 
   def update(self, step: int) -> dict:
     """The updates of `step`: its batches through the train step; their (device) metrics."""
-    update_batches, metrics = self.batches.train(step, self.state.params)
+    update_batches, metrics = self.batches.train(step, self.params)
     start, update_metrics = time.perf_counter(), []
     for batch in update_batches:
-      self.state, batch_metrics = self.train_step(self.state, batch, self.frozen)
+      self.state, batch_metrics = self.train_step(self.state, batch, self.frozen, self.fixed)
       update_metrics.append(batch_metrics)
       self.tokens += batch['tokens'].size
     metrics = {**mean_metrics(update_metrics), **metrics}
@@ -100,7 +112,7 @@ class Engine:
 
   def evaluate(self, step: int) -> dict:
     """Loss over the eval batches and every evaluation of the algorithm, as 'eval/...'."""
-    params = self.state.params
+    params = self.params
     losses = [self.evaluate_loss(params, batch, self.frozen)
               for batch in self.batches.eval(params)]
     results = {f'eval/{k}': v for k, v in
@@ -193,7 +205,7 @@ class Engine:
           if ended:
             raise  # Else the error on its way out comes first (a full disk fails both).
     if tc.export_hf:
-      export_hf(*algorithm.exported(self.state.params), os.path.join(ctx.workdir, 'hf'),
+      export_hf(*algorithm.exported(self.params), os.path.join(ctx.workdir, 'hf'),
                 algorithm.tokenizer, dtype=tc.export_dtype)
 
   def save(self, step: int) -> None:

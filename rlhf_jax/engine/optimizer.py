@@ -2,6 +2,7 @@
 
 import jax
 import optax
+from flax import nnx
 
 from rlhf_jax.errors import InputError
 
@@ -46,13 +47,24 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
                                                       optax.Schedule]:
   """AdamW (Loshchilov & Hutter 2019) after global-norm gradient clipping.
 
-  Weight decay skips 1-D parameters (norm scales, biases), as is standard for transformers.
+  Weight decay skips vectors (norm scales, biases), as is standard for transformers; a
+  scanned model's stacked 'layers' axis does not count as a dimension.
   """
   if optim.name != 'adamw':
     raise InputError(f'config.optim.name={optim.name!r}; only "adamw" is implemented.')
   schedule = make_schedule(optim, total_steps)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  decay_mask = lambda params: jax.tree.map(_is_matrix, params, is_leaf=_is_variable)
   chain = [optax.clip_by_global_norm(optim.grad_clip_norm)] if optim.grad_clip_norm else []
   chain.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay, mask=decay_mask))
   return optax.chain(*chain), schedule
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _is_matrix(param) -> bool:
+  """Whether a parameter has 2 or more dimensions besides a scanned model's 'layers' axis."""
+  axes = param.get_metadata().get('logical_axes', ()) if _is_variable(param) else ()
+  return param.ndim - (tuple(axes[:1]) == ('layers',)) > 1

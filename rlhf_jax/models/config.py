@@ -13,6 +13,14 @@ import jax.numpy as jnp
 from rlhf_jax.errors import InputError
 
 ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'auto')
+# Fields a checkpoint's config.json does not hold and a run's config.model sets: how the
+# architecture is computed and stored, and the LoRA adapters trained on it.
+RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'scan_layers', 'lora_rank',
+              'lora_alpha', 'lora_targets')
+# The projections LoRA can adapt (attention's q, k, v, o; the MLP's gate, up, down).
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# What a block keeps for the backward pass (`rlhf_jax.models.transformer.REMAT_POLICIES`).
+REMAT_POLICIES = ('none', 'full', 'minimal', 'save_qkv_proj')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +55,33 @@ class ModelConfig:
   # `dtype` for the matmuls; norms, softmax and logits are computed in float32.
   dtype: str = 'float32'
   param_dtype: str = 'float32'
-  remat: bool = False  # Recompute each block's activations in the backward pass.
+  # Recompute a block's activations in the backward pass: 'none' keeps them all, 'full' keeps
+  # only the block's input, 'minimal' also every weight matmul's output, 'save_qkv_proj' also
+  # the q, k, v projections. True and False read as 'full' and 'none'.
+  remat: str = 'none'
+  # Blocks stored stacked on a leading 'layers' axis and run by `jax.lax.scan`: one block is
+  # compiled, whatever the depth.
+  scan_layers: bool = False
+  # Qwen3: RMSNorm over each head's queries and keys before RoPE.
+  qk_norm: bool = False
+  # LoRA (Hu et al. 2021, `rlhf_jax.models.lora`): rank r > 0 adds W + (α / r)·A·B to each
+  # `lora_targets` projection and trains only A and B; 0: no adapters.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
   # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores.
   attention: Literal['dense', 'chunked', 'auto'] = 'dense'
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, 'remat', 'full' if self.remat else 'none')
+    if self.remat not in REMAT_POLICIES:
+      raise InputError(f'config.model.remat={self.remat!r}; choose one of {REMAT_POLICIES}.')
+    object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
+    unknown = set(self.lora_targets) - set(LORA_TARGETS)
+    if unknown or self.lora_rank < 0:
+      raise InputError(f'config.model.lora_targets={self.lora_targets!r}, lora_rank='
+                       f'{self.lora_rank}: targets are among {LORA_TARGETS}, the rank >= 0.')
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise InputError(f'config.model.attention={self.attention!r}; choose one of '
                        f'{ATTENTION_IMPLEMENTATIONS}.')
@@ -71,11 +101,13 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
   def num_params(self, *, embeddings: bool = True) -> int:
-    """Number of parameters; `embeddings=False` leaves out token/position tables."""
+    """Number of base parameters (no LoRA adapters); `embeddings=False` leaves out
+    token/position tables."""
     d, hd, f = self.d_model, self.resolved_head_dim, self.d_ff
     attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
     attn += (self.n_heads + 2 * self.n_kv_heads) * hd if self.qkv_bias else 0
     attn += d if self.out_bias else 0
+    attn += 2 * hd if self.qk_norm else 0
     mlp = d * f * (3 if self.mlp == 'swiglu' else 2)
     mlp += (f + d) if self.out_bias else 0
     norm = d * (2 if self.norm == 'layer' else 1)
@@ -90,13 +122,19 @@ class ModelConfig:
       total += self.max_position * d if self.position == 'learned' else 0
     return total
 
-  def flops_per_token(self, seq_len: int) -> float:
+  def flops_per_token(self, seq_len: int, *, forward_only: bool = False) -> float:
     """Training FLOPs per token, forward + backward (PaLM, Chowdhery 2022, appendix B).
 
-    6·N for the matmuls with the non-embedding parameters N (the LM head included), plus
-    12·L·T·H·Dh for attention scores and weighted values (no discount for causal masking).
+    The forward pass is 2·N for the matmuls with the non-embedding parameters N (the LM head
+    included) plus 4·L·T·H·Dh for attention scores and weighted values (no discount for
+    causal masking). The backward pass takes twice the forward for the activations' gradients
+    and 2·N more for the weights' (6·N + 12·L·T·H·Dh in all), except for a LoRA model, whose
+    base weights get no gradient (4·N + 12·L·T·H·Dh; the adapters' own FLOPs are left out).
     """
     n = self.num_params(embeddings=False)
     if self.head == 'lm' and self.tie_embeddings:
       n += self.d_model * self.vocab_size
-    return 6 * n + 12 * self.n_layers * seq_len * self.n_heads * self.resolved_head_dim
+    forward = 2 * n + 4 * self.n_layers * seq_len * self.n_heads * self.resolved_head_dim
+    if forward_only:
+      return forward
+    return 3 * forward - (2 * n if self.lora_rank else 0)

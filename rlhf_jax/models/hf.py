@@ -1,6 +1,6 @@
 """Hugging Face checkpoints <-> `Transformer`: config translation, safetensors load and save.
 
-Covers Llama, Mistral, Qwen2 and GPT-2 causal LMs, and their *ForSequenceClassification
+Covers Llama, Mistral, Qwen2, Qwen3 and GPT-2 causal LMs, and their *ForSequenceClassification
 reward models (`head='scalar'`). One table, `_name_table`, pairs every HF tensor with the
 parameters it holds; loading and saving both read it. A checkpoint is read from a local
 directory, a URL or a Hub id (`sources.local_dir`). Tokenizers need nothing from here:
@@ -10,6 +10,7 @@ directory, a URL or a Hub id (`sources.local_dir`). Tokenizers need nothing from
 module stays cheap.
 """
 
+import collections
 import contextlib
 import json
 import pathlib
@@ -24,7 +25,8 @@ import safetensors.numpy
 from flax import nnx
 
 from rlhf_jax.errors import InputError, NotFound
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models import lora
+from rlhf_jax.models.config import RUN_FIELDS, ModelConfig
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.storage import staged_dir
@@ -36,6 +38,7 @@ _FAMILIES = {
     'llama': ('LlamaConfig', 'LlamaForCausalLM', 'LlamaForSequenceClassification'),
     'mistral': ('MistralConfig', 'MistralForCausalLM', 'MistralForSequenceClassification'),
     'qwen2': ('Qwen2Config', 'Qwen2ForCausalLM', 'Qwen2ForSequenceClassification'),
+    'qwen3': ('Qwen3Config', 'Qwen3ForCausalLM', 'Qwen3ForSequenceClassification'),
     'gpt2': ('GPT2Config', 'GPT2LMHeadModel', 'GPT2ForSequenceClassification'),
 }
 # Buffers some checkpoints carry that are no parameters: GPT-2's causal masks, old RoPE tables.
@@ -48,7 +51,7 @@ def _check(field: str, value, allowed: tuple):
 
 
 def config_from_hf(hf_config, *, head: str = 'lm') -> ModelConfig:
-  """`ModelConfig` of a transformers config (llama, mistral, qwen2 or gpt2)."""
+  """`ModelConfig` of a transformers config (llama, mistral, qwen2, qwen3 or gpt2)."""
   _check('model_type', hf_config.model_type, tuple(_FAMILIES))
   if hf_config.model_type == 'gpt2':
     return _gpt2_config(hf_config, head)
@@ -86,14 +89,15 @@ def _llama_config(c, head: str) -> ModelConfig:
       head_dim=getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads,
       norm='rms', norm_eps=c.rms_norm_eps, rope_theta=float(rope['rope_theta']),
       rope_llama3_scaling=llama3, max_position=c.max_position_embeddings,
-      qkv_bias=c.model_type == 'qwen2', tie_embeddings=c.tie_word_embeddings,
+      qkv_bias=c.model_type == 'qwen2', qk_norm=c.model_type == 'qwen3',
+      tie_embeddings=c.tie_word_embeddings,
       sliding_window=_sliding_window(c), head=head)
 
 
 def _sliding_window(c) -> int | None:
-  if c.model_type != 'qwen2':
+  if c.model_type not in ('qwen2', 'qwen3'):
     return getattr(c, 'sliding_window', None)  # Mistral's; Llama has none.
-  kinds = set(c.layer_types)  # Qwen2 slides only from layer max_window_layers on.
+  kinds = set(c.layer_types)  # Qwen slides only from layer max_window_layers on.
   if len(kinds) > 1:
     raise InputError(f'Unsupported layer_types={c.layer_types!r}: one attention kind for all '
                      'layers is supported.')
@@ -104,7 +108,7 @@ def hf_config_from(cfg: ModelConfig, **fields):
   """The transformers config (with `architectures`) of `cfg`; `fields` adds e.g. token ids."""
   import transformers
   model_type = ('gpt2' if cfg.position == 'learned' else 'qwen2' if cfg.qkv_bias else
-                'mistral' if cfg.sliding_window else 'llama')
+                'qwen3' if cfg.qk_norm else 'mistral' if cfg.sliding_window else 'llama')
   config_class, lm_class, classifier_class = _FAMILIES[model_type]
   if cfg.head == 'scalar':
     fields |= dict(num_labels=1)
@@ -125,7 +129,7 @@ def hf_config_from(cfg: ModelConfig, **fields):
                    max_position_embeddings=cfg.max_position)
     if model_type == 'mistral':
       fields |= dict(sliding_window=cfg.sliding_window)
-    if model_type == 'qwen2' and cfg.sliding_window:
+    if model_type in ('qwen2', 'qwen3') and cfg.sliding_window:
       fields |= dict(use_sliding_window=True, sliding_window=cfg.sliding_window,
                      max_window_layers=0)
   hf_config = getattr(transformers, config_class)(
@@ -133,9 +137,10 @@ def hf_config_from(cfg: ModelConfig, **fields):
       architectures=[lm_class if cfg.head == 'lm' else classifier_class],
       dtype=jnp.dtype(cfg.param_dtype).name, **fields)
   # The HF config must describe the same architecture, or `cfg` has no HF equivalent.
-  numerics = dict(dtype='float32', param_dtype='float32', remat=False, attention='dense')
-  canonical = lambda c: c.replace(head_dim=c.resolved_head_dim, **numerics)
-  if canonical(config_from_hf(hf_config, head=cfg.head)) != canonical(cfg):
+  described = config_from_hf(hf_config, head=cfg.head)
+  run_fields = {field: getattr(cfg, field) for field in RUN_FIELDS}
+  if described.replace(**run_fields, head_dim=described.resolved_head_dim) != cfg.replace(
+      head_dim=cfg.resolved_head_dim):
     raise InputError(f'{cfg} has no {config_class} equivalent.')
   return hf_config
 
@@ -183,6 +188,9 @@ def _name_table(cfg: ModelConfig) -> list[tuple[str, tuple[ParamPath, ...], str]
       for x in 'qkvo':
         dense(f'{hf}.self_attn.{x}_proj', ours + ('attn', x),
               cfg.qkv_bias if x != 'o' else cfg.out_bias)
+      if cfg.qk_norm:
+        norm(f'{hf}.self_attn.q_norm', ours + ('attn', 'q_norm'))
+        norm(f'{hf}.self_attn.k_norm', ours + ('attn', 'k_norm'))
       norm(f'{hf}.post_attention_layernorm', ours + ('mlp_norm',))
       for x in ('gate', 'up', 'down'):
         dense(f'{hf}.mlp.{x}_proj', ours + ('mlp', x), cfg.out_bias)
@@ -192,6 +200,14 @@ def _name_table(cfg: ModelConfig) -> list[tuple[str, tuple[ParamPath, ...], str]
   elif not cfg.tie_embeddings:
     add('lm_head.weight', 'transpose', ('head', 'kernel'))
   return rows
+
+
+def _state_path(param_path: ParamPath, cfg: ModelConfig) -> tuple[ParamPath, int | None]:
+  """Where a `_name_table` parameter lives in the model's state, and at which layer of a
+  stacked ('layers'-axis) array: ('blocks', i, ...) is ('blocks', ...)[i] when scanned."""
+  if cfg.scan_layers and param_path[0] == 'blocks':
+    return ('blocks', *param_path[2:]), param_path[1]
+  return param_path, None
 
 
 def _to_ours(tensor: np.ndarray, layout: str, n: int) -> list[np.ndarray]:
@@ -273,13 +289,14 @@ def read_hf_config(path, *, head: str = 'lm') -> ModelConfig:
 
 
 def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
-            compute_dtype: str | None = None, remat: bool = False,
-            attention: str = 'dense') -> Transformer:
+            compute_dtype: str | None = None, **run_fields) -> Transformer:
   """Loads an HF checkpoint (config.json + safetensors, single or sharded) from a directory,
   a URL or a Hub id (`sources.local_dir`).
 
-  Parameters are stored in `dtype`; matmuls run in `compute_dtype` (default: `dtype`), with
-  activation rematerialisation if `remat`, attention as `attention` says. The model is built
+  Parameters are stored in `dtype`; matmuls run in `compute_dtype` (default: `dtype`).
+  `run_fields` set the rest of `config.RUN_FIELDS` (remat, attention, scan_layers: the blocks
+  stacked for `jax.lax.scan`, one stacked tensor at a time in host memory; lora_rank,
+  lora_alpha, lora_targets: adapters initialised as `lora.init_adapters` does). The model is built
   abstractly and filled tensor by tensor; with `shardings` (a pytree shaped like
   `nnx.state(model)` of `jax.sharding.Sharding`) each tensor goes straight to its devices.
   `head='scalar'` takes `score.weight` of a sequence classifier, or zeros if there is none.
@@ -287,8 +304,7 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
   path = pathlib.Path(local_dir(str(path)))
   param_dtype = jnp.dtype(dtype).name
   cfg = read_hf_config(path, head=head).replace(
-      param_dtype=param_dtype, dtype=compute_dtype or param_dtype, remat=remat,
-      attention=attention)
+      param_dtype=param_dtype, dtype=compute_dtype or param_dtype, **run_fields)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   variables = dict(nnx.to_flat_state(abstract))
   placements = ({} if shardings is None else
@@ -297,7 +313,9 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
   locations, source = _locate_tensors(path, cfg)
   _check_names(locations, table, cfg)
 
-  arrays = {}
+  if cfg.scan_layers:  # Each stacked parameter's layers one after another.
+    table.sort(key=lambda row: [_state_path(p, cfg)[0] for p in row[1]])
+  arrays, layers_read = {}, collections.defaultdict(dict)
   with contextlib.ExitStack() as stack:
     read = _tensor_reader(locations, stack)
     for name, paths, layout in table:
@@ -308,12 +326,22 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
       else:
         raise InputError(f'Tensor {name!r} (for {paths}) is missing from {source}.')
       for param_path, array in zip(paths, parts):
-        want = variables[param_path]
-        if array.shape != want.shape:
+        state_path, layer = _state_path(param_path, cfg)
+        want = variables[state_path]
+        want_shape = want.shape if layer is None else want.shape[1:]
+        if array.shape != want_shape:
           raise InputError(f'Tensor {name!r} in {locations[name][0]} gives {param_path} the '
-                           f'shape {array.shape}; expected {want.shape}.')
-        arrays[param_path] = jax.device_put(array.astype(want.dtype, copy=False),
-                                            placements.get(param_path))
+                           f'shape {array.shape}; expected {want_shape}.')
+        array = array.astype(want.dtype, copy=False)
+        if layer is not None:  # Stacked once all its layers are read.
+          layers_read[state_path][layer] = array
+          if len(layers_read[state_path]) < cfg.n_layers:
+            continue
+          layers = layers_read.pop(state_path)
+          array = np.stack([layers[i] for i in range(cfg.n_layers)])
+        arrays[state_path] = jax.device_put(array, placements.get(state_path))
+  for state_path, array in lora.init_adapters(variables).items():
+    arrays[state_path] = jax.device_put(array, placements.get(state_path))
   state = nnx.from_flat_state([(p, v.replace(arrays[p])) for p, v in variables.items()])
   return nnx.merge(graphdef, state)
 
@@ -322,22 +350,66 @@ def save_hf(model: Transformer, path, *, dtype=None, max_shard_size: int | str =
             **config_fields):
   """Writes config.json and the safetensors weights that transformers' `from_pretrained` loads.
 
-  The weights are stored in `dtype` (default: the model's param_dtype), which the config names
-  too; over `max_shard_size` (bytes, or '500MB', '5GB') they are split into shards with an
+  LoRA adapters are folded into the kernels (`lora.merged`). The weights are stored in `dtype`
+  (default: the model's param_dtype), which the config names too; over `max_shard_size` (bytes, or '500MB', '5GB') they are split into shards with an
   index (`_write_weights`). `config_fields` go to the transformers config (e.g.
   `eos_token_id`, `pad_token_id`).
   """
   path = pathlib.Path(path)
+  if lora.has_adapters(model):
+    model = lora.merged(model)
   dtype = jnp.dtype(dtype or model.cfg.param_dtype)
   hf_config = hf_config_from(model.cfg.replace(param_dtype=dtype.name), **config_fields)
   params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+  def value(param_path):
+    state_path, layer = _state_path(param_path, model.cfg)
+    array = params[state_path][...]
+    return np.asarray(array if layer is None else array[layer])
+
   tensors = {}
   for name, paths, layout in _name_table(model.cfg):
-    tensor = _to_hf([np.asarray(params[p][...]) for p in paths], layout)
+    tensor = _to_hf([value(p) for p in paths], layout)
     tensors[name] = np.ascontiguousarray(tensor.astype(dtype, copy=False))
   path.mkdir(parents=True, exist_ok=True)
   hf_config.save_pretrained(path)
   _write_weights(tensors, path, max_shard_size)
+
+
+def save_peft_adapter(model: Transformer, path, *, base_model: str = '') -> None:
+  """Writes the LoRA adapters of `model` as PEFT saves them (adapter_config.json and
+  adapter_model.safetensors), for `peft.PeftModel.from_pretrained(<HF base>, path)`.
+
+  PEFT's lora_A.weight is [r, in] and lora_B.weight [out, r] (torch Linear layout), its
+  scaling lora_alpha / r, as ours. Llama-style models only: GPT-2 fuses q, k, v in one
+  Conv1D.
+  """
+  cfg = model.cfg
+  if not lora.has_adapters(model) or cfg.position == 'learned':
+    raise InputError('save_peft_adapter needs a LoRA model (config.model.lora_rank > 0) of a '
+                     'Llama-style family (not GPT-2).')
+  params = dict(nnx.to_flat_state(nnx.state(model)))
+  tensors, modules = {}, set()
+  for name, (param_path,), _ in [row for row in _name_table(cfg) if row[2] == 'transpose']:
+    state_path, layer = _state_path(param_path[:-1] + ('lora_a',), cfg)
+    if state_path not in params:  # Not a target (or the head).
+      continue
+    for factor, suffix in (('lora_a', 'lora_A'), ('lora_b', 'lora_B')):
+      array = params[(*state_path[:-1], factor)][...]
+      array = np.asarray(array if layer is None else array[layer], np.float32)
+      tensors[f'base_model.model.{name.removesuffix(".weight")}.{suffix}.weight'] = (
+          np.ascontiguousarray(array.T))
+    modules.add(name.split('.')[-2])
+  adapter_config = dict(
+      peft_type='LORA', task_type='CAUSAL_LM' if cfg.head == 'lm' else 'SEQ_CLS',
+      r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=sorted(modules),
+      lora_dropout=0.0, bias='none', fan_in_fan_out=False, use_rslora=False,
+      inference_mode=True, base_model_name_or_path=base_model)
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'adapter_config.json').write_text(json.dumps(adapter_config, indent=2) + '\n')
+  safetensors.numpy.save_file(tensors, path / 'adapter_model.safetensors',
+                              metadata={'format': 'pt'})
 
 
 def _write_weights(tensors: dict[str, np.ndarray], path: pathlib.Path,

@@ -21,33 +21,52 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nn
   return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
+class LoRAParam(nnx.Param):
+  """A factor of a LoRA adapter: what a LoRA run trains (`rlhf_jax.models.lora`)."""
+
+
 class Dense(nnx.Module):
-  """y = x·W (+ b), W stored [in, out] in `param_dtype` and used in the compute dtype."""
+  """y = x·W (+ b), W stored [in, out] in `param_dtype` and used in the compute dtype.
+
+  With `lora_rank` r > 0 (Hu et al. 2021): y = x·W + (α / r)·(x·A)·B (+ b), A [in, r] drawn
+  N(0, 1/in), B [r, out] zero (so the adapted layer starts as the base one), both float32.
+  """
 
   def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, cfg: ModelConfig,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, lora_rank: int = 0):
     self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes,
                         cfg.param_dtype)
     self.bias = (param(rngs, nnx.initializers.zeros, (d_out,), axes[1:], cfg.param_dtype)
                  if bias else None)
+    self.lora_a = (LoRAParam(nnx.initializers.normal(d_in ** -0.5)(
+        rngs.params(), (d_in, lora_rank), jnp.float32), logical_axes=(axes[0], None))
+                   if lora_rank else None)
+    self.lora_b = (LoRAParam(jnp.zeros((lora_rank, d_out), jnp.float32),
+                             logical_axes=(None, axes[1])) if lora_rank else None)
+    self.lora_scale = cfg.lora_alpha / lora_rank if lora_rank else 0.0
     self.dtype = cfg.compute_dtype
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.lora_a is not None:
+      down = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+      y = y + self.lora_scale * jnp.dot(down, self.lora_b[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
 
 
 class Norm(nnx.Module):
-  """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba 2016), computed in float32.
+  """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba 2016) over the last axis (`dim`, default
+  d_model), computed in float32.
 
   rms:   y = x / sqrt(mean(x²) + eps) · w
   layer: y = (x − mean(x)) / sqrt(var(x) + eps) · w + b
   """
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d = cfg.d_model
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dim: int | None = None):
+    d = dim or cfg.d_model
     self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, cfg.compute_dtype
     self.scale = param(rngs, nnx.initializers.ones, (d,), ('norm',), cfg.param_dtype)
     self.bias = (param(rngs, nnx.initializers.zeros, (d,), ('norm',), cfg.param_dtype)

@@ -11,8 +11,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from rlhf_jax import parallel, storage
-from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.hf import load_hf, read_hf_config, save_hf
+from rlhf_jax.models.config import RUN_FIELDS, ModelConfig
+from rlhf_jax.models import lora
+from rlhf_jax.models.hf import load_hf, read_hf_config, save_hf, save_peft_adapter
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.models.transformer import Transformer
 
@@ -40,16 +41,19 @@ def build_model(cfg: ModelConfig, mesh, rules, *, seed: int) -> LoadedModel:
 
 def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedModel:
   """The HF checkpoint at `path` (a directory, a URL or a Hub id) with a `head` head ('lm' or
-  'scalar'), each host reading only its shards. `numerics` (a config.model) sets dtype,
-  param_dtype, remat and attention; None: float32, dense attention."""
+  'scalar'), each host reading only its shards. `numerics` (a config.model) sets the
+  fields a checkpoint has not (`RUN_FIELDS`: dtype, remat, scan_layers, LoRA, ...); None: their
+  defaults (float32, dense attention, unscanned, no adapters)."""
   path = local_dir(path)
-  cfg = read_hf_config(path, head=head)
-  abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  shardings = parallel.state_shardings(abstract_state, mesh, rules)
   options = {}
   if numerics is not None:
     options = dict(dtype=numerics.param_dtype, compute_dtype=numerics.dtype,
-                   remat=numerics.remat, attention=numerics.attention)
+                   **{field: getattr(numerics, field)
+                      for field in RUN_FIELDS if field not in ('dtype', 'param_dtype')})
+  shaped = {k: v for k, v in options.items() if k not in ('dtype', 'compute_dtype')}
+  cfg = read_hf_config(path, head=head).replace(**shaped)
+  abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  shardings = parallel.state_shardings(abstract_state, mesh, rules)
   graphdef, params = nnx.split(load_hf(path, head=head, shardings=shardings, **options))
   return LoadedModel(graphdef, params, shardings)
 
@@ -72,7 +76,8 @@ def is_export(path: str) -> bool:
 def export_hf(graphdef, params, path: str, tokenizer=None, *, dtype=None,
               max_shard_size: int | str = '5GB') -> None:
   """The model (and its tokenizer) as a Hugging Face checkpoint directory, its weights in
-  `dtype` (default: the parameters') and sharded over `max_shard_size` (`save_hf`).
+  `dtype` (default: the parameters') and sharded over `max_shard_size` (`save_hf`). A LoRA
+  model's adapters are folded into it, and written for PEFT in `path`/adapter too.
 
   The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
   parameters are gathered to every host (save_hf writes from one host's memory). It is written
@@ -86,8 +91,10 @@ def export_hf(graphdef, params, path: str, tokenizer=None, *, dtype=None,
     if tokenizer is not None:
       token_ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with storage.staged_dir(path) as local_path:
-      save_hf(nnx.merge(graphdef, params), local_path, dtype=dtype,
-              max_shard_size=max_shard_size, **token_ids)
+      model = nnx.merge(graphdef, params)
+      save_hf(model, local_path, dtype=dtype, max_shard_size=max_shard_size, **token_ids)
+      if lora.has_adapters(model) and model.cfg.position != 'learned':
+        save_peft_adapter(model, os.path.join(local_path, 'adapter'))
       if tokenizer is not None:
         tokenizer.save_pretrained(local_path)
   parallel.barrier(f'export_hf {path}')

@@ -1,4 +1,5 @@
-"""Named model sizes. The Llama/Qwen2/GPT-2 presets copy the published architectures."""
+"""Named model sizes. The Llama/Qwen/GPT-2 presets copy the published architectures (their HF
+config.json); the pod-scale ones (8B and up) also stack their layers for `jax.lax.scan`."""
 
 from rlhf_jax.errors import InputError
 from rlhf_jax.models.config import ModelConfig
@@ -27,6 +28,23 @@ PRESETS: dict[str, ModelConfig] = {
                             n_kv_heads=8, d_ff=8192, head_dim=64, norm_eps=1e-5,
                             rope_theta=500_000.0, rope_llama3_scaling=(32.0, 1.0, 4.0, 8192),
                             tie_embeddings=True, max_position=131072),
+    # Llama 3.1 8B and 70B (meta-llama/Llama-3.1-8B, -70B).
+    'llama3-8b': ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                             n_kv_heads=8, d_ff=14336, norm_eps=1e-5, rope_theta=500_000.0,
+                             rope_llama3_scaling=(8.0, 1.0, 4.0, 8192), max_position=131072,
+                             scan_layers=True),
+    'llama3-70b': ModelConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64,
+                              n_kv_heads=8, d_ff=28672, norm_eps=1e-5, rope_theta=500_000.0,
+                              rope_llama3_scaling=(8.0, 1.0, 4.0, 8192), max_position=131072,
+                              scan_layers=True),
+    # Qwen/Qwen2.5-7B and Qwen/Qwen3-8B.
+    'qwen2.5-7b': ModelConfig(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
+                              n_kv_heads=4, d_ff=18944, norm_eps=1e-6, rope_theta=1_000_000.0,
+                              qkv_bias=True, max_position=131072, scan_layers=True),
+    'qwen3-8b': ModelConfig(vocab_size=151936, d_model=4096, n_layers=36, n_heads=32,
+                            n_kv_heads=8, d_ff=12288, head_dim=128, norm_eps=1e-6,
+                            rope_theta=1_000_000.0, qk_norm=True, max_position=40960,
+                            scan_layers=True),
 }
 
 

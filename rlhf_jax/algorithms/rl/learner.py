@@ -56,6 +56,9 @@ def check_config(config) -> None:
     if rl[key] not in allowed:
       raise InputError(f'config.rl.{key}={rl[key]!r}; choose one of {allowed}.')
   check_aggregation(rl, 'config.rl')
+  if config.model.lora_rank:
+    raise InputError(f'config.model.lora_rank={config.model.lora_rank}: LoRA trains SFT, '
+                     'reward-model, DPO and KTO runs; online RL does not take it yet.')
   if not config.model.hf_path or not (reward_model_paths(rl.reward_model) or rl.reward_fns):
     raise InputError('Online RL needs a policy (config.model.hf_path, e.g. an SFT run\'s hf '
                      'export) and a reward: a reward model (config.rl.reward_model, an RM run\'s '
@@ -176,23 +179,30 @@ def score_statistics(ctx, pool, policy: LoadedModel, rewards: list[LoadedModel]
   return shifts, scales
 
 
+def scoring_options(config, *, eos_id: int) -> dict:
+  """`score_rollout`'s options from config.rl."""
+  rl = config.rl
+  return dict(temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
+              kl_estimator=rl.kl_estimator, eos_id=eos_id,
+              missing_eos_penalty=rl.missing_eos_penalty,
+              estimator=ADVANTAGE_ESTIMATOR[config.algorithm], group_size=rl.group_size,
+              gamma=rl.gamma, lam=rl.lam, whiten_rewards=rl.whiten_rewards,
+              whiten_advantages=rl.whiten_advantages, aggregation=rl.reward_aggregation,
+              uncertainty_weight=rl.uncertainty_weight)
+
+
 class Rollout:
   """Sampling and scoring of one rollout on the mesh, and the selection of its minibatches."""
 
   def __init__(self, ctx, models: Models, functions: FunctionReward | None = None):
     """functions: the reward functions, added to the reward models' score (or alone)."""
-    config, rl = ctx.config, ctx.config.rl
+    config = ctx.config
     self.ctx, self.functions = ctx, functions
     self._sample = jax.jit(make_rollout_sampler(config, models.initial_policy.graphdef,
                                                 ctx.tokenizer))
-    options = dict(temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
-                   kl_estimator=rl.kl_estimator, eos_id=ctx.tokenizer.eos_token_id,
-                   missing_eos_penalty=rl.missing_eos_penalty,
-                   estimator=ADVANTAGE_ESTIMATOR[config.algorithm], group_size=rl.group_size,
-                   gamma=rl.gamma, lam=rl.lam, whiten_rewards=rl.whiten_rewards,
-                   whiten_advantages=rl.whiten_advantages, aggregation=rl.reward_aggregation,
-                   uncertainty_weight=rl.uncertainty_weight)
-    self._score = jax.jit(functools.partial(merge_and_score, models.graphdefs, options=options))
+    self._score = jax.jit(functools.partial(
+        merge_and_score, models.graphdefs,
+        options=scoring_options(config, eos_id=ctx.tokenizer.eos_token_id)))
     self.frozen = models.params  # reference and reward
     self.controls = {'score_shift': jnp.asarray(models.score_shifts, jnp.float32),
                      'score_scale': jnp.asarray(models.score_scales, jnp.float32)}
@@ -327,17 +337,22 @@ def make_algorithm(ctx) -> Algorithm:
   proxy = add_rewards(proxy, functions)
   evaluations = sample_evaluations(ctx, policy_graphdef,
                                    reference=models.initial_policy.params, proxy=proxy)
-  loss_fn = functools.partial(
-      rl_loss_fn, temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
-      clip_eps=rl.clip_eps, value_clip_eps=rl.value_clip_eps, vf_coef=rl.vf_coef,
-      kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0, ptx_coef=rl.ptx_coef)
   return Algorithm(
-      model=models.trained, loss_fn=loss_fn, batches=rollouts,
+      model=models.trained, loss_fn=make_loss_fn(config), batches=rollouts,
       evaluations={name: _on_policy(evaluation) for name, evaluation in evaluations.items()},
       data_stats={'data/prompts/train': len(pool),
                   'data/prompts/eval': len(set(rollouts.eval_prompts))},
       tokenizer=ctx.tokenizer, export=lambda params: (policy_graphdef, params['policy']),
       stop=functools.partial(kl_budget_reached, rl.stop_kl))
+
+
+def make_loss_fn(config):
+  """rl_loss_fn with config.rl's options."""
+  rl = config.rl
+  return functools.partial(
+      rl_loss_fn, temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
+      clip_eps=rl.clip_eps, value_clip_eps=rl.value_clip_eps, vf_coef=rl.vf_coef,
+      kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0, ptx_coef=rl.ptx_coef)
 
 
 def pretraining_rows(ctx) -> DataBatches | None:
