@@ -14,7 +14,8 @@ from ml_collections import config_flags
 from rlhf_jax.config import configs_dir, to_model_config
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.models.attention import AttentionMask, attend, chunked_attention
+from rlhf_jax.models.attention import (AttentionMask, attend, chunked_attention,
+                                       splash_attention)
 from rlhf_jax.models.layers import positions_from_mask
 
 TOL = 1e-5
@@ -76,6 +77,58 @@ def test_chunked_equals_dense_with_its_gradients(case):
   for expected, got in zip(results['dense'], results['chunked']):
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+SPLASH_LENGTH = 256  # Splash attention tiles span multiples of 128 tokens.
+
+
+def splash_cases():
+  """name: (mask, key/value heads) over SPLASH_LENGTH tokens: left and right padding, packed
+  segments with padding, a sliding window."""
+  n = SPLASH_LENGTH
+  left = jnp.asarray(np.arange(n) >= np.array([[5], [0], [200]]))
+  right = jnp.asarray(np.arange(n) < np.array([[130], [n], [12]]))
+  lengths = (100, 120, 20)
+  segments = jnp.asarray(np.broadcast_to(np.concatenate(
+      [np.full(k, i + 1) for i, k in enumerate(lengths)] + [[0] * (n - sum(lengths))]), (3, n)))
+  segment_positions = jnp.asarray(np.broadcast_to(np.concatenate(
+      [np.arange(k) for k in lengths] + [[0] * (n - sum(lengths))]), (3, n)))
+  by_position = lambda valid, **kw: AttentionMask(positions_from_mask(valid),
+                                                  positions_from_mask(valid), valid, **kw)
+  return {
+      'left_padding': (by_position(left), 2),
+      'right_padding_multi_query': (by_position(right), 1),
+      'packed': (AttentionMask(segment_positions, segment_positions, segments > 0,
+                               query_segments_BxT=segments, key_segments_BxS=segments), 2),
+      'sliding_window': (by_position(right, sliding_window=5), HEADS),
+  }
+
+
+@pytest.mark.parametrize('case', list(splash_cases()))
+def test_splash_equals_dense_with_its_gradients(case):
+  """TPU splash attention run by Pallas's interpreter: the outputs of real tokens, and the
+  gradients of any loss of them, are dense attention's."""
+  mask, kv_heads = splash_cases()[case]
+  q, k, v = qkv(kv_heads, length=SPLASH_LENGTH)
+  real = mask.key_valid_BxS[:, :, None, None]
+  cotangent = jnp.where(real, jnp.asarray(
+      np.random.default_rng(1).standard_normal(q.shape), jnp.float32), 0)
+  functions = {'dense': lambda q, k, v: attend(q, k, v, mask, implementation='dense'),
+               'splash': lambda q, k, v: splash_attention(q, k, v, mask, interpret=True)}
+  results = {}
+  for name, fn in functions.items():
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    results[name] = (jnp.where(real, out, 0), *vjp(cotangent))
+  for expected, got in zip(results['dense'], results['splash']):
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_splash_needs_whole_tiles():
+  mask, kv_heads = splash_cases()['left_padding']
+  q, k, v = qkv(kv_heads, length=SPLASH_LENGTH - 1)
+  mask = jax.tree.map(lambda x: x[:, 1:], mask)
+  with pytest.raises(InputError, match='multiple of 128'):
+    splash_attention(q, k, v, mask, interpret=True)
 
 
 def test_chunked_never_holds_a_length_by_length_block_of_scores():

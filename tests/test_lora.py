@@ -133,3 +133,16 @@ def test_a_lora_dpo_step_keeps_no_reference_copy():
 def test_lora_options_are_checked():
   with pytest.raises(InputError, match='lora_targets'):
     get_preset('tiny').replace(lora_rank=4, lora_targets=('qkv',))
+
+
+def test_a_lora_reward_model_trains_its_scalar_head_too():
+  """A scalar head is a new layer (zero from a causal LM's checkpoint): LoRA trains it with the
+  adapters, or the reward model could not learn."""
+  cfg = get_preset('tiny').replace(lora_rank=4, head='scalar')
+  trained, base = lora.split_trained(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
+  trained = dict(nnx.to_flat_state(trained))
+  assert ('head', 'kernel') in trained
+  assert all(path == ('head', 'kernel') or path[-1] in ('lora_a', 'lora_b') for path in trained)
+  lm_trained, _ = lora.split_trained(nnx.state(Transformer(cfg.replace(head='lm'),
+                                                           rngs=nnx.Rngs(0))))
+  assert all(path[-1] in ('lora_a', 'lora_b') for path, _ in nnx.to_flat_state(lm_trained))

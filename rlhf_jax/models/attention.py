@@ -9,8 +9,11 @@
   denominators. At most one [B, H, q_block, kv_block] block of scores exists at a time, forward
   or backward; its mask is built from positions, validity and segments, never cut from a
   [T, S] mask.
-- 'auto': the implementation for the backend: 'dense' everywhere for now; this is where TPU
-  splash attention and GPU cuDNN flash attention go.
+- 'splash': TPU splash attention (Pallas; `jax.experimental.pallas.ops.tpu.splash_attention`)
+  for self-attention over a whole sequence: causal by index, with padding and packing as
+  segment ids (and a local mask for a sliding window), each example's heads in one kernel,
+  under `shard_map` over the batch on a mesh. A KV cache's steps fall back to 'dense'.
+- 'auto': 'splash' on TPU (for sequences of a multiple of 128 tokens), 'dense' elsewhere.
 
 A query that may attend no key (a row of padding) gets the mean of all values from both: its
 masked scores are dense attention's large negative number, not −∞. Finite, and unused.
@@ -23,8 +26,12 @@ from typing import NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash_kernel, splash_attention_mask as splash_mask)
 
+from rlhf_jax.errors import InputError
 from rlhf_jax.models.layers import make_attention_mask
+from rlhf_jax.parallel import DEFAULT_RULES, logical_to_spec
 
 # jax.nn.dot_product_attention's score for a masked key: −0.7 · float32 max.
 _MASKED_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -40,6 +47,8 @@ class AttentionMask:
   query_segments_BxT: jax.Array | None = None
   key_segments_BxS: jax.Array | None = None
   sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)
+  # Queries and keys are the same tokens (no KV cache): what splash attention computes.
+  self_attention: bool = flax.struct.field(pytree_node=False, default=True)
 
   def dense(self) -> jax.Array:
     """Boolean [B, 1, T, S]."""
@@ -52,11 +61,68 @@ class AttentionMask:
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
            implementation: str) -> jax.Array:
   """[B, T, N, H] attention output; N query heads share each of the K key/value heads."""
-  if implementation == 'auto':  # Dense on every backend for now: see the module's docstring.
-    implementation = 'dense'
+  splash_fits = mask.self_attention and q_BxTxNxH.shape[1] % SPLASH_BLOCK == 0
+  if implementation == 'auto':
+    implementation = 'splash' if jax.default_backend() == 'tpu' and splash_fits else 'dense'
+  if implementation == 'splash' and mask.self_attention:
+    return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if implementation == 'chunked':
     return chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask.dense())
+
+
+SPLASH_BLOCK = 128  # Splash attention's tiles span a multiple of 128 tokens.
+
+
+def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask: AttentionMask, *,
+                     interpret: bool = False) -> jax.Array:
+  """Self-attention [B, T, N, H] by TPU splash attention (`interpret`: Pallas's interpreter,
+  on any backend, for tests).
+
+  Causality by index equals causality by position within a segment, since positions grow
+  with the index there. Padding becomes a segment of its own (-1): no real token sees it, and
+  each padding query sees at least itself (its output is unused).
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  if t % SPLASH_BLOCK:
+    raise InputError(f"config.model.attention='splash' needs sequences of a multiple of "
+                     f'{SPLASH_BLOCK} tokens (config.train.seq_len); got {t}.')
+  segments = (mask.query_segments_BxT if mask.query_segments_BxT is not None
+              else jnp.ones((b, t), jnp.int32))
+  segments = jnp.where(mask.key_valid_BxS, segments, -1).astype(jnp.int32)
+  kernel = _splash_kernel(t, n, mask.sliding_window, interpret)
+  scale = 1 / math.sqrt(h)
+
+  def per_example(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT):
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, heads, T, H].
+    out = jax.vmap(kernel)(heads_first(q_BxTxNxH * scale).astype(q_BxTxNxH.dtype),
+                           heads_first(k_BxTxKxH), heads_first(v_BxTxKxH),
+                           splash_kernel.SegmentIds(q=segments_BxT, kv=segments_BxT))
+    return jnp.swapaxes(out, 1, 2)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return per_example(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments)
+  # The kernel is one Pallas call a device: each device runs its rows (heads gathered).
+  batch = logical_to_spec(('activation_batch',), (b,), mesh, DEFAULT_RULES)[0]
+  rows = jax.P(batch)
+  return jax.shard_map(per_example, in_specs=(rows, rows, rows, rows), out_specs=rows,
+                       check_vma=False)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments)
+
+
+def _splash_kernel(t: int, n: int, sliding_window: int | None, interpret: bool):
+  """The splash kernel of one example's n heads over t tokens: causal, or local."""
+  if sliding_window is None:
+    one_head = splash_mask.CausalMask((t, t))
+  else:  # Keys at most sliding_window − 1 back, none ahead.
+    one_head = splash_mask.LocalMask((t, t), window_size=(sliding_window - 1, 0), offset=0)
+  block = min(512, t) if t % min(512, t) == 0 else SPLASH_BLOCK
+  sizes = splash_kernel.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash_kernel.make_splash_mha(splash_mask.MultiHeadMask([one_head] * n),
+                                       block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                       interpret=interpret)
 
 
 class _QueryBlocks(NamedTuple):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.errors import InputError
 
-ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'auto')
+ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'splash', 'auto')
 # Fields a checkpoint's config.json does not hold and a run's config.model sets: how the
 # architecture is computed and stored, and the LoRA adapters trained on it.
 RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'scan_layers', 'lora_rank',
@@ -69,8 +69,9 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
-  # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores.
-  attention: Literal['dense', 'chunked', 'auto'] = 'dense'
+  # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores,
+  # 'splash' is TPU's Pallas kernel, 'auto' splash on TPU and dense elsewhere.
+  attention: Literal['dense', 'chunked', 'splash', 'auto'] = 'dense'
 
   def __post_init__(self):
     if isinstance(self.remat, bool):

@@ -381,13 +381,13 @@ def save_peft_adapter(model: Transformer, path, *, base_model: str = '') -> None
   adapter_model.safetensors), for `peft.PeftModel.from_pretrained(<HF base>, path)`.
 
   PEFT's lora_A.weight is [r, in] and lora_B.weight [out, r] (torch Linear layout), its
-  scaling lora_alpha / r, as ours. Llama-style models only: GPT-2 fuses q, k, v in one
-  Conv1D.
+  scaling lora_alpha / r, as ours. Llama-style language models only: GPT-2 fuses q, k, v in
+  one Conv1D, and a reward model's trained head is no adapter (its merged export has it).
   """
   cfg = model.cfg
-  if not lora.has_adapters(model) or cfg.position == 'learned':
-    raise InputError('save_peft_adapter needs a LoRA model (config.model.lora_rank > 0) of a '
-                     'Llama-style family (not GPT-2).')
+  if not lora.has_adapters(model) or cfg.position == 'learned' or cfg.head != 'lm':
+    raise InputError('save_peft_adapter needs a LoRA language model (config.model.lora_rank > '
+                     '0, an LM head) of a Llama-style family (not GPT-2).')
   params = dict(nnx.to_flat_state(nnx.state(model)))
   tensors, modules = {}, set()
   for name, (param_path,), _ in [row for row in _name_table(cfg) if row[2] == 'transpose']:
@@ -401,7 +401,7 @@ def save_peft_adapter(model: Transformer, path, *, base_model: str = '') -> None
           np.ascontiguousarray(array.T))
     modules.add(name.split('.')[-2])
   adapter_config = dict(
-      peft_type='LORA', task_type='CAUSAL_LM' if cfg.head == 'lm' else 'SEQ_CLS',
+      peft_type='LORA', task_type='CAUSAL_LM',
       r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=sorted(modules),
       lora_dropout=0.0, bias='none', fan_in_fan_out=False, use_rslora=False,
       inference_mode=True, base_model_name_or_path=base_model)

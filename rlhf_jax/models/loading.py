@@ -77,7 +77,8 @@ def export_hf(graphdef, params, path: str, tokenizer=None, *, dtype=None,
               max_shard_size: int | str = '5GB') -> None:
   """The model (and its tokenizer) as a Hugging Face checkpoint directory, its weights in
   `dtype` (default: the parameters') and sharded over `max_shard_size` (`save_hf`). A LoRA
-  model's adapters are folded into it, and written for PEFT in `path`/adapter too.
+  model's adapters are folded into it, and for a Llama-style LM written for PEFT in
+  `path`/adapter too.
 
   The next stage of a pipeline starts from it with `--config.model.hf_path=<workdir>/hf`. Its
   parameters are gathered to every host (save_hf writes from one host's memory). It is written
@@ -93,7 +94,8 @@ def export_hf(graphdef, params, path: str, tokenizer=None, *, dtype=None,
     with storage.staged_dir(path) as local_path:
       model = nnx.merge(graphdef, params)
       save_hf(model, local_path, dtype=dtype, max_shard_size=max_shard_size, **token_ids)
-      if lora.has_adapters(model) and model.cfg.position != 'learned':
+      if (lora.has_adapters(model) and model.cfg.position != 'learned'
+          and model.cfg.head == 'lm'):
         save_peft_adapter(model, os.path.join(local_path, 'adapter'))
       if tokenizer is not None:
         tokenizer.save_pretrained(local_path)

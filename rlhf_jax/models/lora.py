@@ -27,11 +27,19 @@ def has_adapters(model_or_state) -> bool:
 
 
 def split_trained(params: nnx.State) -> tuple[nnx.State, nnx.State | None]:
-  """(what a run trains, what it does not): (adapters, base) for a LoRA model, else
-  (params, None)."""
+  """(what a run trains, what it does not): for a LoRA model its adapters, and a reward
+  model's scalar head (a new layer, which PEFT would list in modules_to_save), against the
+  rest; for any other model (params, None)."""
   if not has_adapters(params):
     return params, None
-  return nnx.split_state(params, LoRAParam, ...)
+  return nnx.split_state(params, _trained, ...)
+
+
+def _trained(path, variable) -> bool:
+  """An adapter, or the scalar head ([embed, 1], where an LM head's is [embed, vocab]); read
+  from metadata, so that it applies to a state's shardings too."""
+  is_scalar_head = path[0] == 'head' and variable.get_metadata()['logical_axes'][-1] is None
+  return isinstance(variable, LoRAParam) or is_scalar_head
 
 
 def join(trained: nnx.State, fixed: nnx.State | None) -> nnx.State:

@@ -196,7 +196,7 @@ class Transformer(nnx.Module):
         raise InputError('segment_ids (packing) cannot be combined with a KV cache.')
       cache = cache.write(positions, attention_mask)
       mask = AttentionMask(positions, cache.key_positions_BxS, cache.key_valid_BxS,
-                           sliding_window=cfg.sliding_window)
+                           sliding_window=cfg.sliding_window, self_attention=False)
 
     # Tables gathered over `fsdp` first, so the lookups give batch-sharded rows.
     table = constrain(self.embed[...], ('vocab', None))
