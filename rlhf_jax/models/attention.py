@@ -61,8 +61,8 @@ class AttentionMask:
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
            implementation: str) -> jax.Array:
   """[B, T, N, H] attention output; N query heads share each of the K key/value heads."""
-  splash_fits = mask.self_attention and q_BxTxNxH.shape[1] % SPLASH_BLOCK == 0
   if implementation == 'auto':
+    splash_fits = mask.self_attention and q_BxTxNxH.shape[1] % SPLASH_BLOCK == 0
     implementation = 'splash' if jax.default_backend() == 'tpu' and splash_fits else 'dense'
   if implementation == 'splash' and mask.self_attention:
     return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)

@@ -351,8 +351,8 @@ def save_hf(model: Transformer, path, *, dtype=None, max_shard_size: int | str =
   """Writes config.json and the safetensors weights that transformers' `from_pretrained` loads.
 
   LoRA adapters are folded into the kernels (`lora.merged`). The weights are stored in `dtype`
-  (default: the model's param_dtype), which the config names too; over `max_shard_size` (bytes, or '500MB', '5GB') they are split into shards with an
-  index (`_write_weights`). `config_fields` go to the transformers config (e.g.
+  (default: the model's param_dtype), which the config names too; over `max_shard_size`
+  (bytes, or '500MB', '5GB') they are split into shards with an index (`_write_weights`). `config_fields` go to the transformers config (e.g.
   `eos_token_id`, `pad_token_id`).
   """
   path = pathlib.Path(path)
@@ -376,6 +376,13 @@ def save_hf(model: Transformer, path, *, dtype=None, max_shard_size: int | str =
   _write_weights(tensors, path, max_shard_size)
 
 
+def has_peft_adapter(model: Transformer) -> bool:
+  """Whether `save_peft_adapter` writes `model`'s adapters: a LoRA language model of a
+  Llama-style family."""
+  cfg = model.cfg
+  return lora.has_adapters(model) and cfg.position != 'learned' and cfg.head == 'lm'
+
+
 def save_peft_adapter(model: Transformer, path, *, base_model: str = '') -> None:
   """Writes the LoRA adapters of `model` as PEFT saves them (adapter_config.json and
   adapter_model.safetensors), for `peft.PeftModel.from_pretrained(<HF base>, path)`.
@@ -385,7 +392,7 @@ def save_peft_adapter(model: Transformer, path, *, base_model: str = '') -> None
   one Conv1D, and a reward model's trained head is no adapter (its merged export has it).
   """
   cfg = model.cfg
-  if not lora.has_adapters(model) or cfg.position == 'learned' or cfg.head != 'lm':
+  if not has_peft_adapter(model):
     raise InputError('save_peft_adapter needs a LoRA language model (config.model.lora_rank > '
                      '0, an LM head) of a Llama-style family (not GPT-2).')
   params = dict(nnx.to_flat_state(nnx.state(model)))

@@ -12,8 +12,8 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax import parallel, storage
 from rlhf_jax.models.config import RUN_FIELDS, ModelConfig
-from rlhf_jax.models import lora
-from rlhf_jax.models.hf import load_hf, read_hf_config, save_hf, save_peft_adapter
+from rlhf_jax.models.hf import (has_peft_adapter, load_hf, read_hf_config, save_hf,
+                                save_peft_adapter)
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.models.transformer import Transformer
 
@@ -50,8 +50,9 @@ def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedMod
     options = dict(dtype=numerics.param_dtype, compute_dtype=numerics.dtype,
                    **{field: getattr(numerics, field)
                       for field in RUN_FIELDS if field not in ('dtype', 'param_dtype')})
-  shaped = {k: v for k, v in options.items() if k not in ('dtype', 'compute_dtype')}
-  cfg = read_hf_config(path, head=head).replace(**shaped)
+  # The abstract state that the shardings follow: scan_layers and LoRA shape it.
+  run_fields = {k: v for k, v in options.items() if k not in ('dtype', 'compute_dtype')}
+  cfg = read_hf_config(path, head=head).replace(**run_fields)
   abstract_state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   shardings = parallel.state_shardings(abstract_state, mesh, rules)
   graphdef, params = nnx.split(load_hf(path, head=head, shardings=shardings, **options))
@@ -94,8 +95,7 @@ def export_hf(graphdef, params, path: str, tokenizer=None, *, dtype=None,
     with storage.staged_dir(path) as local_path:
       model = nnx.merge(graphdef, params)
       save_hf(model, local_path, dtype=dtype, max_shard_size=max_shard_size, **token_ids)
-      if (lora.has_adapters(model) and model.cfg.position != 'learned'
-          and model.cfg.head == 'lm'):
+      if has_peft_adapter(model):
         save_peft_adapter(model, os.path.join(local_path, 'adapter'))
       if tokenizer is not None:
         tokenizer.save_pretrained(local_path)
