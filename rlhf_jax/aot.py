@@ -168,7 +168,8 @@ def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
 
   The reward model, and a critic model (`rl.critic='model'`), have the policy's architecture
   with a scalar head (what they are when cut from the same base). All four models stay in HBM
-  through the run; each program's memory counts those it does not take as arguments.
+  through the run; each program's memory counts those it does not take as arguments. With
+  LoRA the reference is the policy's base and the reward model has no adapters, as in a run.
   """
   rl = config.rl
   mesh = parallel.make_mesh(config.mesh, slice_.devices())
@@ -186,13 +187,16 @@ def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
   graphdefs, params = {}, {}
   graphdefs['trained'], trained, trained_shardings = placed(
       lambda: ActorCritic(Transformer(cfg, rngs=nnx.Rngs(0)), critic()))
-  graphdefs['reference'], params['reference'], _ = placed(
-      lambda: ActorCritic(Transformer(cfg, rngs=nnx.Rngs(0)), None))
-  reward_graphdef, reward, _ = placed(lambda: Transformer(scalar, rngs=nnx.Rngs(0)))
+  if not cfg.lora_rank:  # A LoRA policy's reference is its own base.
+    graphdefs['reference'], params['reference'], _ = placed(
+        lambda: ActorCritic(Transformer(cfg, rngs=nnx.Rngs(0)), None))
+  reward_graphdef, reward, _ = placed(
+      lambda: Transformer(scalar.replace(lora_rank=0), rngs=nnx.Rngs(0)))
   graphdefs['reward'], params['reward'] = (reward_graphdef,), [reward]
-  state, _, make_step = abstract_train_state(config, mesh, graphdefs['trained'], trained,
-                                             trained_shardings)
-  resident = shard_bytes((state, params))
+  state, fixed, make_step = abstract_train_state(config, mesh, graphdefs['trained'], trained,
+                                                 trained_shardings)
+  resident = shard_bytes((state, fixed, params))
+  trained = lora.join(state.params, fixed)
 
   sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.
                                                       batch_sharding(mesh, config.sharding_rules,
@@ -205,10 +209,10 @@ def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
   policy_graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   sample = make_rollout_sampler(config, policy_graphdef, _StandInTokenizer)
   programs = {'sampling': compile_program(
-      jax.jit(sample), (state.params['policy'], prompts, key), mesh,
-      resident_bytes=resident - shard_bytes(state.params['policy']))}
+      jax.jit(sample), (trained['policy'], prompts, key), mesh,
+      resident_bytes=resident - shard_bytes(trained['policy']))}
 
-  samples = jax.eval_shape(sample, state.params['policy'], prompts, key)
+  samples = jax.eval_shape(sample, trained['policy'], prompts, key)
   samples = {k: sharded(x.shape, x.dtype) for k, x in samples.items()}
   replicated = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32,
                                                   sharding=jax.NamedSharding(mesh, jax.P()))
@@ -216,7 +220,7 @@ def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
               'score_scale': replicated((1,))}
   score = jax.jit(functools.partial(merge_and_score, graphdefs, options=scoring_options(
       config, eos_id=_StandInTokenizer.eos_token_id)))
-  scoring_params = {**params, 'trained': state.params}
+  scoring_params = {**params, 'trained': trained}
   programs['scoring'] = compile_program(
       score, (scoring_params, samples, controls), mesh,
       resident_bytes=resident - shard_bytes(scoring_params))
@@ -225,8 +229,8 @@ def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
   minibatch = rl.rollout_batch_size // rl.num_minibatches
   batch = {k: sharded((minibatch, *x.shape[1:]), x.dtype) for k, x in update.items()}
   programs['train'] = compile_program(
-      make_step(rl_loss_fn(config), batch), (state, batch, None, None), mesh,
-      resident_bytes=resident - shard_bytes(state))
+      make_step(rl_loss_fn(config), batch), (state, batch, None, fixed), mesh,
+      resident_bytes=resident - shard_bytes((state, fixed)))
   return programs
 
 

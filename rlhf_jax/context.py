@@ -3,8 +3,9 @@
 Made once per run, before any algorithm: jax.distributed (on multi-host launches), the mesh,
 the tokenizer, the data sources (the playground's written to files first), the gold reward,
 and every model the run reads, each loaded once from its checkpoint and kept on the mesh
-(`load`): the policy that a DPO run trains is a copy of the reference it already holds, a
-critic a copy of the reward model. Evaluations receive these models instead of reloading them.
+(`load`): the policy that a DPO run trains is a copy of the reference it already holds (with
+LoRA, it shares the reference's base), a critic a copy of the reward model. Evaluations
+receive these models instead of reloading them.
 """
 
 import functools
@@ -70,20 +71,28 @@ class RunContext:
       raise InputError(f'The tokenizer has {len(tokenizer)} tokens but {where}.')
     return tokenizer
 
-  def load(self, path: str, *, head: str, keep: bool = True) -> LoadedModel:
+  def load(self, path: str, *, head: str, keep: bool = True,
+           adapters: bool = True) -> LoadedModel:
     """The HF checkpoint at `path` with a `head` head, in config.model's numerics, read from
-    disk once per run (`keep=False`: not kept for later calls, e.g. a model used once)."""
-    key = (path, head)
+    disk once per run (`keep=False`: not kept for later calls, e.g. a model used once);
+    adapters=False: without config.model's LoRA adapters, for a model that stays frozen (a
+    reward model)."""
+    key = self._key(path, head, adapters)
     if key in self._models:
       return self._models[key]
-    model = load_model(path, self.mesh, self.rules, head=head, numerics=self.config.model)
+    model = load_model(path, self.mesh, self.rules, head=head, numerics=self.config.model,
+                       adapters=adapters)
     if keep:
       self._models[key] = model
     return model
 
+  def _key(self, path: str, head: str, adapters: bool = True) -> tuple:
+    """The cache key of a loaded model; without LoRA, adapters or not is the same model."""
+    return path, head, adapters and bool(self.config.model.lora_rank)
+
   def release(self, path: str, *, head: str) -> None:
     """Stops keeping the model of `load(path, head=head)` (its memory goes with its last use)."""
-    self._models.pop((path, head), None)
+    self._models.pop(self._key(path, head), None)
 
   def initial_model(self) -> LoadedModel:
     """What the run trains, at its start: config.model.hf_path's checkpoint (a copy when the
@@ -91,8 +100,8 @@ class RunContext:
     model = self.config.model
     if not model.hf_path:
       return build_model(to_model_config(model), self.mesh, self.rules, seed=self.config.seed)
-    if (model.hf_path, model.head) in self._models:
-      return self._models[model.hf_path, model.head].copy()
+    if self._key(model.hf_path, model.head) in self._models:
+      return self._models[self._key(model.hf_path, model.head)].copy()
     return self.load(model.hf_path, head=model.head, keep=False)
 
   @functools.cached_property
@@ -108,11 +117,11 @@ class RunContext:
     `ModelReward` for one HF directory; for several separated by commas, an `EnsembleReward` of
     their raw scores aggregated by `aggregation` (see its `normalized`, `standardized_on`)."""
     config = self.config
-    members = [ModelReward(self.load(path, head='scalar').module(), self.tokenizer,
-                           seq_len=config.train.seq_len,
+    models = [self.load(path, head='scalar', adapters=False) for path in reward_model_paths(spec)]
+    members = [ModelReward(model.module(), self.tokenizer, seq_len=config.train.seq_len,
                            max_prompt_len=config.data.max_prompt_len,
                            batch_size=config.train.batch_size, mesh=self.mesh, rules=self.rules)
-               for path in reward_model_paths(spec)]
+               for model in models]
     if not members:
       raise InputError(f'No reward-model directory in {spec!r}.')
     if len(members) == 1:

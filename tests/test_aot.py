@@ -125,12 +125,14 @@ def test_dpo_step_counts_the_frozen_reference():
   assert result['hlo_tflops_per_chip'] > result['model_tflops_per_chip'] * 0.9
 
 
-def test_online_rl_compiles_sampling_scoring_and_the_update():
+@pytest.mark.parametrize('lora_rank', [0, 4], ids=['full', 'lora'])
+def test_online_rl_compiles_sampling_scoring_and_the_update(lora_rank):
   """GRPO's three programs fit; each counts the models it does not take as arguments (the
-  update: the reference and the reward model), and the report's total is the largest
-  program's."""
+  update: the reference and the reward model; with LoRA the reward model alone, the reference
+  being the policy's base), and the report's total is the largest program's."""
   config = load_config('grpo.py:tiny')
   config.model.hf_path = None  # The architecture of config.model.
+  config.model.lora_rank = lora_rank
   config.rl.rollout_batch_size, config.rl.max_new_tokens = 16, 8
   config.train.seq_len = config.data.max_prompt_len + 8
   result = aot.report(config, 'v5p-8')
@@ -139,8 +141,9 @@ def test_online_rl_compiles_sampling_scoring_and_the_update():
   assert result['per_chip_gib'] == max(p['per_chip_gib'] for p in programs.values())
   assert result['compile_s'] == pytest.approx(sum(p['compile_s'] for p in programs.values()),
                                               abs=0.05)
-  cfg = to_model_config(config.model)  # Replicated (mesh data=-1), float32.
-  other_models = 4 * (cfg.num_params() + cfg.replace(head='scalar').num_params())
+  cfg = to_model_config(config.model).replace(lora_rank=0)  # Replicated (data=-1), float32.
+  reference = 0 if lora_rank else cfg.num_params()
+  other_models = 4 * (reference + cfg.replace(head='scalar').num_params())
   assert programs['train']['resident_gib'] * aot.GIB == pytest.approx(other_models)
 
 

@@ -1,5 +1,7 @@
 """LoRA: adapters on the base model, exported for PEFT or merged, trained alone."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ import transformers
 from flax import nnx
 
 from rlhf_jax import aot, parallel
+from rlhf_jax.algorithms import dpo, kto
+from rlhf_jax.algorithms.rl.actor_critic import ActorCritic, ValueHead
 from rlhf_jax.config import base_config, load_config
 from rlhf_jax.engine.optimizer import make_optimizer
 from rlhf_jax.engine.state import init_train_state, train_state_shardings
@@ -16,6 +20,7 @@ from rlhf_jax.engine.step import make_train_step
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import ModelConfig, Transformer, load_hf, lora, save_hf
 from rlhf_jax.models.hf import save_peft_adapter
+from rlhf_jax.models.loading import build_model
 from rlhf_jax.models.layers import LoRAParam
 from rlhf_jax.models.presets import get_preset
 from hf_fixtures import hf_forward, padded_batch, tiny_model
@@ -130,6 +135,60 @@ def test_a_lora_dpo_step_keeps_no_reference_copy():
   assert reports['lora']['hlo_tflops_per_chip'] > 0.9 * reports['lora']['model_tflops_per_chip']
 
 
+def test_a_lora_models_reference_is_its_own_base_not_a_copy():
+  """What DPO, KTO and online RL train and refer to: a LoRA model is trained as it is (its
+  train state takes only the adapters) and its reference shares its base arrays, the
+  adapters zero, so it computes the base model; a plain model is trained as a copy."""
+  mesh = parallel.make_mesh({'data': -1}, jax.devices()[:1])
+  cfg = get_preset('tiny').replace(lora_rank=4, lora_targets=TARGETS)
+  rules = base_config().sharding_rules
+  loaded = build_model(cfg, mesh, rules, seed=0)
+  loaded = loaded._replace(params=nnx.state(moved_adapters(loaded.module())))
+  trained, reference = loaded.trained_and_reference()
+  assert trained is loaded
+  flat = lambda model: dict(nnx.to_flat_state(model.params))
+  for path, variable in flat(reference).items():
+    if isinstance(variable, LoRAParam):
+      assert not np.any(np.asarray(variable[...])), path
+    else:
+      assert variable[...] is flat(trained)[path][...], path
+  tokens = jnp.asarray([[3, 8, 1, 5]])
+  plain = Transformer(cfg.replace(lora_rank=0), rngs=nnx.Rngs(0))
+  nnx.update(plain, lora.split_trained(loaded.params)[1])
+  np.testing.assert_allclose(reference.module()(tokens), plain(tokens), atol=1e-6)
+  assert not np.allclose(trained.module()(tokens), plain(tokens), atol=1e-3)
+
+  full = build_model(cfg.replace(lora_rank=0), mesh, rules, seed=0)
+  copy, same = full.trained_and_reference()
+  assert same is full
+  for a, b in zip(jax.tree.leaves(copy.params), jax.tree.leaves(full.params)):
+    assert a is not b and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize('algorithm', ['dpo', 'kto'])
+def test_preference_losses_take_a_lora_policys_base_as_its_reference(algorithm):
+  """Without frozen parameters, DPO's and KTO's losses of a LoRA policy refer to its base:
+  the same loss as with the base given as the frozen reference, not the policy's own."""
+  cfg = get_preset('tiny').replace(lora_rank=4, lora_targets=TARGETS)
+  policy = moved_adapters(Transformer(cfg, rngs=nnx.Rngs(0)))
+  b, t = 4, 12
+  tokens = jax.random.randint(jax.random.key(3), (b, 2, t), 3, cfg.vocab_size)
+  loss_mask = jnp.broadcast_to(jnp.arange(t) >= 5, (b, 2, t))
+  batch = {'tokens': tokens, 'attention_mask': jnp.ones((b, 2, t), bool), 'loss_mask': loss_mask,
+           'labels': jnp.array([True, False, True, False])}
+  if algorithm == 'dpo':
+    loss_fn = functools.partial(dpo.dpo_loss_fn, chunk_size=4, loss_options=dpo.loss_options(
+        load_config('dpo.py:tiny').loss))
+  else:
+    loss_fn = functools.partial(kto.kto_loss_fn, chunk_size=4, loss_options=dict(
+        beta=0.1, loss_type='kto', desirable_weight=1.0, undesirable_weight=1.0))
+  own_base, _ = loss_fn(policy, batch)
+  given_base, _ = loss_fn(policy, batch, frozen=nnx.state(lora.without_adapters(policy)))
+  itself, _ = loss_fn(policy, batch, frozen=nnx.state(policy))
+  assert own_base == pytest.approx(float(given_base), rel=1e-6)
+  assert abs(float(own_base) - float(itself)) > 1e-4
+
+
 def test_lora_options_are_checked():
   with pytest.raises(InputError, match='lora_targets'):
     get_preset('tiny').replace(lora_rank=4, lora_targets=('qkv',))
@@ -146,3 +205,12 @@ def test_a_lora_reward_model_trains_its_scalar_head_too():
   lm_trained, _ = lora.split_trained(nnx.state(Transformer(cfg.replace(head='lm'),
                                                            rngs=nnx.Rngs(0))))
   assert all(path[-1] in ('lora_a', 'lora_b') for path, _ in nnx.to_flat_state(lm_trained))
+
+
+def test_a_lora_policy_trains_its_value_head_in_full():
+  """PPO's value head on a LoRA policy is new, as a reward model's head: trained whole."""
+  policy = Transformer(get_preset('tiny').replace(lora_rank=4), rngs=nnx.Rngs(0))
+  trained, _ = lora.split_trained(nnx.state(ActorCritic(policy, ValueHead(policy.cfg.d_model))))
+  paths = [path for path, _ in nnx.to_flat_state(trained)]
+  assert ('critic', 'kernel') in paths and ('critic', 'bias') in paths
+  assert all(path[0] == 'critic' or path[-1] in ('lora_a', 'lora_b') for path in paths)

@@ -17,7 +17,7 @@ import transformers
 from flax import nnx
 
 from rlhf_jax.playground.tokenizer import build_playground_tokenizer
-from rlhf_jax.models import ModelConfig, Transformer, save_hf
+from rlhf_jax.models import ModelConfig, Transformer, load_hf, save_hf
 from rlhf_jax import algorithms
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.errors import InputError
@@ -53,9 +53,13 @@ def load_config(name: str):
   return module.get_config(preset)
 
 
-def config_for(name, checkpoints, **rl):
+def config_for(name, checkpoints, lora_rank=0, **rl):
+  """`name`'s config on these checkpoints for two short iterations; lora_rank > 0: LoRA on
+  the attention's q and v and the MLP's up projection."""
   c = load_config(name)
   c.model.hf_path, c.rl.reward_model = map(str, checkpoints)
+  if lora_rank:
+    c.model.update(lora_rank=lora_rank, lora_targets=('q', 'v', 'up'))
   c.train.update(steps=2, batch_size=16, seq_len=c.data.max_prompt_len + NEW_TOKENS,
                  eval_every=2, checkpoint_every=1, async_checkpoint=False, progress_bar=False,
                  tensorboard=False)
@@ -116,23 +120,31 @@ def records(workdir) -> list[dict]:
   return read_metrics(workdir / 'metrics.jsonl')
 
 
-@pytest.mark.parametrize('name', ['ppo.py:tiny', 'grpo.py:tiny', 'grpo.py:rloo-tiny'])
-def test_a_resumed_run_equals_the_uninterrupted_one(name, ppo_run, checkpoints, tmp_path):
+RESUMED = {  # id: (config, its options in config_for)
+    'ppo': ('ppo.py:tiny', {}),
+    'grpo': ('grpo.py:tiny', {'group_size': 4}),
+    'rloo': ('grpo.py:rloo-tiny', {'group_size': 4, 'adaptive_kl': True}),
+    'grpo-lora': ('grpo.py:tiny', {'group_size': 4, 'lora_rank': 4}),
+}
+
+
+@pytest.mark.parametrize('case', RESUMED)
+def test_a_resumed_run_equals_the_uninterrupted_one(case, ppo_run, checkpoints, tmp_path):
   """Through the engine's one loop: step 0 logs the prompts' statistics and the eval loss, and
   a run stopped after one iteration and resumed logs exactly the records of one never stopped
-  (RLOO's adaptive KL coefficient, checkpointed with the run, included)."""
-  rl = {'ppo.py:tiny': {}, 'grpo.py:tiny': {'group_size': 4},
-        'grpo.py:rloo-tiny': {'group_size': 4, 'adaptive_kl': True}}[name]
-  if name == 'ppo.py:tiny':
+  (RLOO's adaptive KL coefficient, checkpointed with the run, and LoRA's train state of
+  adapters alone included)."""
+  name, options = RESUMED[case]
+  if case == 'ppo':
     uninterrupted = ppo_run
   else:
     uninterrupted = tmp_path / 'uninterrupted'
-    algorithms.run(config_for(name, checkpoints, **rl), str(uninterrupted))
+    algorithms.run(config_for(name, checkpoints, **options), str(uninterrupted))
   workdir = tmp_path / 'resumed'
-  first = config_for(name, checkpoints, **rl)
+  first = config_for(name, checkpoints, **options)
   first.train.steps = 1
   algorithms.run(first, str(workdir))
-  algorithms.run(config_for(name, checkpoints, **rl), str(workdir))
+  algorithms.run(config_for(name, checkpoints, **options), str(workdir))
   # Its first part ended at step 1 with an evaluation of its own; every other record is the
   # uninterrupted run's, to the bit.
   resumed = [r for r in records(workdir) if not (r['step'] == 1 and 'eval/loss' in r)]
@@ -143,6 +155,30 @@ def test_a_resumed_run_equals_the_uninterrupted_one(name, ppo_run, checkpoints, 
     evaluation = evaluations(workdir)[step]
     assert np.isfinite(evaluation['eval/loss']) and np.isfinite(evaluation['eval/policy/clipfrac'])
     assert ('eval/loss/value' in evaluation) == name.startswith('ppo')
+
+
+def test_a_lora_ppo_run_trains_adapters_over_the_initial_policy(ppo_run, checkpoints, tmp_path):
+  """PPO with LoRA on the policy and on its critic model (cut from the reward model), the
+  reward model frozen without adapters: the first rollout is the full run's (the adapters add
+  exactly 0 at the start), the reference is the policy's own base with its adapters off (KL 0
+  before the first update, then moving), and the exported policy is the initial one with the
+  adapted kernels alone changed, the adapters beside it for PEFT."""
+  algorithms.run(config_for('ppo.py:tiny', checkpoints, lora_rank=4), str(tmp_path))
+  logged, full = iterations(tmp_path), iterations(ppo_run)
+  for key in ('objective/scores', 'objective/entropy', 'response_length'):
+    assert logged[1][key] == pytest.approx(full[1][key], rel=1e-6), key
+  assert logged[1]['objective/kl'] == 0 and logged[2]['objective/kl'] != 0
+  assert np.isfinite(logged[2]['loss/value']) and logged[2]['grad_norm'] > 0
+  evals = evaluations(tmp_path)
+  assert evals[0]['eval/samples/kl'] == 0 and evals[2]['eval/samples/kl'] > 0
+
+  exported, initial = (dict(nnx.to_flat_state(nnx.state(load_hf(path))))
+                       for path in (tmp_path / 'hf', checkpoints[0]))
+  adapted = {('attn', 'q'), ('attn', 'v'), ('mlp', 'up')}
+  for path, value in initial.items():
+    same = np.array_equal(np.asarray(exported[path][...]), np.asarray(value[...]))
+    assert same != (path[0] == 'blocks' and path[2:4] in adapted and path[-1] == 'kernel'), path
+  assert (tmp_path / 'hf' / 'adapter' / 'adapter_model.safetensors').exists()
 
 
 def with_pretraining_text(config, ptx_coef: float):

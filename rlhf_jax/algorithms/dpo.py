@@ -58,8 +58,7 @@ def dpo_loss_fn(model, batch, rng=None, frozen=None, *, loss_options: dict, chun
   if 'ref_logps' in batch:
     ref_chosen, ref_rejected = batch['ref_logps'][:, 0], batch['ref_logps'][:, 1]
   elif frozen is not None or (needs_reference and lora.has_adapters(model)):
-    reference = (nnx.merge(nnx.graphdef(model), frozen) if frozen is not None
-                 else lora.without_adapters(model))
+    reference = lora.reference_model(model, frozen)
     ref = jax.lax.stop_gradient(pair_logps(reference, batch, chunk_size=chunk_size)[0])
     ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
   return dpo_loss(policy[:, 0], policy[:, 1], ref_chosen, ref_rejected,
@@ -93,13 +92,11 @@ def make_algorithm(ctx) -> Algorithm:
                  else ctx.initial_model())
   if precompute:
     attach_reference_logps(ctx, data, reference)
-  # A LoRA policy is its own reference with the adapters switched off: no copy.
-  adapters = reference is not None and lora.has_adapters(reference.params)
-  if adapters:
-    model, reference = reference, reference._replace(
-        params=lora.adapters_off(reference.params))
+  if reference is not None:  # A LoRA policy's reference is its own base: no copy.
+    model, reference = reference.trained_and_reference()
   else:
-    model = reference.copy() if reference is not None else ctx.initial_model()
+    model = ctx.initial_model()
+  adapters = lora.has_adapters(model.params)
   if not on_mesh:  # Its log-probs are computed: only the trained copy stays.
     ctx.release(config.model.hf_path, head='lm')
     reference = None

@@ -4,7 +4,8 @@ Batches are [B, 2, T] (`data.datasets`): each example's prompt + completion, and
 another row's completion, the mismatched pair whose log-ratio estimates the reference point z₀.
 The policy's log-probs of the examples carry the gradient; those of the mismatched pairs, like
 the reference's, are computed without it (z₀ takes none). The reference is the initial policy
-(the SFT model of `config.model.hf_path`), a frozen copy on the mesh. Its log-probs are not
+(the SFT model of `config.model.hf_path`), a frozen copy on the mesh, or for a LoRA policy its
+own base with the adapters switched off. Its log-probs are not
 precomputed: a mismatched pair depends on which rows meet in a batch, which changes each epoch.
 Data: KTO files (`{"prompt", "completion", "label"}`) or preference pairs, each read as a
 desirable and an undesirable example.
@@ -13,7 +14,6 @@ desirable and an undesirable example.
 import functools
 
 import jax
-from flax import nnx
 
 from rlhf_jax.algorithms.base import Algorithm, DataBatches
 from rlhf_jax.algorithms.evaluations import sample_evaluations
@@ -21,6 +21,7 @@ from rlhf_jax.algorithms.preferences import preference_data
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses import kto_loss
 from rlhf_jax.losses.kto import LOSS_TYPES
+from rlhf_jax.models import lora
 from rlhf_jax.models.scoring import sequence_logps
 
 
@@ -32,10 +33,11 @@ def sequence_logps_of(model, batch, slot: int, *, chunk_size: int):
 
 
 def kto_loss_fn(model, batch, rng=None, frozen=None, *, loss_options: dict, chunk_size: int):
-  """The policy's and the reference's (`frozen`) log-probs of both sequences, into `kto_loss`."""
+  """The policy's and the reference's log-probs of both sequences, into `kto_loss`; the
+  reference is `frozen`'s parameters, or a LoRA policy's base (`lora.reference_model`)."""
   del rng  # Deterministic loss.
   logps = functools.partial(sequence_logps_of, chunk_size=chunk_size)
-  reference = nnx.merge(nnx.graphdef(model), frozen)
+  reference = lora.reference_model(model, frozen)
   no_grad = lambda m, slot: jax.lax.stop_gradient(logps(m, batch, slot))
   return kto_loss(logps(model, batch, 0), no_grad(reference, 0), no_grad(model, 1),
                   no_grad(reference, 1), batch['labels'], **loss_options)
@@ -49,7 +51,7 @@ def make_algorithm(ctx) -> Algorithm:
   data = preference_data(ctx, head='lm', kinds=('unpaired',))
   reference = (ctx.load(config.model.hf_path, head='lm') if config.model.hf_path
                else ctx.initial_model())
-  model = reference.copy()
+  model, reference = reference.trained_and_reference()
   loss = config.loss
   loss_fn = functools.partial(
       kto_loss_fn, chunk_size=config.train.logprob_chunk_size,
@@ -58,6 +60,6 @@ def make_algorithm(ctx) -> Algorithm:
                         undesirable_weight=loss.undesirable_weight))
   return Algorithm(
       model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
-      frozen=(reference.params, reference.shardings),
+      frozen=None if lora.has_adapters(model.params) else (reference.params, reference.shardings),
       evaluations=sample_evaluations(ctx, model.graphdef, reference=reference.params),
       data_stats=data.stats, tokenizer=ctx.tokenizer)

@@ -16,13 +16,19 @@ from rlhf_jax.models.config import ModelConfig
 Axes = tuple[str | None, ...]
 
 
-def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype,
+          kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
   assert len(shape) == len(axes), (shape, axes)
-  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+  return kind(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
 class LoRAParam(nnx.Param):
   """A factor of a LoRA adapter: what a LoRA run trains (`rlhf_jax.models.lora`)."""
+
+
+class HeadParam(nnx.Param):
+  """A parameter of a scalar output layer (a reward or value model's head, a value head on a
+  policy): new to fine-tuning, so a LoRA run trains it in full, as PEFT's modules_to_save."""
 
 
 class Dense(nnx.Module):
@@ -30,13 +36,14 @@ class Dense(nnx.Module):
 
   With `lora_rank` r > 0 (Hu et al. 2021): y = x·W + (α / r)·(x·A)·B (+ b), A [in, r] drawn
   N(0, 1/in), B [r, out] zero (so the adapted layer starts as the base one), both float32.
+  `kind`: the type of W and b (`HeadParam` for a scalar head).
   """
 
   def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, cfg: ModelConfig,
-               rngs: nnx.Rngs, lora_rank: int = 0):
+               rngs: nnx.Rngs, lora_rank: int = 0, kind: type[nnx.Param] = nnx.Param):
     self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes,
-                        cfg.param_dtype)
-    self.bias = (param(rngs, nnx.initializers.zeros, (d_out,), axes[1:], cfg.param_dtype)
+                        cfg.param_dtype, kind)
+    self.bias = (param(rngs, nnx.initializers.zeros, (d_out,), axes[1:], cfg.param_dtype, kind)
                  if bias else None)
     self.lora_a = (LoRAParam(nnx.initializers.normal(d_in ** -0.5)(
         rngs.params(), (d_in, lora_rank), jnp.float32), logical_axes=(axes[0], None))

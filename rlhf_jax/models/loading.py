@@ -11,6 +11,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from rlhf_jax import parallel, storage
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import RUN_FIELDS, ModelConfig
 from rlhf_jax.models.hf import (has_peft_adapter, load_hf, read_hf_config, save_hf,
                                 save_peft_adapter)
@@ -32,6 +33,15 @@ class LoadedModel(NamedTuple):
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.shardings)
     return self._replace(params=copy(self.params))
 
+  def trained_and_reference(self) -> tuple['LoadedModel', 'LoadedModel']:
+    """(the model a run trains, its frozen reference), both this model at the start. The
+    trained one is a copy, as a train state donates its params; but a LoRA model's train
+    state holds only its adapters, so it is this model itself and the reference its base with
+    the adapters switched off (`lora.adapters_off`): one base in memory, no copy."""
+    if lora.has_adapters(self.params):
+      return self, self._replace(params=lora.adapters_off(self.params))
+    return self.copy(), self
+
 
 def build_model(cfg: ModelConfig, mesh, rules, *, seed: int) -> LoadedModel:
   """A randomly initialised `Transformer`, created directly in its shards."""
@@ -39,17 +49,21 @@ def build_model(cfg: ModelConfig, mesh, rules, *, seed: int) -> LoadedModel:
                                               mesh, rules))
 
 
-def load_model(path: str, mesh, rules, *, head: str, numerics=None) -> LoadedModel:
+def load_model(path: str, mesh, rules, *, head: str, numerics=None,
+               adapters: bool = True) -> LoadedModel:
   """The HF checkpoint at `path` (a directory, a URL or a Hub id) with a `head` head ('lm' or
   'scalar'), each host reading only its shards. `numerics` (a config.model) sets the
   fields a checkpoint has not (`RUN_FIELDS`: dtype, remat, scan_layers, LoRA, ...); None: their
-  defaults (float32, dense attention, unscanned, no adapters)."""
+  defaults (float32, dense attention, unscanned, no adapters). adapters=False: without
+  numerics' LoRA adapters (a model that stays frozen)."""
   path = local_dir(path)
   options = {}
   if numerics is not None:
     options = dict(dtype=numerics.param_dtype, compute_dtype=numerics.dtype,
                    **{field: getattr(numerics, field)
                       for field in RUN_FIELDS if field not in ('dtype', 'param_dtype')})
+    if not adapters:
+      options['lora_rank'] = 0
   # The abstract state that the shardings follow: scan_layers and LoRA shape it.
   run_fields = {k: v for k, v in options.items() if k not in ('dtype', 'compute_dtype')}
   cfg = read_hf_config(path, head=head).replace(**run_fields)

@@ -4,9 +4,10 @@
 (`layers.Dense`, its factors `LoRAParam`s). A run then trains the adapters alone: the train
 step differentiates them only (`split_trained`), the optimizer keeps moments for them only,
 and the base weights (which may be stored in bfloat16) enter the step as an argument that is
-never donated. The reference model of DPO is the same base with the adapters switched off
-(`without_adapters`), not a second copy. The exported checkpoint has the adapters folded into
-its kernels (`merged`); `hf.save_peft_adapter` writes them for PEFT as well.
+never donated. The reference model of DPO, KTO and online RL is the same base with the
+adapters switched off (`without_adapters`), not a second copy. The exported checkpoint has the
+adapters folded into its kernels (`merged`); `hf.save_peft_adapter` writes them for PEFT as
+well.
 """
 
 import functools
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import LoRAParam
+from rlhf_jax.models.layers import HeadParam, LoRAParam
 from rlhf_jax.models.transformer import Transformer
 
 
@@ -27,19 +28,13 @@ def has_adapters(model_or_state) -> bool:
 
 
 def split_trained(params: nnx.State) -> tuple[nnx.State, nnx.State | None]:
-  """(what a run trains, what it does not): for a LoRA model its adapters, and a reward
-  model's scalar head (a new layer, which PEFT would list in modules_to_save), against the
-  rest; for any other model (params, None)."""
+  """(what a run trains, what it does not): for a LoRA model its adapters and its scalar
+  output layers (`HeadParam`s: a reward model's head, a critic's, a policy's value head),
+  against the rest; for any other model (params, None). Types, not values, decide, so that it
+  splits a state's shardings too."""
   if not has_adapters(params):
     return params, None
-  return nnx.split_state(params, _trained, ...)
-
-
-def _trained(path, variable) -> bool:
-  """An adapter, or the scalar head ([embed, 1], where an LM head's is [embed, vocab]); read
-  from metadata, so that it applies to a state's shardings too."""
-  is_scalar_head = path[0] == 'head' and variable.get_metadata()['logical_axes'][-1] is None
-  return isinstance(variable, LoRAParam) or is_scalar_head
+  return nnx.split_state(params, (LoRAParam, HeadParam), ...)
 
 
 def join(trained: nnx.State, fixed: nnx.State | None) -> nnx.State:
@@ -61,6 +56,14 @@ def without_adapters(model: Transformer) -> Transformer:
   exactly 0)."""
   graphdef, params = nnx.split(model)
   return nnx.merge(graphdef, adapters_off(params))
+
+
+def reference_model(model: Transformer, frozen: nnx.State | None) -> Transformer:
+  """A loss's frozen reference for the trained `model`: the reference's parameters `frozen` in
+  the model's graph or, without them, a LoRA model's own base (`without_adapters`)."""
+  if frozen is not None:
+    return nnx.merge(nnx.graphdef(model), frozen)
+  return without_adapters(model)
 
 
 @functools.cache

@@ -27,8 +27,8 @@ from jax.ad_checkpoint import checkpoint_name
 from rlhf_jax.errors import InputError
 from rlhf_jax.models.attention import AttentionMask, attend
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import (Dense, Norm, apply_rope, param, positions_from_mask,
-                                    rope_inverse_frequencies)
+from rlhf_jax.models.layers import (Dense, HeadParam, Norm, apply_rope, param,
+                                    positions_from_mask, rope_inverse_frequencies)
 from rlhf_jax.parallel import constrain
 
 
@@ -166,7 +166,7 @@ class Transformer(nnx.Module):
                    nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)]))
     self.final_norm = Norm(cfg, rngs)
     if cfg.head == 'scalar':
-      self.head = Dense(d, 1, ('embed', None), bias=False, cfg=cfg, rngs=rngs)
+      self.head = Dense(d, 1, ('embed', None), bias=False, cfg=cfg, rngs=rngs, kind=HeadParam)
     elif not cfg.tie_embeddings:
       self.head = Dense(d, cfg.vocab_size, ('embed', 'vocab'), bias=False, cfg=cfg, rngs=rngs)
     else:

@@ -18,6 +18,7 @@ from flax import nnx
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.layers import HeadParam
 
 CRITICS = ('model', 'head', 'none')
 
@@ -26,8 +27,8 @@ class ValueHead(nnx.Module):
   """V = h · w + b on the policy's final hidden states; w, b start at 0 (V ≡ 0)."""
 
   def __init__(self, d_model: int):
-    self.kernel = nnx.Param(jnp.zeros((d_model,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((), jnp.float32))
+    self.kernel = HeadParam(jnp.zeros((d_model,), jnp.float32), logical_axes=('embed',))
+    self.bias = HeadParam(jnp.zeros((), jnp.float32), logical_axes=())
 
   def __call__(self, hidden_BxTxD):
     return jnp.dot(hidden_BxTxD.astype(jnp.float32), self.kernel[...]) + self.bias[...]

@@ -39,6 +39,7 @@ from rlhf_jax.config import reward_model_paths
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses import adaptive_kl_coef
 from rlhf_jax.losses.ppo import KL_ESTIMATORS
+from rlhf_jax.models import lora
 from rlhf_jax.models.loading import LoadedModel
 from rlhf_jax.rewards.ensemble import EnsembleReward, check_aggregation
 from rlhf_jax.rewards.functions import FunctionReward, add_rewards
@@ -56,9 +57,6 @@ def check_config(config) -> None:
     if rl[key] not in allowed:
       raise InputError(f'config.rl.{key}={rl[key]!r}; choose one of {allowed}.')
   check_aggregation(rl, 'config.rl')
-  if config.model.lora_rank:
-    raise InputError(f'config.model.lora_rank={config.model.lora_rank}: LoRA trains SFT, '
-                     'reward-model, DPO and KTO runs; online RL does not take it yet.')
   if not config.model.hf_path or not (reward_model_paths(rl.reward_model) or rl.reward_fns):
     raise InputError('Online RL needs a policy (config.model.hf_path, e.g. an SFT run\'s hf '
                      'export) and a reward: a reward model (config.rl.reward_model, an RM run\'s '
@@ -105,14 +103,18 @@ class Models:
   std over the initial policy's responses (`score_statistics`; ensembles aggregate the
   normalised scores), and so is a critic initialised from the (first) reward model, so that its
   first values are on the scale of the returns.
+  With LoRA (config.model.lora_rank > 0) the policy and a critic model train adapters (and the
+  critic its scalar head, a value head in full) over frozen bases; there is no 'reference'
+  entry: scoring takes the reference as the trained policy's base with its adapters off, so
+  policy and reference share one base. The reward models have no adapters.
   """
 
   def __init__(self, ctx, pool: list[str]):
     config, rl = ctx.config, ctx.config.rl
-    self.initial_policy = ctx.load(config.model.hf_path, head='lm')
-    policy = self.initial_policy.copy()  # The trained copy's buffers are donated.
+    policy, self.initial_policy = ctx.load(config.model.hf_path,
+                                           head='lm').trained_and_reference()
     paths = reward_model_paths(rl.reward_model)
-    rewards = [ctx.load(path, head='scalar') for path in paths]
+    rewards = [ctx.load(path, head='scalar', adapters=False) for path in paths]
     self.graphdefs = {'reward': tuple(reward.graphdef for reward in rewards)}
     self.params = {'reward': [reward.params for reward in rewards]}
     self.score_shifts, self.score_scales = [0.0] * len(rewards), [1.0] * len(rewards)
@@ -120,15 +122,17 @@ class Models:
       self.score_shifts, self.score_scales = score_statistics(ctx, pool, self.initial_policy,
                                                               rewards)
     critic, value_shift, value_scale = None, 0.0, 1.0
-    if rl.critic == 'model':  # A copy of value_model, or of the ensemble's first member.
-      critic = ctx.load(rl.value_model or paths[0], head='scalar').copy().module()
+    if rl.critic == 'model':  # value_model, or the ensemble's first member, as trained.
+      critic = ctx.load(rl.value_model or paths[0],
+                        head='scalar').trained_and_reference()[0].module()
       value_shift, value_scale = self.score_shifts[0], self.score_scales[0]
     elif rl.critic == 'head':
       critic = ValueHead(policy.module().cfg.d_model)
-    trained = ActorCritic(policy.module(), critic, value_shift=value_shift,
-                          value_scale=value_scale)
-    reference = ActorCritic(self.initial_policy.module(), None)
-    for name, module in (('trained', trained), ('reference', reference)):
+    modules = {'trained': ActorCritic(policy.module(), critic, value_shift=value_shift,
+                                      value_scale=value_scale)}
+    if not lora.has_adapters(policy.params):
+      modules['reference'] = ActorCritic(self.initial_policy.module(), None)
+    for name, module in modules.items():
       self.graphdefs[name], params = nnx.split(module)
       self.params[name] = jax.device_put(params,
                                          parallel.state_shardings(params, ctx.mesh, ctx.rules))

@@ -23,10 +23,12 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.algorithms.rl.actor_critic import ActorCritic
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses import masked_mean, masked_sum
 from rlhf_jax.losses.ppo import (gae, group_advantages, kl_penalty, leave_one_out_advantages,
                                  token_rewards, whiten)
+from rlhf_jax.models import lora
 from rlhf_jax.models.scoring import sequence_rewards
 from rlhf_jax.rewards.ensemble import aggregate
 
@@ -142,9 +144,13 @@ def score_rollout(trained, reference, reward_model, batch, controls, *, options:
 
 def merge_and_score(graphdefs: dict, params: dict, batch, controls, *, options: dict):
   """`score_rollout` on the parameter states of graphdefs 'trained', 'reference' and 'reward',
-  the last a tuple: one graphdef (and parameter state) per reward model of the ensemble."""
-  trained, reference = (nnx.merge(graphdefs[name], params[name])
-                        for name in ('trained', 'reference'))
+  the last a tuple: one graphdef (and parameter state) per reward model of the ensemble.
+  Without a 'reference', the trained LoRA policy's base is the reference."""
+  trained = nnx.merge(graphdefs['trained'], params['trained'])
+  if 'reference' in graphdefs:
+    reference = nnx.merge(graphdefs['reference'], params['reference'])
+  else:
+    reference = ActorCritic(lora.without_adapters(trained.policy), None)
   reward_models = [nnx.merge(graphdef, state)
                    for graphdef, state in zip(graphdefs['reward'], params['reward'], strict=True)]
   return score_rollout(trained, reference, reward_models, batch, controls, options=options)
