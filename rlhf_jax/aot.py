@@ -240,8 +240,10 @@ class _StandInTokenizer:
 
 
 def shard_bytes(tree) -> int:
-  """Bytes of one device's shards of the ShapeDtypeStructs in `tree` (the largest shards)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+  """Bytes of one device's shards of the ShapeDtypeStructs in `tree` (the largest shards;
+  4-bit types packed two to a byte, as a TPU stores them)."""
+  bits = lambda dtype: 4 if dtype in (jnp.int4, jnp.uint4) else 8 * dtype.itemsize
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * bits(x.dtype) // 8
              for x in jax.tree.leaves(tree))
 
 

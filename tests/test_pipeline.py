@@ -15,6 +15,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -35,7 +36,7 @@ from rlhf_jax.models import loading
 from rlhf_jax.playground.files import playground_rows
 from rlhf_jax.data.tfds_source import prepare_from_jsonl
 from rlhf_jax.playground.tokenizer import build_playground_tokenizer
-from rlhf_jax.models import Transformer, load_hf, lora
+from rlhf_jax.models import Transformer, load_hf, lora, quantization
 from rlhf_jax.algorithms import sft
 from rlhf_jax.engine.metrics import read_metrics
 from rlhf_jax.export import export
@@ -402,6 +403,28 @@ def small_dpo_config(sft_run, **overrides):
       'data.playground.train_size': 64, 'data.playground.eval_size': 16,
       'eval.num_prompts': 8, 'eval.max_new_tokens': 8, 'optim.warmup_steps': 1, **overrides})
   return config
+
+
+def test_a_qlora_dpo_run_trains_adapters_over_an_nf4_base(sft_run, tmp_path):
+  """DPO with LoRA over the SFT export quantized to NF4: the reference is the quantized base
+  with the adapters off (loss log 2 at step 1, KL 0 at the start, then moving), and the
+  export's kernels that no adapter touches are the NF4 round trip of the SFT model's."""
+  config = small_dpo_config(sft_run, **{
+      'train.eval_every': 4, 'train.log_every': 1, 'optim.lr': 1e-2, 'model.lora_rank': 4,
+      'model.lora_targets': ('q', 'v'), 'model.quantize_base': 'nf4'})
+  algorithms.run(config, str(tmp_path))
+  metrics = read_metrics(tmp_path / 'metrics.jsonl')
+  train, evals = train_records(metrics), [m for m in metrics if 'eval/samples/kl' in m]
+  assert train[0]['loss'] == pytest.approx(math.log(2), abs=1e-6)
+  assert train[-1]['rewards/margins'] != 0
+  assert evals[0]['eval/samples/kl'] == pytest.approx(0.0, abs=1e-5)
+  assert evals[-1]['eval/samples/kl'] > 1e-4
+  exported, sft = (dict(nnx.to_flat_state(nnx.state(load_hf(path))))
+                   for path in (tmp_path / 'hf', sft_run / 'hf'))
+  for path, value in sft.items():
+    if path[0] == 'blocks' and path[-1] == 'kernel' and path[3] not in ('q', 'v'):
+      round_trip = quantization.dequantize(*quantization.quantize(value[...]), jnp.float32)
+      np.testing.assert_allclose(np.asarray(exported[path][...]), round_trip, atol=1e-7)
 
 
 def test_a_dpo_run_reads_the_sft_checkpoint_once(sft_run, tmp_path, monkeypatch):

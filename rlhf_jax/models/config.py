@@ -16,7 +16,7 @@ ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'splash', 'auto')
 # Fields a checkpoint's config.json does not hold and a run's config.model sets: how the
 # architecture is computed and stored, and the LoRA adapters trained on it.
 RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'scan_layers', 'lora_rank',
-              'lora_alpha', 'lora_targets')
+              'lora_alpha', 'lora_targets', 'quantize_base')
 # The projections LoRA can adapt (attention's q, k, v, o; the MLP's gate, up, down).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 # What a block keeps for the backward pass (`rlhf_jax.models.transformer.REMAT_POLICIES`).
@@ -69,6 +69,10 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
+  # QLoRA (Dettmers et al. 2023, `rlhf_jax.models.quantization`): 'nf4' stores the frozen
+  # kernels of every block projection in 4-bit NormalFloat with float32 scales per 64 weights;
+  # '': in param_dtype. Needs lora_rank > 0 (a quantized base is never trained).
+  quantize_base: str = ''
   # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores,
   # 'splash' is TPU's Pallas kernel, 'auto' splash on TPU and dense elsewhere.
   attention: Literal['dense', 'chunked', 'splash', 'auto'] = 'dense'
@@ -83,6 +87,9 @@ class ModelConfig:
     if unknown or self.lora_rank < 0:
       raise InputError(f'config.model.lora_targets={self.lora_targets!r}, lora_rank='
                        f'{self.lora_rank}: targets are among {LORA_TARGETS}, the rank >= 0.')
+    if self.quantize_base not in ('', 'nf4') or (self.quantize_base and not self.lora_rank):
+      raise InputError(f'config.model.quantize_base={self.quantize_base!r}: "nf4" (QLoRA, with '
+                       f'config.model.lora_rank > 0; it is {self.lora_rank}) or "".')
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise InputError(f'config.model.attention={self.attention!r}; choose one of '
                        f'{ATTENTION_IMPLEMENTATIONS}.')

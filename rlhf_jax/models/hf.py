@@ -25,7 +25,7 @@ import safetensors.numpy
 from flax import nnx
 
 from rlhf_jax.errors import InputError, NotFound
-from rlhf_jax.models import lora
+from rlhf_jax.models import lora, quantization
 from rlhf_jax.models.config import RUN_FIELDS, ModelConfig
 from rlhf_jax.models.sources import local_dir
 from rlhf_jax.models.transformer import Transformer
@@ -327,23 +327,38 @@ def load_hf(path, dtype=jnp.float32, *, head: str = 'lm', shardings=None,
         raise InputError(f'Tensor {name!r} (for {paths}) is missing from {source}.')
       for param_path, array in zip(paths, parts):
         state_path, layer = _state_path(param_path, cfg)
-        want = variables[state_path]
+        codes_path = state_path[:-1] + ('kernel_codes',)  # A kernel kept in NF4 (QLoRA).
+        quantized = state_path[-1] == 'kernel' and codes_path in variables
+        want = variables[codes_path if quantized else state_path]
         want_shape = want.shape if layer is None else want.shape[1:]
         if array.shape != want_shape:
           raise InputError(f'Tensor {name!r} in {locations[name][0]} gives {param_path} the '
                            f'shape {array.shape}; expected {want_shape}.')
-        array = array.astype(want.dtype, copy=False)
+        array = array.astype(np.float32 if quantized else want.dtype, copy=False)
         if layer is not None:  # Stacked once all its layers are read.
           layers_read[state_path][layer] = array
           if len(layers_read[state_path]) < cfg.n_layers:
             continue
           layers = layers_read.pop(state_path)
           array = np.stack([layers[i] for i in range(cfg.n_layers)])
-        arrays[state_path] = jax.device_put(array, placements.get(state_path))
+        if quantized:
+          scales_path = state_path[:-1] + ('kernel_scales',)
+          arrays[codes_path], arrays[scales_path] = _quantized(
+              array, placements.get(codes_path), placements.get(scales_path))
+        else:
+          arrays[state_path] = jax.device_put(array, placements.get(state_path))
   for state_path, array in lora.init_adapters(variables).items():
     arrays[state_path] = jax.device_put(array, placements.get(state_path))
   state = nnx.from_flat_state([(p, v.replace(arrays[p])) for p, v in variables.items()])
   return nnx.merge(graphdef, state)
+
+
+def _quantized(kernel: np.ndarray, codes_sharding, scales_sharding):
+  """(NF4 codes, block scales) of a kernel, each device quantizing its own shard."""
+  if codes_sharding is None:
+    return quantization.quantize(kernel)
+  return jax.jit(quantization.quantize, out_shardings=(codes_sharding, scales_sharding))(
+      jax.device_put(kernel, codes_sharding))
 
 
 def save_hf(model: Transformer, path, *, dtype=None, max_shard_size: int | str = '5GB',

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models import quantization
 from rlhf_jax.models.config import ModelConfig
 
 Axes = tuple[str | None, ...]
@@ -36,13 +37,21 @@ class Dense(nnx.Module):
 
   With `lora_rank` r > 0 (Hu et al. 2021): y = x·W + (α / r)·(x·A)·B (+ b), A [in, r] drawn
   N(0, 1/in), B [r, out] zero (so the adapted layer starts as the base one), both float32.
-  `kind`: the type of W and b (`HeadParam` for a scalar head).
+  `kind`: the type of W and b (`HeadParam` for a scalar head). `quantized`: W frozen in NF4
+  (QLoRA), kept as `kernel_codes` and `kernel_scales` (`quantization`), no `kernel`.
   """
 
   def __init__(self, d_in: int, d_out: int, axes: Axes, *, bias: bool, cfg: ModelConfig,
-               rngs: nnx.Rngs, lora_rank: int = 0, kind: type[nnx.Param] = nnx.Param):
-    self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes,
-                        cfg.param_dtype, kind)
+               rngs: nnx.Rngs, lora_rank: int = 0, kind: type[nnx.Param] = nnx.Param,
+               quantized: bool = False):
+    if quantized:
+      codes, scales = quantization.quantize(nnx.initializers.normal(0.02)(
+          rngs.params(), (d_in, d_out), jnp.float32))
+      self.kernel_codes = nnx.Param(codes, logical_axes=axes)
+      self.kernel_scales = nnx.Param(scales, logical_axes=axes)
+    else:
+      self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, d_out), axes,
+                          cfg.param_dtype, kind)
     self.bias = (param(rngs, nnx.initializers.zeros, (d_out,), axes[1:], cfg.param_dtype, kind)
                  if bias else None)
     self.lora_a = (LoRAParam(nnx.initializers.normal(d_in ** -0.5)(
@@ -55,13 +64,20 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    y = jnp.dot(x, self.weight())
     if self.lora_a is not None:
       down = jnp.dot(x, self.lora_a[...].astype(self.dtype))
       y = y + self.lora_scale * jnp.dot(down, self.lora_b[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+  def weight(self):
+    """W in the compute dtype (an NF4 kernel dequantized)."""
+    if hasattr(self, 'kernel_codes'):
+      return quantization.dequantize(self.kernel_codes[...], self.kernel_scales[...],
+                                     self.dtype)
+    return self.kernel[...].astype(self.dtype)
 
 
 class Norm(nnx.Module):

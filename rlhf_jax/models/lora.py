@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax.models import quantization
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import HeadParam, LoRAParam
 from rlhf_jax.models.transformer import Transformer
@@ -72,20 +73,29 @@ def _plain_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
 
 
 def merged(model: Transformer) -> Transformer:
-  """The plain model (no adapters) whose kernels are W + (α / r)·A·B, in W's dtype."""
+  """The plain model (no adapters, no NF4) whose kernels are W + (α / r)·A·B, in W's dtype
+  (param_dtype for a QLoRA base, W dequantized)."""
   cfg = model.cfg
   flat = dict(nnx.to_flat_state(nnx.state(model)))
-  kernels = {}
+  weights = {}  # Each Dense's path: (its kernel's variable, W).
   for path, variable in flat.items():
-    if path[-1] == 'lora_a':
-      dense = path[:-1]
-      kernel = flat[(*dense, 'kernel')][...]
-      update = jnp.matmul(variable[...], flat[(*dense, 'lora_b')][...])  # Stacked layers too.
-      kernels[(*dense, 'kernel')] = (kernel.astype(jnp.float32) + cfg.lora_alpha /
-                                     cfg.lora_rank * update).astype(kernel.dtype)
-  plain = [(path, v.replace(kernels.get(path, v[...]))) for path, v in flat.items()
-           if not isinstance(v, LoRAParam)]
-  return nnx.merge(_plain_graphdef(cfg.replace(lora_rank=0)), nnx.from_flat_state(plain))
+    if path[-1] == 'kernel':
+      weights[path[:-1]] = variable, variable[...]
+    elif path[-1] == 'kernel_codes':
+      scales = flat[(*path[:-1], 'kernel_scales')][...]
+      weights[path[:-1]] = variable, quantization.dequantize(variable[...], scales,
+                                                             cfg.param_dtype)
+  kernels = {}
+  for dense, (variable, kernel) in weights.items():
+    if (*dense, 'lora_a') in flat:
+      update = jnp.matmul(flat[(*dense, 'lora_a')][...], flat[(*dense, 'lora_b')][...])
+      kernel = (kernel.astype(jnp.float32) + cfg.lora_alpha / cfg.lora_rank * update).astype(
+          kernel.dtype)  # Stacked layers too.
+    kernels[(*dense, 'kernel')] = variable.replace(kernel)
+  rest = [(path, v) for path, v in flat.items() if not isinstance(v, LoRAParam)
+          and path[-1] not in ('kernel', 'kernel_codes', 'kernel_scales')]
+  return nnx.merge(_plain_graphdef(cfg.replace(lora_rank=0, quantize_base='')),
+                   nnx.from_flat_state(rest + list(kernels.items())))
 
 
 def init_adapters(abstract: dict, seed: int = 0) -> dict:

@@ -74,9 +74,11 @@ class KVCache:
 
 def _projection(name: str, d_in: int, d_out: int, axes, *, bias: bool, cfg: ModelConfig,
                 rngs: nnx.Rngs) -> Dense:
-  """The projection `name` ('q', ..., 'down'), with a LoRA adapter if cfg targets it."""
+  """The projection `name` ('q', ..., 'down'), with a LoRA adapter if cfg targets it, its
+  kernel in NF4 with cfg.quantize_base."""
   lora_rank = cfg.lora_rank if name in cfg.lora_targets else 0
-  return Dense(d_in, d_out, axes, bias=bias, cfg=cfg, rngs=rngs, lora_rank=lora_rank)
+  return Dense(d_in, d_out, axes, bias=bias, cfg=cfg, rngs=rngs, lora_rank=lora_rank,
+               quantized=bool(cfg.quantize_base))
 
 
 class Attention(nnx.Module):
