@@ -11,6 +11,7 @@ from rlhf_jax import aot, parallel
 from rlhf_jax.config import base_config, load_config
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import Transformer, load_hf, lora, quantization, read_hf_config, save_hf
+from rlhf_jax.models.loading import load_model
 from rlhf_jax.models.presets import get_preset
 from hf_fixtures import hf_forward, padded_batch, tiny_model
 from test_lora import logits, moved_adapters
@@ -114,6 +115,19 @@ def test_a_qlora_dpo_step_holds_a_quarter_of_loras_base():
     reports[name] = aot.report(config, 'v5p-8')
   assert reports['qlora']['fits']
   assert reports['qlora']['argument_gib'] < 0.6 * reports['lora']['argument_gib']
+
+
+def test_a_qlora_runs_frozen_models_load_plain(tmp_path):
+  """A QLoRA run's reward models load without adapters, so without an NF4 base too."""
+  tiny_model('llama').save_pretrained(tmp_path)
+  numerics = load_config('dpo.py:tiny').model
+  numerics.update(lora_rank=4, quantize_base='nf4')
+  mesh = parallel.make_mesh({'data': -1})
+  rules = base_config().sharding_rules
+  frozen, trained = (load_model(str(tmp_path), mesh, rules, head='scalar', numerics=numerics,
+                                adapters=adapters) for adapters in (False, True))
+  assert frozen.module().cfg.quantize_base == '' and not lora.has_adapters(frozen.params)
+  assert trained.module().cfg.quantize_base == 'nf4' and lora.has_adapters(trained.params)
 
 
 def test_quantize_base_needs_adapters():

@@ -55,15 +55,15 @@ def load_model(path: str, mesh, rules, *, head: str, numerics=None,
   'scalar'), each host reading only its shards. `numerics` (a config.model) sets the
   fields a checkpoint has not (`RUN_FIELDS`: dtype, remat, scan_layers, LoRA, ...); None: their
   defaults (float32, dense attention, unscanned, no adapters). adapters=False: without
-  numerics' LoRA adapters (a model that stays frozen)."""
+  numerics' LoRA adapters or NF4 base (a model that stays frozen)."""
   path = local_dir(path)
   options = {}
   if numerics is not None:
     options = dict(dtype=numerics.param_dtype, compute_dtype=numerics.dtype,
                    **{field: getattr(numerics, field)
                       for field in RUN_FIELDS if field not in ('dtype', 'param_dtype')})
-    if not adapters:
-      options['lora_rank'] = 0
+    if not adapters:  # Nor an NF4 base, which only adapters train over.
+      options.update(lora_rank=0, quantize_base='')
   # The abstract state that the shardings follow: scan_layers and LoRA shape it.
   run_fields = {k: v for k, v in options.items() if k not in ('dtype', 'compute_dtype')}
   cfg = read_hf_config(path, head=head).replace(**run_fields)
