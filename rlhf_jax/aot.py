@@ -44,6 +44,7 @@ from rlhf_jax.engine.step import jit_train_step
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses.dpo import REFERENCE_FREE
 from rlhf_jax.models import ModelConfig, Transformer, lora
+from rlhf_jax.models.config import NO_ADAPTERS
 from rlhf_jax.sampling.text import left_pad
 from rlhf_jax.tpu import Slice, parse_slice
 
@@ -191,7 +192,7 @@ def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
     graphdefs['reference'], params['reference'], _ = placed(
         lambda: ActorCritic(Transformer(cfg, rngs=nnx.Rngs(0)), None))
   reward_graphdef, reward, _ = placed(
-      lambda: Transformer(scalar.replace(lora_rank=0), rngs=nnx.Rngs(0)))
+      lambda: Transformer(scalar.replace(**NO_ADAPTERS), rngs=nnx.Rngs(0)))
   graphdefs['reward'], params['reward'] = (reward_graphdef,), [reward]
   state, fixed, make_step = abstract_train_state(config, mesh, graphdefs['trained'], trained,
                                                  trained_shardings)

@@ -19,6 +19,9 @@ RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'scan_layers', 'lora
               'lora_alpha', 'lora_targets', 'quantize_base')
 # The projections LoRA can adapt (attention's q, k, v, o; the MLP's gate, up, down).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+# The run fields of a frozen or merged model: no adapters, nor an NF4 base (which only adapters
+# train over).
+NO_ADAPTERS = {'lora_rank': 0, 'quantize_base': ''}
 # What a block keeps for the backward pass (`rlhf_jax.models.transformer.REMAT_POLICIES`).
 REMAT_POLICIES = ('none', 'full', 'minimal', 'save_qkv_proj')
 

@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax import parallel, storage
 from rlhf_jax.models import lora
-from rlhf_jax.models.config import RUN_FIELDS, ModelConfig
+from rlhf_jax.models.config import NO_ADAPTERS, RUN_FIELDS, ModelConfig
 from rlhf_jax.models.hf import (has_peft_adapter, load_hf, read_hf_config, save_hf,
                                 save_peft_adapter)
 from rlhf_jax.models.sources import local_dir
@@ -62,8 +62,8 @@ def load_model(path: str, mesh, rules, *, head: str, numerics=None,
     options = dict(dtype=numerics.param_dtype, compute_dtype=numerics.dtype,
                    **{field: getattr(numerics, field)
                       for field in RUN_FIELDS if field not in ('dtype', 'param_dtype')})
-    if not adapters:  # Nor an NF4 base, which only adapters train over.
-      options.update(lora_rank=0, quantize_base='')
+    if not adapters:
+      options.update(NO_ADAPTERS)
   # The abstract state that the shardings follow: scan_layers and LoRA shape it.
   run_fields = {k: v for k, v in options.items() if k not in ('dtype', 'compute_dtype')}
   cfg = read_hf_config(path, head=head).replace(**run_fields)

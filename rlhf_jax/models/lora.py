@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.models import quantization
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import NO_ADAPTERS, ModelConfig
 from rlhf_jax.models.layers import HeadParam, LoRAParam
 from rlhf_jax.models.transformer import Transformer
 
@@ -94,7 +94,7 @@ def merged(model: Transformer) -> Transformer:
     kernels[(*dense, 'kernel')] = variable.replace(kernel)
   rest = [(path, v) for path, v in flat.items() if not isinstance(v, LoRAParam)
           and path[-1] not in ('kernel', 'kernel_codes', 'kernel_scales')]
-  return nnx.merge(_plain_graphdef(cfg.replace(lora_rank=0, quantize_base='')),
+  return nnx.merge(_plain_graphdef(cfg.replace(**NO_ADAPTERS)),
                    nnx.from_flat_state(rest + list(kernels.items())))
 
 
