@@ -14,12 +14,18 @@ from ml_collections import config_flags
 from rlhf_jax.config import configs_dir, to_model_config
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import ModelConfig, Transformer
+from rlhf_jax.models import attention
 from rlhf_jax.models.attention import (AttentionMask, attend, chunked_attention,
                                        splash_attention)
 from rlhf_jax.models.layers import positions_from_mask
 
 TOL = 1e-5
 BATCH, LENGTH, HEADS, HEAD_DIM = 3, 37, 4, 8
+
+
+def by_position(valid, **kw) -> AttentionMask:
+  """Self-attention over the real tokens of `valid` [B, T], at their ranks."""
+  return AttentionMask(positions_from_mask(valid), positions_from_mask(valid), valid, **kw)
 
 
 def left_padding():
@@ -62,18 +68,28 @@ def qkv(kv_heads, length=LENGTH, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM):
   return draw(heads), draw(kv_heads), draw(kv_heads)
 
 
+def on_real_tokens(functions: dict, mask: AttentionMask, q, k, v) -> dict:
+  """name: (output on real tokens (0 on padding), its gradients for q, k and v under a random
+  loss of the real tokens' outputs) for each attention function of (q, k, v). The outputs of
+  padding are unused, and the implementations need not agree on them."""
+  real = mask.key_valid_BxS[:, :, None, None]
+  cotangent = jnp.where(real, jnp.asarray(
+      np.random.default_rng(1).standard_normal(q.shape), jnp.float32), 0)
+  results = {}
+  for name, fn in functions.items():
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    results[name] = (jnp.where(real, out, 0), *vjp(cotangent))
+  return results
+
+
 @pytest.mark.parametrize('case', list(CASES))
 def test_chunked_equals_dense_with_its_gradients(case):
   make_mask, kv_heads, q_block, kv_block = CASES[case]
   mask, (q, k, v) = make_mask(), qkv(kv_heads)
-  dense = lambda q, k, v: attend(q, k, v, mask, implementation='dense')
-  chunked = lambda q, k, v: chunked_attention(q, k, v, mask, q_block=q_block,
-                                              kv_block=kv_block)
-  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
-  results = {}
-  for name, fn in {'dense': dense, 'chunked': chunked}.items():
-    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    results[name] = (out, *vjp(cotangent))
+  results = on_real_tokens({
+      'dense': lambda q, k, v: attend(q, k, v, mask, implementation='dense'),
+      'chunked': lambda q, k, v: chunked_attention(q, k, v, mask, q_block=q_block,
+                                                   kv_block=kv_block)}, mask, q, k, v)
   for expected, got in zip(results['dense'], results['chunked']):
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
@@ -93,8 +109,6 @@ def splash_cases():
       [np.full(k, i + 1) for i, k in enumerate(lengths)] + [[0] * (n - sum(lengths))]), (3, n)))
   segment_positions = jnp.asarray(np.broadcast_to(np.concatenate(
       [np.arange(k) for k in lengths] + [[0] * (n - sum(lengths))]), (3, n)))
-  by_position = lambda valid, **kw: AttentionMask(positions_from_mask(valid),
-                                                  positions_from_mask(valid), valid, **kw)
   return {
       'left_padding': (by_position(left), 2),
       'right_padding_multi_query': (by_position(right), 1),
@@ -110,15 +124,9 @@ def test_splash_equals_dense_with_its_gradients(case):
   gradients of any loss of them, are dense attention's."""
   mask, kv_heads = splash_cases()[case]
   q, k, v = qkv(kv_heads, length=SPLASH_LENGTH)
-  real = mask.key_valid_BxS[:, :, None, None]
-  cotangent = jnp.where(real, jnp.asarray(
-      np.random.default_rng(1).standard_normal(q.shape), jnp.float32), 0)
-  functions = {'dense': lambda q, k, v: attend(q, k, v, mask, implementation='dense'),
-               'splash': lambda q, k, v: splash_attention(q, k, v, mask, interpret=True)}
-  results = {}
-  for name, fn in functions.items():
-    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    results[name] = (jnp.where(real, out, 0), *vjp(cotangent))
+  results = on_real_tokens({
+      'dense': lambda q, k, v: attend(q, k, v, mask, implementation='dense'),
+      'splash': lambda q, k, v: splash_attention(q, k, v, mask, interpret=True)}, mask, q, k, v)
   for expected, got in zip(results['dense'], results['splash']):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
@@ -129,6 +137,38 @@ def test_splash_needs_whole_tiles():
   mask = jax.tree.map(lambda x: x[:, 1:], mask)
   with pytest.raises(InputError, match='multiple of 128'):
     splash_attention(q, k, v, mask, interpret=True)
+
+
+def test_chunked_self_attention_skips_the_key_blocks_after_each_query_block():
+  """Causal by index, a query block never reads the key blocks after it: with NaN values in the
+  last key block, the outputs of the blocks before it stay finite (0 · NaN would not), and
+  equal dense attention's on clean values. Seen through a KV cache, every block is read."""
+  length, block = 64, 16
+  q, k, v = qkv(2, length=length, batch=1)
+  poisoned_v = v.at[:, -block:].set(jnp.nan)
+  valid = jnp.ones((1, length), jnp.bool_)
+  positions = positions_from_mask(valid)
+
+  def chunked(self_attention):
+    mask = AttentionMask(positions, positions, valid, self_attention=self_attention)
+    return np.asarray(chunked_attention(q, k, poisoned_v, mask, q_block=block,
+                                        kv_block=block))
+
+  dense = attend(q, k, v, by_position(valid), implementation='dense')
+  np.testing.assert_allclose(chunked(True)[:, :-block], dense[:, :-block], atol=TOL, rtol=0)
+  assert np.isnan(chunked(False)[:, :-block]).all()
+
+
+def test_auto_is_chunked_in_small_blocks_for_long_self_attention_on_cpu():
+  q, k, v = qkv(2, length=attention.CPU_CHUNKED_FROM, batch=1)
+  long_mask, short_mask = (by_position(jnp.ones((1, n), jnp.bool_))
+                           for n in (attention.CPU_CHUNKED_FROM, attention.CPU_CHUNKED_FROM - 1))
+  chunked = chunked_attention(q, k, v, long_mask, q_block=attention.CPU_BLOCK,
+                              kv_block=attention.CPU_BLOCK)
+  np.testing.assert_array_equal(attend(q, k, v, long_mask, implementation='auto'), chunked)
+  short = [x[:, :-1] for x in (q, k, v)]
+  np.testing.assert_array_equal(attend(*short, short_mask, implementation='auto'),
+                                attend(*short, short_mask, implementation='dense'))
 
 
 def test_chunked_never_holds_a_length_by_length_block_of_scores():
@@ -203,7 +243,7 @@ def model_config_from_command_line(*overrides):
 
 
 def test_the_command_line_sets_attention_and_a_bad_value_names_the_key():
-  assert model_config_from_command_line().attention == 'dense'
+  assert model_config_from_command_line().attention == 'auto'
   assert model_config_from_command_line('--config.model.attention=chunked').attention == 'chunked'
   with pytest.raises(InputError, match=r"config\.model\.attention='flash'; choose one of"):
     model_config_from_command_line('--config.model.attention=flash')

@@ -12,6 +12,7 @@ from flax import nnx
 from rlhf_jax.config import base_config
 from rlhf_jax.engine.optimizer import make_optimizer
 from rlhf_jax.models import Transformer
+from rlhf_jax.models.layers import Dense, shared_input_projections
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.parallel import DEFAULT_RULES
 
@@ -101,3 +102,33 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_tracks_float32():
   cosine = jnp.dot(flat(grads), flat(bf16_grads)) / (
       jnp.linalg.norm(flat(grads)) * jnp.linalg.norm(flat(bf16_grads)))
   assert cosine > 0.99
+
+
+@pytest.mark.parametrize('lora_rank,bias', [(0, False), (4, True)])
+def test_shared_input_projections_equal_the_projections_one_by_one(lora_rank, bias):
+  """SwiGLU's gate and up as one matmul over stacked kernels: each output and each gradient is
+  that of its own Dense (with an adapter whose B is not zero, and a bias)."""
+  cfg = get_preset('tiny')
+  rngs = nnx.Rngs(0)
+  denses = [Dense(16, 24, ('embed', 'mlp'), bias=bias, cfg=cfg, rngs=rngs, lora_rank=lora_rank)
+            for _ in range(2)]
+  for dense in denses:
+    if lora_rank:
+      dense.lora_b[...] = jax.random.normal(rngs.params(), dense.lora_b.shape)
+    if bias:
+      dense.bias[...] = jax.random.normal(rngs.params(), dense.bias.shape)
+  x = jax.random.normal(rngs.params(), (2, 5, 16))
+  graphdef, params = nnx.split(nnx.List(denses))
+
+  def outputs(params, shared):
+    merged = nnx.merge(graphdef, params)
+    return (shared_input_projections(x, tuple(merged)) if shared else
+            [dense(x) for dense in merged])
+
+  for expected, got in zip(outputs(params, False), outputs(params, True)):
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+  loss = lambda params, shared: sum(jnp.sum(jnp.sin(y) * (i + 1))
+                                    for i, y in enumerate(outputs(params, shared)))
+  for expected, got in zip(jax.tree.leaves(jax.grad(loss)(params, False)),
+                           jax.tree.leaves(jax.grad(loss)(params, True))):
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

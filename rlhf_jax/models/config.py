@@ -77,8 +77,9 @@ class ModelConfig:
   # '': in param_dtype. Needs lora_rank > 0 (a quantized base is never trained).
   quantize_base: str = ''
   # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores,
-  # 'splash' is TPU's Pallas kernel, 'auto' splash on TPU and dense elsewhere.
-  attention: Literal['dense', 'chunked', 'splash', 'auto'] = 'dense'
+  # 'splash' is TPU's Pallas kernel, 'auto' splash on TPU, chunked on CPU for long sequences,
+  # and dense elsewhere.
+  attention: Literal['dense', 'chunked', 'splash', 'auto'] = 'auto'
 
   def __post_init__(self):
     if isinstance(self.remat, bool):

@@ -6,6 +6,7 @@ to mesh axes with the rules table of the config; nothing here knows about meshes
 """
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,10 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.weight())
+    return self.adapt(x, jnp.dot(x, self.weight()))
+
+  def adapt(self, x, y):
+    """x·W = y, plus the adapter's (α / r)·(x·A)·B and the bias."""
     if self.lora_a is not None:
       down = jnp.dot(x, self.lora_a[...].astype(self.dtype))
       y = y + self.lora_scale * jnp.dot(down, self.lora_b[...].astype(self.dtype))
@@ -78,6 +82,19 @@ class Dense(nnx.Module):
       return quantization.dequantize(self.kernel_codes[...], self.kernel_scales[...],
                                      self.dtype)
     return self.kernel[...].astype(self.dtype)
+
+
+def shared_input_projections(x, denses: Sequence[Dense]) -> list[jax.Array]:
+  """[dense(x) for dense in denses] (projections of one input to one width, like SwiGLU's gate
+  and up), their base matmuls done as one over the kernels stacked [in, k, out].
+
+  The same products, but XLA:CPU compiles k matmuls of one input into a backward pass that
+  copies each output gradient transposed for its weight gradient; the stacked matmul needs no
+  such copy (`benchmarks/vs_trl.py`: the reward-model step of the `small` shape 16 % faster).
+  """
+  x = x.astype(denses[0].dtype)
+  outputs_Xxkxout = jnp.einsum('...i,iko->...ko', x, jnp.stack([d.weight() for d in denses], 1))
+  return [d.adapt(x, outputs_Xxkxout[..., i, :]) for i, d in enumerate(denses)]
 
 
 class Norm(nnx.Module):

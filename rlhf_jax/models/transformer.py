@@ -28,7 +28,8 @@ from rlhf_jax.errors import InputError
 from rlhf_jax.models.attention import AttentionMask, attend
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import (Dense, HeadParam, Norm, apply_rope, param,
-                                    positions_from_mask, rope_inverse_frequencies)
+                                    positions_from_mask, rope_inverse_frequencies,
+                                    shared_input_projections)
 from rlhf_jax.parallel import constrain
 
 
@@ -133,7 +134,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     if self.gate is not None:
-      hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+      gate, up = shared_input_projections(x, (self.gate, self.up))
+      hidden = jax.nn.silu(gate) * up
     else:
       hidden = jax.nn.gelu(self.up(x), approximate=True)
     return self.down(constrain(hidden, _MLP_AXES))
