@@ -29,7 +29,11 @@ collation or logging; that is the step as `trainer.train()` runs it, with nothin
 after each TRL step the callback runs one of ours (blocked on its results), so the two
 alternate in the same process; the first `WARMUP_STEPS` of each (ours compiles) are dropped,
 then `repeats` steps each give a median and its min / max. A ratio is TRL's median over ours
-(> 1: ours is faster).
+(> 1: ours is faster). Each side's losses are kept: `tests/test_vs_trl.py` checks that both
+compute the same ones. The float32 matmul peak is
+measured in the same run (a 4096² matmul, as benchmarks/train_step.py): a step's MFU is its model
+FLOP/s over it, and a step's ceiling, 1 / TRL's MFU, is the ratio that a step run at that peak
+would reach: the most any implementation can show on this machine.
 
 Both sides: float32, AdamW (β1 0.9, β2 0.95, ε 1e-8, no weight decay), constant lr 1e-5,
 gradient clipping at norm 1, no gradient checkpointing (TRL turns it on by default; ours does
@@ -81,6 +85,7 @@ from rlhf_jax.models import Transformer, save_hf
 from rlhf_jax.models.loading import load_model
 from rlhf_jax.models.presets import get_preset
 from rlhf_jax.playground.tokenizer import CHAT_TEMPLATE
+from train_step import peak_matmul_flops  # Same folder: the benchmarks' one peak.
 
 STEPS = ('sft', 'rm', 'dpo', 'dpo_precomputed', 'grpo')
 SKIPPED = {'ppo': 'TRL 1.16 has no PPO trainer (removed; trl.experimental has none).'}
@@ -153,11 +158,25 @@ def grpo_prompts(vocab_size: int, n: int = 64) -> list[str]:
 # Timing.
 
 class Alternating(transformers.TrainerCallback):
-  """Times each TRL optimizer step (on_step_begin to on_step_end) and runs `ours` after it."""
+  """Times each TRL optimizer step (on_step_begin to on_step_end) and runs `ours` after it.
+
+  `ours()` returns its step's loss; `trl_losses` is filled by `record_losses`.
+  """
 
   def __init__(self, ours):
     self.ours, self.trl_times, self.our_times = ours, [], []
+    self.trl_losses, self.our_losses = [], []
     self.start = None
+
+  def record_losses(self, trainer: transformers.Trainer) -> None:
+    """Keeps the loss that each of the trainer's training_steps returns."""
+    training_step = trainer.training_step
+
+    def recorded(*args, **kwargs):
+      loss = training_step(*args, **kwargs)
+      self.trl_losses.append(float(loss))
+      return loss
+    trainer.training_step = recorded
 
   def on_step_begin(self, args, state, control, **kwargs):
     self.start = time.perf_counter()
@@ -165,8 +184,9 @@ class Alternating(transformers.TrainerCallback):
   def on_step_end(self, args, state, control, **kwargs):
     self.trl_times.append(time.perf_counter() - self.start)
     start = time.perf_counter()
-    self.ours()
+    loss = self.ours()
     self.our_times.append(time.perf_counter() - start)
+    self.our_losses.append(loss)
 
 
 def spread(times: list[float]) -> dict[str, float]:
@@ -231,7 +251,7 @@ class Ours:
     def run():
       nonlocal state
       state, metrics = train_step(state, batch, frozen_params)
-      jax.block_until_ready((state, metrics))
+      return float(jax.block_until_ready((state, metrics))[1]['loss'])
     return run
 
   def reference_logps(self, host_batch: dict) -> np.ndarray:
@@ -312,8 +332,9 @@ def our_grpo(args, workdir: str, policy: str, prompts: list[str]):
 
   def run():
     nonlocal iteration
-    jax.block_until_ready(engine.update(iteration))
+    metrics = jax.block_until_ready(engine.update(iteration))
     iteration += 1
+    return float(metrics['loss'])
   return run
 
 
@@ -394,9 +415,24 @@ def compare(name: str, args, workdir: str, paths, tokenizer, data, prompts) -> d
     trainer = trl_grpo(args, paths, tokenizer, prompts, outdir, callback)
     tokens = args.batch_size * (PROMPT_LEN + args.new_tokens)
   trainer.remove_callback(transformers.PrinterCallback)  # Prints its end-of-training log.
+  callback.record_losses(trainer)
   trainer.train()
   return {'trl': spread(callback.trl_times), 'ours': spread(callback.our_times),
-          'tokens_per_step': tokens}
+          'tokens_per_step': tokens, 'model_flops_per_step': model_flops(name, args, tokens),
+          # Each step's: both sides start from the same weights, train on the same batch with
+          # the same optimizer (GRPO: on their own samples).
+          'losses': {'trl': callback.trl_losses, 'ours': callback.our_losses}}
+
+
+def model_flops(name: str, args, tokens: int) -> float | None:
+  """A step's model FLOPs (PaLM's 6·N + 12·L·T·H·Dh per token, attention counted whole; a
+  reference's forward pass a third more), as benchmarks/train_step.py counts them; None for
+  GRPO's iteration (sampling, scoring and an update)."""
+  if name == 'grpo':
+    return None
+  numerics = get_preset(args.shape).replace(head='scalar' if name == 'rm' else 'lm')
+  with_reference = 4 / 3 if name == 'dpo' else 1
+  return numerics.flops_per_token(args.seq_len) * tokens * with_reference
 
 
 def benchmark(args, workdir: str) -> dict:
@@ -405,10 +441,17 @@ def benchmark(args, workdir: str) -> dict:
   paths = export_models(args.shape, workdir, tokenizer)
   data = make_data(args, vocab_size, tokenizer.eos_token_id)
   prompts = grpo_prompts(vocab_size)
+  peak = peak_matmul_flops(4096, np.float32)
   times = {name: compare(name, args, workdir, paths, tokenizer, data, prompts)
            for name in args.only}
+  mfu = {name: {side: t['model_flops_per_step'] / t[side]['median_s'] / peak
+                for side in ('trl', 'ours')}
+         for name, t in times.items() if t['model_flops_per_step']}
   return {
       'ratios': {name: t['trl']['median_s'] / t['ours']['median_s'] for name, t in times.items()},
+      # The ratio of a step run at the matmul peak: no implementation's can be higher.
+      'ratio_ceilings': {name: 1 / m['trl'] for name, m in mfu.items()},
+      'mfu': mfu, 'peak_matmul_flops': peak,
       'times': times,
       'tokens_per_s': {name: {side: t['tokens_per_step'] / t[side]['median_s']
                               for side in ('trl', 'ours')} for name, t in times.items()},
@@ -428,12 +471,18 @@ def print_report(r: dict) -> None:
         f'{r["seq_len"]} tokens (GRPO: {r["grpo_prompt_len"]} + {r["new_tokens"]}), float32, '
         f'{r["device"]}; median [min, max] of {r["repeats"]} steps after {WARMUP_STEPS} '
         'warm-up')
+  print(f'  float32 matmul peak (4096², this run): {r["peak_matmul_flops"] / 1e9:.1f} GFLOP/s; '
+        'MFU: model FLOP/s over it; ceiling: the ratio of a step at that peak')
   for name, t in r['times'].items():
+    mfu = r['mfu'].get(name)
     sides = '   '.join(
         f'{side} {1e3 * t[side]["median_s"]:9.1f} ms [{1e3 * t[side]["min_s"]:.1f}, '
         f'{1e3 * t[side]["max_s"]:.1f}] {r["tokens_per_s"][name][side]:8.0f} tok/s'
+        + (f' MFU {100 * mfu[side]:4.1f} %' if mfu else '')
         for side in ('trl', 'ours'))
-    print(f'  {name:<16} {sides}   ratio {r["ratios"][name]:5.2f}')
+    ceiling = (f' (ceiling {r["ratio_ceilings"][name]:.2f})' if name in r['ratio_ceilings']
+               else '')
+    print(f'  {name:<16} {sides}   ratio {r["ratios"][name]:5.2f}{ceiling}')
   for name, reason in r['skipped'].items():
     print(f'  {name:<16} skipped: {reason}')
 

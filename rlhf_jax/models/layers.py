@@ -65,7 +65,7 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     x = x.astype(self.dtype)
-    return self.adapt(x, jnp.dot(x, self.weight()))
+    return self.adapt(x, project(x, self.weight()))
 
   def adapt(self, x, y):
     """x·W = y, plus the adapter's (α / r)·(x·A)·B and the bias."""
@@ -93,8 +93,32 @@ def shared_input_projections(x, denses: Sequence[Dense]) -> list[jax.Array]:
   such copy (`benchmarks/vs_trl.py`: the reward-model step of the `small` shape 16 % faster).
   """
   x = x.astype(denses[0].dtype)
-  outputs_Xxkxout = jnp.einsum('...i,iko->...ko', x, jnp.stack([d.weight() for d in denses], 1))
-  return [d.adapt(x, outputs_Xxkxout[..., i, :]) for i, d in enumerate(denses)]
+  kernels_ixkxo = jnp.stack([d.weight() for d in denses], 1)
+  outputs_Xxkxo = project(x, kernels_ixkxo.reshape(x.shape[-1], -1)).reshape(
+      *x.shape[:-1], *kernels_ixkxo.shape[1:])
+  return [d.adapt(x, outputs_Xxkxo[..., i, :]) for i, d in enumerate(denses)]
+
+
+@jax.custom_vjp
+def project(x_Xxi, kernel_ixo):
+  """x·W [..., out], with jnp.dot's gradients: dx = dy·Wᵀ and dW = xᵀ·dy, the latter computed
+  as one matmul of x and dy flattened to [tokens, features]. XLA:CPU compiles jnp.dot's own
+  dW (contracting the leading axes) into a copy of dy or x transposed first; this form needs
+  none (`benchmarks/vs_trl.py`)."""
+  return jnp.dot(x_Xxi, kernel_ixo)
+
+
+def _project_fwd(x_Xxi, kernel_ixo):
+  return jnp.dot(x_Xxi, kernel_ixo), (x_Xxi, kernel_ixo)
+
+
+def _project_bwd(residuals, dy_Xxo):
+  x_Xxi, kernel_ixo = residuals
+  x_Nxi, dy_Nxo = x_Xxi.reshape(-1, x_Xxi.shape[-1]), dy_Xxo.reshape(-1, dy_Xxo.shape[-1])
+  return jnp.dot(dy_Xxo, kernel_ixo.T), jnp.dot(x_Nxi.T, dy_Nxo).astype(kernel_ixo.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 class Norm(nnx.Module):
