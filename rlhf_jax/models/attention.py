@@ -63,33 +63,33 @@ class AttentionMask:
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
            implementation: str) -> jax.Array:
   """[B, T, N, H] attention output; N query heads share each of the K key/value heads."""
+  options = {}
   if implementation == 'auto':
-    return _auto(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+    implementation, options = _auto(q_BxTxNxH.shape[1], mask)
   if implementation == 'splash' and mask.self_attention:
     return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if implementation == 'chunked':
-    return chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+    return chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, **options)
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask.dense())
 
 
 # 'auto' on CPU: self-attention over at least CPU_CHUNKED_FROM tokens is 'chunked' in blocks of
 # CPU_BLOCK (cache-sized, and each query block skips the key blocks after it). Forward and
-# backward of the `small` shape's attention (16 × 512 tokens, 6 heads of 64, 2 key/value heads)
-# on this project's 2-core CPU: dense 368 ms, chunked in blocks of 64 227 ms, of 512 378 ms;
-# below 256 tokens the gain is smaller than chunked's longer compilation.
+# backward of the `small` shape's attention on this project's 2-core CPU
+# (`python benchmarks/attention_speed.py`): dense 353 ms, chunked in blocks of 64 227 ms, of
+# 512 369 ms; below 256 tokens the gain is smaller than chunked's longer compilation.
 CPU_BLOCK, CPU_CHUNKED_FROM = 64, 256
 
 
-def _auto(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask) -> jax.Array:
-  """'splash' on TPU (sequences of whole tiles), 'chunked' on CPU (long self-attention),
-  'dense' otherwise."""
-  t, backend = q_BxTxNxH.shape[1], jax.default_backend()
+def _auto(t: int, mask: AttentionMask) -> tuple[str, dict]:
+  """(implementation, its options) for T queries: 'splash' on TPU (sequences of whole tiles),
+  'chunked' in CPU_BLOCK blocks on CPU (long self-attention), 'dense' otherwise."""
+  backend = jax.default_backend()
   if backend == 'tpu' and mask.self_attention and t % SPLASH_BLOCK == 0:
-    return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+    return 'splash', {}
   if backend == 'cpu' and mask.self_attention and t >= CPU_CHUNKED_FROM:
-    return chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, q_block=CPU_BLOCK,
-                             kv_block=CPU_BLOCK)
-  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask.dense())
+    return 'chunked', {'q_block': CPU_BLOCK, 'kv_block': CPU_BLOCK}
+  return 'dense', {}
 
 
 SPLASH_BLOCK = 128  # Splash attention's tiles span a multiple of 128 tokens.

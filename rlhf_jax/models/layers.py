@@ -68,7 +68,7 @@ class Dense(nnx.Module):
     return self.adapt(x, jnp.dot(x, self.weight()))
 
   def adapt(self, x, y):
-    """x·W = y, plus the adapter's (α / r)·(x·A)·B and the bias."""
+    """The base output y = x·W plus the adapter's (α / r)·(x·A)·B and the bias."""
     if self.lora_a is not None:
       down = jnp.dot(x, self.lora_a[...].astype(self.dtype))
       y = y + self.lora_scale * jnp.dot(down, self.lora_b[...].astype(self.dtype))

@@ -54,7 +54,7 @@ def load_model(path: str, mesh, rules, *, head: str, numerics=None,
   """The HF checkpoint at `path` (a directory, a URL or a Hub id) with a `head` head ('lm' or
   'scalar'), each host reading only its shards. `numerics` (a config.model) sets the
   fields a checkpoint has not (`RUN_FIELDS`: dtype, remat, scan_layers, LoRA, ...); None: their
-  defaults (float32, dense attention, unscanned, no adapters). adapters=False: without
+  defaults (float32, 'auto' attention, unscanned, no adapters). adapters=False: without
   numerics' LoRA adapters or NF4 base (a model that stays frozen)."""
   path = local_dir(path)
   options = {}
