@@ -4,6 +4,8 @@
   python benchmarks/train_step.py --algorithm=rm        # reward-model step: [B, 2, T] pairs
   python benchmarks/train_step.py --algorithm=dpo       # DPO step with the reference on the mesh
   python benchmarks/train_step.py --preset=gpt2 --batch_size=16 --dtype=bfloat16   # a GPU
+  python benchmarks/train_step.py --preset=llama-1b --seq_len=2048 --dtype=bfloat16 \
+      --remat --attention=cudnn                         # an NVIDIA GPU: cuDNN flash attention
 
 The SFT step is next-token cross-entropy through the chunked log-probs; the RM step is the
 Bradley-Terry loss on chosen and rejected sequences in one [2B, T] forward (tokens counted over
@@ -66,12 +68,15 @@ def main():
   parser.add_argument('--steps', type=int, default=5, help='Timed steps after warm-up.')
   parser.add_argument('--dtype', default='float32', help='Compute dtype (params stay f32).')
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--attention', default='auto',
+                      help="config.model.attention: dense, chunked, splash, cudnn or auto.")
   parser.add_argument('--chunk_size', type=int, default=512, help='Log-prob sequence chunk.')
   parser.add_argument('--matmul_size', type=int, default=4096)
   args = parser.parse_args()
 
   head = 'scalar' if args.algorithm == 'rm' else 'lm'
-  model_config = get_preset(args.preset).replace(dtype=args.dtype, remat=args.remat, head=head)
+  model_config = get_preset(args.preset).replace(dtype=args.dtype, remat=args.remat, head=head,
+                                                 attention=args.attention)
   config = base_config()
   mesh = parallel.make_mesh({'data': -1})
   rules = config.sharding_rules

@@ -1,7 +1,9 @@
 """Every attention implementation equals 'dense', forward and backward, on padded, packed and
-sliding-window batches; 'chunked' never holds a [T, S] block of scores."""
+sliding-window batches; 'chunked' never holds a [T, S] block of scores; 'cudnn' lowers to
+cuDNN's fused kernels when compiled for CUDA."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 from absl import flags
 from flax import nnx
+from jax._src.cudnn import fused_attention_stablehlo  # Patched: lowering for CUDA on a CPU.
 from ml_collections import config_flags
 
 from rlhf_jax.config import configs_dir, to_model_config
@@ -16,7 +19,7 @@ from rlhf_jax.errors import InputError
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models import attention
 from rlhf_jax.models.attention import (AttentionMask, attend, chunked_attention,
-                                       splash_attention)
+                                       cudnn_attention, splash_attention)
 from rlhf_jax.models.layers import positions_from_mask
 
 TOL = 1e-5
@@ -247,3 +250,85 @@ def test_the_command_line_sets_attention_and_a_bad_value_names_the_key():
   assert model_config_from_command_line('--config.model.attention=chunked').attention == 'chunked'
   with pytest.raises(InputError, match=r"config\.model\.attention='flash'; choose one of"):
     model_config_from_command_line('--config.model.attention=flash')
+
+
+@pytest.mark.parametrize('case', list(splash_cases()))
+def test_the_cudnn_call_equals_dense_with_its_gradients(case):
+  """The call 'cudnn' makes (causal by index, dense attention's mask as a bias), run by JAX's
+  XLA reference of that call: what cuDNN's kernel is specified to compute."""
+  mask, kv_heads = splash_cases()[case]
+  q, k, v = qkv(kv_heads, length=SPLASH_LENGTH)
+  results = on_real_tokens({
+      'dense': lambda q, k, v: attend(q, k, v, mask, implementation='dense'),
+      'cudnn': lambda q, k, v: cudnn_attention(q, k, v, mask, implementation='xla')},
+      mask, q, k, v)
+  for expected, got in zip(results['dense'], results['cudnn']):
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+def as_if_on_cuda(monkeypatch):
+  """Lowering for CUDA on this CPU: JAX's cuDNN rules ask for cuDNN's version (here 9.10)."""
+  monkeypatch.setattr(attention, 'current_platform', lambda: 'cuda')
+  monkeypatch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 91000)
+
+
+@pytest.mark.parametrize('overrides', [dict(dtype='bfloat16'), dict(dtype='float32'),
+                                       dict(dtype='bfloat16', scan_layers=True, remat='full')])
+def test_auto_on_cuda_lowers_a_training_step_to_cudnn_flash_attention(monkeypatch, overrides):
+  """The gradient of a 2-layer model's loss, lowered for CUDA: in bfloat16 each layer runs
+  cuDNN's fused attention forward and backward (causal, with the mask as a bias), scanned and
+  rematerialized too, and nothing holds [B, N, T, T] scores; float32, which cuDNN does not
+  take, stays dense."""
+  as_if_on_cuda(monkeypatch)
+  batch, length, heads = 2, 64, 4
+  cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=heads, n_kv_heads=2,
+                    d_ff=64, **overrides)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  mask = jnp.asarray(np.arange(length) >= np.array([[0], [9]]))
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(tokens, attention_mask=mask)
+    return jnp.sum(logits.astype(jnp.float32) ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+  calls = re.findall(r'custom_call @(__cudnn\$fmha\w+)', hlo)
+  # Scores of every head, [B, N, T, T] or grouped as [B, K, N / K, T, T], in a float type.
+  scores = re.compile(rf'tensor<{batch}x(?:{heads}|2x{heads // 2})x{length}x{length}x(?:f32|bf16)>')
+  if cfg.dtype == 'float32':
+    assert not calls and scores.search(hlo)
+    return
+  forward, backward = '__cudnn$fmhaScaleBiasSoftmax', '__cudnn$fmhaScaleBiasSoftmaxBackward'
+  if cfg.scan_layers:  # One block's program (its forward twice: rematerialized).
+    assert set(calls) == {forward, backward}
+  else:
+    assert sorted(calls) == [forward] * cfg.n_layers + [backward] * cfg.n_layers
+    assert hlo.count(r'\22mask_type\22: \22CAUSAL\22') == 2 * cfg.n_layers
+  assert not scores.search(hlo)
+
+
+def test_auto_picks_an_implementation_for_each_platform():
+  valid = jnp.ones((1, 256), jnp.bool_)
+  mask = by_position(valid)
+  through_cache = AttentionMask(mask.query_positions_BxT, mask.key_positions_BxS, valid,
+                                self_attention=False)
+  queries = lambda length=256, head_dim=64, dtype=jnp.bfloat16: jnp.zeros(
+      (1, length, 4, head_dim), dtype)
+  pick = lambda q, platform, mask=mask: attention._auto(q, mask, platform)[0]
+  assert pick(queries(), 'cuda') == 'cudnn'
+  for unsupported in (queries(dtype=jnp.float32), queries(head_dim=12), queries(head_dim=256),
+                      queries(length=255)):
+    assert pick(unsupported, 'cuda') == 'dense'
+  assert pick(queries(), 'cuda', through_cache) == 'dense'
+  assert pick(queries(), 'rocm') == 'dense'
+  assert pick(queries(), 'tpu') == 'splash' and pick(queries(length=200), 'tpu') == 'dense'
+  assert pick(queries(), 'cpu') == 'chunked' and pick(queries(length=255), 'cpu') == 'dense'
+
+
+def test_cudnn_names_what_it_needs():
+  mask, kv_heads = splash_cases()['left_padding']
+  q, k, v = qkv(kv_heads, length=SPLASH_LENGTH)
+  with pytest.raises(InputError, match=r"attention='cudnn' needs an NVIDIA GPU"):
+    attend(q, k, v, mask, implementation='cudnn')
+  with pytest.raises(InputError, match=r'bfloat16 or float16 \(config\.model\.dtype\)'):
+    cudnn_attention(q, k, v, mask)

@@ -13,8 +13,13 @@
   for self-attention over a whole sequence: causal by index, with padding and packing as
   segment ids (and a local mask for a sliding window), each example's heads in one kernel,
   under `shard_map` over the batch on a mesh. A KV cache's steps fall back to 'dense'.
-- 'auto' (the default): 'splash' on TPU (for sequences of a multiple of 128 tokens), 'chunked'
-  in small blocks on CPU (self-attention over 256 tokens or more), 'dense' elsewhere.
+- 'cudnn': cuDNN's fused flash attention on NVIDIA GPUs (`jax.nn.dot_product_attention(...,
+  implementation='cudnn')`) for self-attention over a whole sequence: causal by index, with
+  padding, segments and the window as an additive [B, 1, T, T] mask. A KV cache's steps fall
+  back to 'dense'.
+- 'auto' (the default): 'splash' on TPU (for sequences of a multiple of 128 tokens), 'cudnn' on
+  CUDA GPUs (where its shapes and dtypes allow), 'chunked' in small blocks on CPU
+  (self-attention over 256 tokens or more), 'dense' elsewhere.
 
 A query that may attend no key (a row of padding) gets the mean of the values it is shown: its
 masked scores are dense attention's large negative number, not −∞. Finite, and unused; as
@@ -27,6 +32,7 @@ from typing import NamedTuple
 
 import flax.struct
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash_kernel, splash_attention_mask as splash_mask)
@@ -65,9 +71,14 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
   """[B, T, N, H] attention output; N query heads share each of the K key/value heads."""
   options = {}
   if implementation == 'auto':
-    implementation, options = _auto(q_BxTxNxH.shape[1], mask)
+    implementation, options = _auto(q_BxTxNxH, mask, current_platform())
   if implementation == 'splash' and mask.self_attention:
     return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+  if implementation == 'cudnn' and mask.self_attention:
+    if current_platform() != 'cuda':
+      raise InputError("config.model.attention='cudnn' needs an NVIDIA GPU (install "
+                       f"jax[cuda12]); JAX runs on {current_platform()}.")
+    return cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if implementation == 'chunked':
     return chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, **options)
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask.dense())
@@ -81,13 +92,26 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
 CPU_BLOCK, CPU_CHUNKED_FROM = 64, 256
 
 
-def _auto(t: int, mask: AttentionMask) -> tuple[str, dict]:
-  """(implementation, its options) for T queries: 'splash' on TPU (sequences of whole tiles),
-  'chunked' in CPU_BLOCK blocks on CPU (long self-attention), 'dense' otherwise."""
+def current_platform() -> str:
+  """'cpu', 'tpu', 'cuda' or 'rocm' (JAX's backend 'gpu' is either of the last two)."""
   backend = jax.default_backend()
-  if backend == 'tpu' and mask.self_attention and t % SPLASH_BLOCK == 0:
+  if backend == 'gpu':
+    return 'cuda' if 'cuda' in jax.extend.backend.get_backend().platform_version else 'rocm'
+  return backend
+
+
+def _auto(q_BxTxNxH, mask: AttentionMask, platform: str) -> tuple[str, dict]:
+  """(implementation, its options) for these queries on this platform: 'splash' on TPU
+  (sequences of whole tiles), 'cudnn' on CUDA (where `cudnn_unsupported` finds nothing),
+  'chunked' in CPU_BLOCK blocks on CPU (long self-attention), 'dense' otherwise."""
+  t = q_BxTxNxH.shape[1]
+  if not mask.self_attention:
+    return 'dense', {}
+  if platform == 'tpu' and t % SPLASH_BLOCK == 0:
     return 'splash', {}
-  if backend == 'cpu' and mask.self_attention and t >= CPU_CHUNKED_FROM:
+  if platform == 'cuda' and not cudnn_unsupported(q_BxTxNxH):
+    return 'cudnn', {}
+  if platform == 'cpu' and t >= CPU_CHUNKED_FROM:
     return 'chunked', {'q_block': CPU_BLOCK, 'kv_block': CPU_BLOCK}
   return 'dense', {}
 
@@ -144,6 +168,41 @@ def _splash_kernel(t: int, n: int, sliding_window: int | None, interpret: bool):
   return splash_kernel.make_splash_mha(splash_mask.MultiHeadMask([one_head] * n),
                                        block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                        interpret=interpret)
+
+
+def cudnn_unsupported(q_BxTxNxH) -> str:
+  """Why cuDNN's flash attention cannot train on these queries ('' when it can): it takes
+  bfloat16 or float16, heads of a multiple of 8 up to 128 dimensions (256 from Hopper on, not
+  counted on here), and, with a mask, an even number of tokens."""
+  _, t, _, h = q_BxTxNxH.shape
+  if q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
+    return f'bfloat16 or float16 (config.model.dtype), not {q_BxTxNxH.dtype}'
+  if h % 8 or h > 128:
+    return f'heads of a multiple of 8 up to 128 dimensions, not {h}'
+  if t % 2:
+    return f'an even number of tokens (config.train.seq_len), not {t}'
+  return ''
+
+
+def cudnn_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask: AttentionMask, *,
+                    implementation: str = 'cudnn') -> jax.Array:
+  """Self-attention [B, T, N, H] by cuDNN's fused flash attention (Dao 2023's algorithm,
+  NVIDIA's kernel; `implementation='xla'`: JAX's reference for the same call, on any backend,
+  for tests).
+
+  cuDNN's own mask forms (causal by index, right padding as lengths, a window back by index)
+  cannot say left padding or packing. So the call is causal by index, which lets the kernel
+  skip the tiles above the diagonal, and also takes dense attention's [B, 1, T, T] mask, which
+  cuDNN adds to the scores as a bias: exact for every layout, at the cost of reading one
+  [T, T] bias a row (not a head), and in the backward pass of writing its gradient (JAX's
+  cuDNN rule always returns it; unused). The window is in that mask, so no tile is skipped for
+  it.
+  """
+  reason = cudnn_unsupported(q_BxTxNxH)
+  if reason and implementation == 'cudnn':
+    raise InputError(f"config.model.attention='cudnn' needs {reason}.")
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask.dense(),
+                                      is_causal=True, implementation=implementation)
 
 
 class _QueryBlocks(NamedTuple):

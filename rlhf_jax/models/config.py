@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.errors import InputError
 
-ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'splash', 'auto')
+ATTENTION_IMPLEMENTATIONS = ('dense', 'chunked', 'splash', 'cudnn', 'auto')
 # Fields a checkpoint's config.json does not hold and a run's config.model sets: how the
 # architecture is computed and stored, and the LoRA adapters trained on it.
 RUN_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention', 'scan_layers', 'lora_rank',
@@ -77,9 +77,9 @@ class ModelConfig:
   # '': in param_dtype. Needs lora_rank > 0 (a quantized base is never trained).
   quantize_base: str = ''
   # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores,
-  # 'splash' is TPU's Pallas kernel, 'auto' splash on TPU, chunked on CPU for long sequences,
-  # and dense elsewhere.
-  attention: Literal['dense', 'chunked', 'splash', 'auto'] = 'auto'
+  # 'splash' is TPU's Pallas kernel, 'cudnn' NVIDIA's fused kernel, 'auto' splash on TPU, cudnn
+  # on CUDA GPUs, chunked on CPU for long sequences, and dense elsewhere.
+  attention: Literal['dense', 'chunked', 'splash', 'cudnn', 'auto'] = 'auto'
 
   def __post_init__(self):
     if isinstance(self.remat, bool):
