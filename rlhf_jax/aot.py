@@ -43,7 +43,7 @@ from rlhf_jax.engine.state import TrainState, train_state_shardings
 from rlhf_jax.engine.step import jit_train_step
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses.dpo import REFERENCE_FREE
-from rlhf_jax.models import ModelConfig, Transformer, lora
+from rlhf_jax.models import ModelConfig, Transformer, attention, lora
 from rlhf_jax.models.config import NO_ADAPTERS
 from rlhf_jax.sampling.text import left_pad
 from rlhf_jax.tpu import Slice, parse_slice
@@ -148,11 +148,11 @@ def abstract_train_state(config, mesh, graphdef, params, param_shardings):
 def compile_program(jitted, args: tuple, mesh, *, model_flops: float | None = None,
                     resident_bytes: int = 0) -> Compiled:
   """`jitted` lowered on the abstract `args` and compiled, timed; an HBM overflow is kept as
-  `oom`, not raised."""
+  `oom`, not raised. 'auto' attention chooses for the mesh's devices (splash on TPU)."""
   result = Compiled(None, 0.0, model_flops, shard_bytes(args), resident_bytes=resident_bytes)
   start = time.perf_counter()
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), attention.compiling_for(mesh.devices.flat[0].platform):
       result.executable = jitted.lower(*args).compile()
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):

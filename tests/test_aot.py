@@ -12,6 +12,7 @@ import pytest
 from rlhf_jax import aot, parallel
 from rlhf_jax.config import POD_SLICES, check_batch_sizes, load_config, to_model_config
 from rlhf_jax.errors import InputError
+from rlhf_jax.models import attention
 from rlhf_jax.models.attention import AttentionMask, splash_attention
 from rlhf_jax.models.layers import positions_from_mask
 from rlhf_jax.tpu import parse_slice
@@ -80,22 +81,27 @@ def test_scanned_layers_compile_one_block_and_count_every_layer():
   assert reports[True]['fits'] and 0 < reports[True]['mfu_bound'] <= 1
 
 
-def test_splash_attention_compiles_into_the_sharded_scanned_step():
+def test_splash_attention_compiles_into_the_sharded_scanned_step(monkeypatch):
   """The Pallas kernel itself (not its interpreter) lowered for TPU, once per device under
-  shard_map, inside the scanned FSDP train step."""
+  shard_map, inside the scanned FSDP train step, where 'auto' chooses it for the TPU compiled
+  for (not 'chunked', this CPU's choice)."""
   config = sorting_config(32)
-  config.train.seq_len, config.model.attention, config.model.scan_layers = 256, 'splash', True
+  config.train.seq_len, config.model.attention, config.model.scan_layers = 256, 'auto', True
   config.mesh.data, config.mesh.fsdp = 1, -1
+  called = []
+  monkeypatch.setattr(attention, 'splash_attention',
+                      lambda *args: called.append(1) or splash_attention(*args))
   assert aot.compile_train_step(config, parse_slice('v5p-8')).oom is None
+  assert called  # Traced once for the scanned block (and its rematerialization).
 
   mesh = parallel.make_mesh({'data': 1, 'fsdp': -1}, parse_slice('v5p-8').devices())
   rows = lambda *shape, dtype=jnp.float32: jax.ShapeDtypeStruct(
       shape, dtype, sharding=parallel.batch_sharding(mesh, parallel.DEFAULT_RULES, len(shape)))
-  attention = jax.jit(lambda q, k, v, valid: splash_attention(
+  splash = jax.jit(lambda q, k, v, valid: splash_attention(
       q, k, v, AttentionMask(positions_from_mask(valid), positions_from_mask(valid), valid)))
   with jax.set_mesh(mesh):
-    lowered = attention.lower(rows(4, 256, 4, 8), rows(4, 256, 2, 8), rows(4, 256, 2, 8),
-                              rows(4, 256, dtype=jnp.bool_))
+    lowered = splash.lower(rows(4, 256, 4, 8), rows(4, 256, 2, 8), rows(4, 256, 2, 8),
+                           rows(4, 256, dtype=jnp.bool_))
   assert lowered.as_text().count('tpu_custom_call') >= 1  # The kernel, not an emulation.
   lowered.compile()
 

@@ -266,10 +266,6 @@ def test_the_cudnn_call_equals_dense_with_its_gradients(case):
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
 
 
-def as_if_on_cuda(monkeypatch):
-  """Lowering for CUDA on this CPU: JAX's cuDNN rules ask for cuDNN's version (here 9.10)."""
-  monkeypatch.setattr(attention, 'current_platform', lambda: 'cuda')
-  monkeypatch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 91000)
 
 
 @pytest.mark.parametrize('overrides', [dict(dtype='bfloat16'), dict(dtype='float32'),
@@ -279,7 +275,8 @@ def test_auto_on_cuda_lowers_a_training_step_to_cudnn_flash_attention(monkeypatc
   cuDNN's fused attention forward and backward (causal, with the mask as a bias), scanned and
   rematerialized too, and nothing holds [B, N, T, T] scores; float32, which cuDNN does not
   take, stays dense."""
-  as_if_on_cuda(monkeypatch)
+  # JAX's cuDNN rules ask the installed cuDNN's version: here none, so say 9.10.
+  monkeypatch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 91000)
   batch, length, heads = 2, 64, 4
   cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=heads, n_kv_heads=2,
                     d_ff=64, **overrides)
@@ -291,7 +288,8 @@ def test_auto_on_cuda_lowers_a_training_step_to_cudnn_flash_attention(monkeypatc
     logits = nnx.merge(graphdef, params)(tokens, attention_mask=mask)
     return jnp.sum(logits.astype(jnp.float32) ** 2)
 
-  hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+  with attention.compiling_for('cuda'):
+    hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
   calls = re.findall(r'custom_call @(__cudnn\$fmha\w+)', hlo)
   # Scores of every head, [B, N, T, T] or grouped as [B, K, N / K, T, T], in a float type.
   scores = re.compile(rf'tensor<{batch}x(?:{heads}|2x{heads // 2})x{length}x{length}x(?:f32|bf16)>')

@@ -26,6 +26,8 @@ masked scores are dense attention's large negative number, not −∞. Finite, a
 chunked and splash skip blocks that dense attention shows it, such outputs differ between them.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import NamedTuple
@@ -92,8 +94,25 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
 CPU_BLOCK, CPU_CHUNKED_FROM = 64, 256
 
 
+_TARGET_PLATFORM = contextvars.ContextVar('attention_target_platform', default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within it, 'auto' chooses for `platform` ('tpu', 'cuda', …), not for this machine: for
+  programs compiled ahead of time for other hardware (`rlhf_jax.aot`)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
 def current_platform() -> str:
-  """'cpu', 'tpu', 'cuda' or 'rocm' (JAX's backend 'gpu' is either of the last two)."""
+  """'cpu', 'tpu', 'cuda' or 'rocm' (JAX's backend 'gpu' is either of the last two), or the
+  platform being compiled for (`compiling_for`)."""
+  if _TARGET_PLATFORM.get():
+    return _TARGET_PLATFORM.get()
   backend = jax.default_backend()
   if backend == 'gpu':
     return 'cuda' if 'cuda' in jax.extend.backend.get_backend().platform_version else 'rocm'
