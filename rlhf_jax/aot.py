@@ -10,7 +10,7 @@ over the slice's abstract devices, config.mesh as a run makes it), lowers and co
 jitted train step (online RL: also the sampler and the scoring pass) for the slice, and prints
 per-chip memory against the chip's HBM, the compile time and the HLO FLOPs against the model's.
 The last line is one JSON object; the exit status is 1 when a program does not fit in HBM (or
-on an error). SFT, RM, DPO (LoRA too), PPO, GRPO and RLOO; not KTO yet.
+on an error). SFT, RM, DPO and KTO (LoRA too), PPO, GRPO and RLOO.
 
 Slice names are Cloud TPU accelerator types (`rlhf_jax.tpu.parse_slice`): for v4 and v5p the
 number counts TensorCores (2 a chip: v5p-64 is 32 chips, a 2x4x4 torus), for v5e (v5litepod)
@@ -31,7 +31,7 @@ from absl import app, flags
 from flax import nnx
 
 from rlhf_jax import errors, parallel
-from rlhf_jax.algorithms import dpo, rm, sft
+from rlhf_jax.algorithms import dpo, kto, rm, sft
 from rlhf_jax.algorithms.rl.actor_critic import ActorCritic, ValueHead
 from rlhf_jax.algorithms.rl.learner import make_loss_fn as rl_loss_fn
 from rlhf_jax.algorithms.rl.learner import make_rollout_sampler, scoring_options
@@ -48,17 +48,20 @@ from rlhf_jax.models.config import NO_ADAPTERS
 from rlhf_jax.sampling.text import left_pad
 from rlhf_jax.tpu import Slice, parse_slice
 
-LOSS_FNS = {'sft': sft.make_loss_fn, 'rm': rm.make_loss_fn, 'dpo': dpo.make_loss_fn}
+LOSS_FNS = {'sft': sft.make_loss_fn, 'rm': rm.make_loss_fn, 'dpo': dpo.make_loss_fn,
+            'kto': kto.make_loss_fn}
 RL_ALGORITHMS = ('ppo', 'grpo', 'rloo')
 GIB = 2**30
 
 
-def dpo_reference(config) -> str | None:
-  """How a DPO run's loss gets the reference: 'frozen' params, 'precomputed' log-probs, the
-  LoRA policy's own base with its 'adapters' off, or None."""
-  if config.algorithm != 'dpo' or config.loss.loss_type in REFERENCE_FREE:
+def reference_kind(config) -> str | None:
+  """How a DPO or KTO run's loss gets the reference: 'frozen' params, 'precomputed' log-probs
+  (DPO), the LoRA policy's own base with its 'adapters' off, or None."""
+  if config.algorithm not in ('dpo', 'kto'):
     return None
-  if config.loss.precompute_ref:
+  if config.algorithm == 'dpo' and config.loss.loss_type in REFERENCE_FREE:
+    return None
+  if config.algorithm == 'dpo' and config.loss.precompute_ref:
     return 'precomputed'
   return 'adapters' if config.model.lora_rank else 'frozen'
 
@@ -66,15 +69,18 @@ def dpo_reference(config) -> str | None:
 def abstract_batch(config, mesh) -> dict:
   """One global train batch as ShapeDtypeStructs, with the keys and dtypes of the data path's
   batches (`store.finish_batch` of one padding row) and sharded as `DataBatches` shards them:
-  SFT rows [B, T] (packed: with segment_ids and positions), RM and DPO pairs [B, 2, T];
-  T = seq_len, the longest bucket."""
+  SFT rows [B, T] (packed: with segment_ids and positions), RM and DPO pairs [B, 2, T], KTO's
+  examples and mismatched pairs [B, 2, T] with their labels [B]; T = seq_len, the longest
+  bucket."""
   train = config.train
   pieces = 1 if config.algorithm == 'sft' else 2
   packed = config.algorithm == 'sft' and bool(config.data.get('packing'))
   one_row = finish_batch(empty_batch(1, pieces, train.seq_len, pad_id=0), packed=packed)
   shapes = {k: ((train.batch_size, *x.shape[1:]), x.dtype) for k, x in one_row.items()}
-  if dpo_reference(config) == 'precomputed':
+  if reference_kind(config) == 'precomputed':
     shapes['ref_logps'] = ((train.batch_size, pieces), jnp.float32)
+  if config.algorithm == 'kto':
+    shapes['labels'] = ((train.batch_size,), jnp.int8)  # As the data store keeps them.
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(
       mesh, config.sharding_rules, len(shape))) for k, (shape, dtype) in shapes.items()}
 
@@ -101,7 +107,7 @@ def compile_train_step(config, slice_: Slice, cfg: ModelConfig | None = None) ->
   replaces the architecture config.model describes."""
   if config.get('algorithm') not in LOSS_FNS:
     raise InputError(f'config.algorithm={config.get("algorithm")!r}: rlhf_jax.aot compiles '
-                     f'{sorted(LOSS_FNS) + sorted(RL_ALGORITHMS)} (not KTO yet).')
+                     f'{sorted(LOSS_FNS) + sorted(RL_ALGORITHMS)}.')
   mesh = parallel.make_mesh(config.mesh, slice_.devices())
   check_batch_sizes(config, mesh)
   cfg = cfg or architecture(config.model)
@@ -110,15 +116,18 @@ def compile_train_step(config, slice_: Slice, cfg: ModelConfig | None = None) ->
   state, fixed, make_step = abstract_train_state(config, mesh, graphdef, params,
                                                  param_shardings)
   frozen = frozen_shardings = None
-  if dpo_reference(config) == 'frozen':
+  if reference_kind(config) == 'frozen':
     frozen, frozen_shardings = with_shardings(params, param_shardings), param_shardings
   batch = abstract_batch(config, mesh)
   step = make_step(LOSS_FNS[config.algorithm](config), batch, frozen_shardings)
-  # PaLM's count (`ModelConfig.flops_per_token`); a reference adds its forward pass.
+  # PaLM's count (`ModelConfig.flops_per_token`) for the tokens trained on, and its forward
+  # pass for the others: KTO's mismatched pairs through the policy; a reference's log-probs.
   tokens, seq_len = math.prod(batch['tokens'].shape), config.train.seq_len
-  model_flops = cfg.flops_per_token(seq_len) * tokens
-  if dpo_reference(config) in ('frozen', 'adapters'):
-    model_flops += cfg.flops_per_token(seq_len, forward_only=True) * tokens
+  trained = tokens // 2 if config.algorithm == 'kto' else tokens
+  forward_only = (tokens - trained) + (tokens if reference_kind(config) in ('frozen', 'adapters')
+                                       else 0)
+  model_flops = (cfg.flops_per_token(seq_len) * trained +
+                 cfg.flops_per_token(seq_len, forward_only=True) * forward_only)
   return compile_program(step, (state, batch, frozen, fixed), mesh, model_flops=model_flops)
 
 

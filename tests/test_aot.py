@@ -132,6 +132,23 @@ def test_dpo_step_counts_the_frozen_reference():
 
 
 @pytest.mark.parametrize('lora_rank', [0, 4], ids=['full', 'lora'])
+def test_kto_step_counts_its_mismatched_pairs_and_the_reference(lora_rank):
+  """KTO trains on its examples and runs forward only the mismatched pairs through the policy
+  and both through the reference (a frozen copy, or with LoRA the policy's base)."""
+  config = load_config('kto.py:tiny')
+  config.model.lora_rank = lora_rank
+  result = aot.report(config, 'v5e-4')
+  train, cfg = config.train, to_model_config(config.model)
+  rows = train.batch_size * train.seq_len
+  model_flops = (cfg.flops_per_token(train.seq_len) * rows +
+                 cfg.flops_per_token(train.seq_len, forward_only=True) * 3 * rows)
+  assert aot.reference_kind(config) == ('adapters' if lora_rank else 'frozen')
+  assert result['fits'] and result['model_tflops_per_chip'] == pytest.approx(
+      model_flops / 4 / 1e12)
+  assert result['hlo_tflops_per_chip'] > result['model_tflops_per_chip'] * 0.9
+
+
+@pytest.mark.parametrize('lora_rank', [0, 4], ids=['full', 'lora'])
 def test_online_rl_compiles_sampling_scoring_and_the_update(lora_rank):
   """GRPO's three programs fit; each counts the models it does not take as arguments (the
   update: the reference and the reward model; with LoRA the reward model alone, the reference

@@ -131,7 +131,7 @@ def test_a_lora_dpo_step_keeps_no_reference_copy():
              (('full', full), ('lora', with_lora))}
   assert reports['lora']['fits'] and reports['full']['fits']
   assert reports['lora']['argument_gib'] < 0.3 * reports['full']['argument_gib']
-  assert aot.dpo_reference(with_lora) == 'adapters'
+  assert aot.reference_kind(with_lora) == 'adapters'
   assert reports['lora']['hlo_tflops_per_chip'] > 0.9 * reports['lora']['model_tflops_per_chip']
 
 

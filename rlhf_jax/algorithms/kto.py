@@ -43,21 +43,25 @@ def kto_loss_fn(model, batch, rng=None, frozen=None, *, loss_options: dict, chun
                   no_grad(reference, 1), batch['labels'], **loss_options)
 
 
-def make_algorithm(ctx) -> Algorithm:
-  config = ctx.config
-  if config.loss.loss_type not in LOSS_TYPES:
-    raise InputError(f'config.loss.loss_type={config.loss.loss_type!r}; choose from '
-                     f'{LOSS_TYPES}.')
-  data = preference_data(ctx, head='lm', kinds=('unpaired',))
-  reference = (ctx.load(config.model.hf_path, head='lm') if config.model.hf_path
-               else ctx.initial_model())
-  model, reference = reference.trained_and_reference()
+def make_loss_fn(config):
+  """kto_loss_fn with config.loss's options and config.train.logprob_chunk_size."""
   loss = config.loss
-  loss_fn = functools.partial(
+  if loss.loss_type not in LOSS_TYPES:
+    raise InputError(f'config.loss.loss_type={loss.loss_type!r}; choose from {LOSS_TYPES}.')
+  return functools.partial(
       kto_loss_fn, chunk_size=config.train.logprob_chunk_size,
       loss_options=dict(beta=loss.beta, loss_type=loss.loss_type,
                         desirable_weight=loss.desirable_weight,
                         undesirable_weight=loss.undesirable_weight))
+
+
+def make_algorithm(ctx) -> Algorithm:
+  config = ctx.config
+  loss_fn = make_loss_fn(config)
+  data = preference_data(ctx, head='lm', kinds=('unpaired',))
+  reference = (ctx.load(config.model.hf_path, head='lm') if config.model.hf_path
+               else ctx.initial_model())
+  model, reference = reference.trained_and_reference()
   return Algorithm(
       model=model, loss_fn=loss_fn, batches=DataBatches.for_run(ctx, data),
       frozen=None if lora.has_adapters(model.params) else (reference.params, reference.shardings),
