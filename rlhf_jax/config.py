@@ -258,10 +258,19 @@ def rl_config(**overrides) -> ml_collections.ConfigDict:
       'gamma': 1.0,
       'lam': 0.95,
       'clip_eps': 0.2,
+      # ε_high of the ratio's upper clip, 1 + ε_high (None: clip_eps); DAPO's clip-higher: 0.28.
+      'clip_eps_high': config_dict.placeholder(float),
+      # How the policy loss (and a KL in the loss) is averaged over a minibatch's tokens:
+      # 'token_mean' | 'sequence_mean' (GRPO's paper) | 'max_length' (Dr. GRPO), see
+      # rlhf_jax.losses.ppo.aggregate_tokens.
+      'loss_aggregation': 'token_mean',
       'value_clip_eps': 0.2,
       'vf_coef': 0.1,
       'whiten_rewards': False,
       'whiten_advantages': True,
+      # GRPO: divide each group's centred rewards by their std (False: Dr. GRPO, Liu et al. 2025,
+      # with whiten_advantages=False and loss_aggregation='max_length').
+      'normalize_group_std': True,
       'normalize_scores': True,  # Scores of the initial policy's responses: mean 0, std 1.
       'missing_eos_penalty': 1.0,  # Subtracted from the score of a response without EOS.
       # A KL budget: stop after the first evaluation whose KL to the initial policy reaches it

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.losses import (adaptive_kl_coef, gae, group_advantages, kl_penalty,
-                             leave_one_out_advantages, ppo_policy_loss, ppo_value_loss,
-                             token_rewards, whiten)
+from rlhf_jax.errors import InputError
+from rlhf_jax.losses import (adaptive_kl_coef, aggregate_tokens, gae, group_advantages,
+                             kl_penalty, leave_one_out_advantages, ppo_policy_loss,
+                             ppo_value_loss, token_rewards, whiten)
 
 LENGTHS = [6, 1, 3, 0, 4]  # Ragged right-padded rows, one of them empty.
 
@@ -162,6 +163,41 @@ def test_policy_loss_hand_computed():
   assert metrics['policy/clipfrac'] == 0.5
   approxkl = sum(0.5 * math.log(r) ** 2 for r in (1.5, 0.5, 0.5, 1.1)) / 4
   assert metrics['policy/approxkl'] == pytest.approx(approxkl, rel=1e-5)
+
+
+def test_token_aggregations_hand_computed():
+  x = jnp.array([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0], [99.0, 99.0, 99.0]])  # 99: masked.
+  mask = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+  assert aggregate_tokens(x, mask, 'token_mean') == pytest.approx(10 / 4)
+  assert aggregate_tokens(x, mask, 'sequence_mean') == pytest.approx((2 + 4 + 0) / 3)
+  assert aggregate_tokens(x, mask, 'max_length') == pytest.approx(10 / 9)
+  with pytest.raises(InputError, match="'seq_mean'; choose one of token_mean"):
+    aggregate_tokens(x, mask, 'seq_mean')
+
+
+def test_clip_higher_lets_a_positive_advantage_ratio_grow_to_one_plus_eps_high():
+  """ρ = 1.25, A = 1: clipped at 1.2 with ε = 0.2, free under ε_high = 0.28 (so its gradient
+  is −Aρ / 2); ρ = 0.7, A = −1: the lower clip 0.8 holds either way."""
+  ratios, old = jnp.array([[1.25, 0.7]]), jnp.zeros((1, 2))
+  args = (jnp.array([[1.0, -1.0]]), jnp.ones((1, 2)))
+  loss_fn = lambda logp, **kw: ppo_policy_loss(logp, old, *args, clip_eps=0.2, **kw)[0]
+  assert loss_fn(jnp.log(ratios)) == pytest.approx((-1.2 + 0.8) / 2, rel=1e-6)
+  assert loss_fn(jnp.log(ratios), clip_eps_high=0.28) == pytest.approx((-1.25 + 0.8) / 2,
+                                                                        rel=1e-6)
+  np.testing.assert_allclose(jax.grad(loss_fn)(jnp.log(ratios), clip_eps_high=0.28),
+                             [[-1.25 / 2, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize('aggregation, expected', [
+    ('token_mean', -(0.5 - 2 + 3 + 1 + 4) / 5),
+    ('sequence_mean', -((0.5 - 2 + 3) / 3 + (1 + 4) / 2) / 2),
+    ('max_length', -(0.5 - 2 + 3 + 1 + 4) / 6)])
+def test_policy_loss_at_ratio_one_under_each_aggregation(aggregation, expected):
+  logp = jnp.array([[-1.0, -2.0, -0.5], [-3.0, -0.1, -9.0]])
+  adv = jnp.array([[0.5, -2.0, 3.0], [1.0, 4.0, 7.0]])
+  mask = jnp.array([[1, 1, 1], [1, 1, 0]])
+  loss, _ = ppo_policy_loss(logp, logp, adv, mask, clip_eps=0.2, aggregation=aggregation)
+  assert loss == pytest.approx(expected, rel=1e-6)
 
 
 def test_policy_gradient_is_zero_on_clipped_tokens():

@@ -19,7 +19,8 @@ from test_ppo import numpy_gae
 from rlhf_jax.losses import token_logprobs
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.algorithms.rl.actor_critic import ActorCritic, ValueHead
-from rlhf_jax.algorithms.rl.learner import check_config
+from rlhf_jax.algorithms.rl import learner
+from rlhf_jax.algorithms.rl.learner import check_config, make_loss_fn
 from rlhf_jax.algorithms.rl.loss import rl_loss_fn
 from rlhf_jax.algorithms.rl.prompts import prompt_pool, rollout_prompts
 from rlhf_jax.data.encoding import encode_prompt
@@ -195,16 +196,21 @@ def numpy_sequence_rewards(scores, kl, mask, beta):
 
 
 @pytest.mark.parametrize('group_size', [2, 3])
-def test_grpo_is_the_group_normalised_sequence_reward_on_every_response_token(group_size):
+@pytest.mark.parametrize('normalize_group_std', [True, False])
+def test_grpo_is_the_group_normalised_sequence_reward_on_every_response_token(
+    group_size, normalize_group_std):
+  """(r − mean_g r) / (std_g r + 1e-4), or without the std (Dr. GRPO)."""
   scores, kl, _, mask = rollout_arrays(1)
-  adv, returns = advantages_and_returns(scores, kl, None, mask, kl_coef=0.2,
-                                        **options('grpo', group_size=group_size))
+  adv, returns = advantages_and_returns(
+      scores, kl, None, mask, kl_coef=0.2,
+      **options('grpo', group_size=group_size, normalize_group_std=normalize_group_std))
   assert returns is None
   rewards = numpy_sequence_rewards(scores, kl, mask, 0.2)
   expected = np.zeros(len(rewards))
   for start in range(0, len(rewards), group_size):  # Consecutive rows form a group.
     group = rewards[start:start + group_size]
-    expected[start:start + group_size] = (group - group.mean()) / (group.std(ddof=1) + 1e-4)
+    scale = group.std(ddof=1) + 1e-4 if normalize_group_std else 1.0
+    expected[start:start + group_size] = (group - group.mean()) / scale
   np.testing.assert_allclose(adv, np.where(mask, expected[:, None], 0.0), atol=1e-4)
 
 
@@ -397,6 +403,38 @@ def test_rl_loss_kl_term_is_k3_to_the_reference():
   assert float(loss) == pytest.approx(policy + 0.5 * k3, abs=1e-5)
 
 
+@pytest.mark.parametrize('aggregation', ['sequence_mean', 'max_length'])
+def test_rl_loss_aggregates_the_policy_loss_and_the_kl_alike(aggregation):
+  """At the rollout's parameters with log π_ref = log π − 0.3: −A and k3 per token, each
+  aggregated over the minibatch's tokens as `aggregation` says."""
+  trained = ActorCritic(model(), None)
+  batch = loss_batch(trained)
+  shifted = batch | {'ref_logps': batch['old_logps'] - 0.3}
+  loss, metrics = rl_loss_fn(trained, shifted, **LOSS_OPTIONS, kl_loss_coef=0.5,
+                             loss_aggregation=aggregation)
+  mask = np.asarray(batch['response_mask'], bool)
+  k3 = np.full(mask.shape, np.exp(-0.3) - 1 + 0.3)
+  if aggregation == 'sequence_mean':
+    aggregate = lambda x: np.mean([row[real].mean() for row, real in zip(x, mask)])
+  else:
+    aggregate = lambda x: np.where(mask, x, 0).sum() / mask.size
+  policy = aggregate(-np.asarray(batch['advantages'], np.float64))
+  assert float(metrics['loss/policy']) == pytest.approx(policy, abs=1e-5)
+  assert float(metrics['loss/kl']) == pytest.approx(aggregate(k3), rel=1e-4)
+  assert float(loss) == pytest.approx(policy + 0.5 * aggregate(k3), abs=1e-5)
+
+
+def test_the_rl_config_sets_clip_higher_the_aggregation_and_the_group_std():
+  config = load_config('grpo', 'tiny')
+  assert make_loss_fn(config).keywords['clip_eps_high'] is None
+  assert learner.scoring_options(config, eos_id=2)['normalize_group_std']
+  config.rl.clip_eps_high, config.rl.loss_aggregation = 0.28, 'max_length'
+  config.rl.normalize_group_std = False
+  options = make_loss_fn(config).keywords
+  assert options['clip_eps_high'] == 0.28 and options['loss_aggregation'] == 'max_length'
+  assert not learner.scoring_options(config, eos_id=2)['normalize_group_std']
+
+
 def test_rl_loss_ptx_term_is_gamma_times_the_pretraining_nll():
   """PPO-ptx (Ouyang et al. 2022, eq. 2): + γ · the mean next-token NLL of the text rows, by
   hand from the policy's full logits; padding (mask 0) is neither scored nor a target."""
@@ -474,6 +512,10 @@ def ptx_without_text(c):
   c.rl.ptx_coef = 1.0
 
 
+def unknown_loss_aggregation(c):
+  c.rl.loss_aggregation = 'seq_mean'
+
+
 @pytest.mark.parametrize('name, preset, change, key', [
     ('ppo', 'tiny', gae_without_critic, 'config.rl.critic'),
     ('grpo', 'tiny', grpo_with_one_sample, 'config.rl.group_size'),
@@ -486,6 +528,7 @@ def ptx_without_text(c):
     ('ppo', 'tiny', kl_budget_without_evaluations, 'config.rl.stop_kl'),
     ('ppo', 'tiny', negative_kl_budget, 'config.rl.stop_kl'),
     ('ppo', 'tiny', ptx_without_text, 'config.rl.ptx_coef'),
+    ('grpo', 'tiny', unknown_loss_aggregation, 'config.rl.loss_aggregation'),
 ])
 def test_check_config_names_the_offending_key(name, preset, change, key):
   config = load_config(name, preset)

@@ -15,6 +15,7 @@ from rlhf_jax.errors import InputError
 from rlhf_jax.losses.ops import masked_mean
 
 KL_ESTIMATORS = ('k1', 'k2', 'k3')
+LOSS_AGGREGATIONS = ('token_mean', 'sequence_mean', 'max_length')
 
 
 def kl_penalty(logprobs_BxT, ref_logprobs_BxT, *, estimator: str = 'k1'):
@@ -88,10 +89,36 @@ def whiten(x, mask, *, shift_mean: bool = True, eps: float = 1e-8):
   return jnp.where(mask, whitened if shift_mean else whitened + mean, 0.0)
 
 
-def ppo_policy_loss(logprobs_BxT, old_logprobs_BxT, advantages_BxT, mask_BxT, *, clip_eps):
-  """Clipped surrogate (Schulman et al. 2017), the masked mean over tokens of
+def aggregate_tokens(x_BxT, mask_BxT, how: str = 'token_mean'):
+  """One number from per-token losses x over the real tokens of B rows of T positions:
 
-    max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε)),    ρ = exp(log π − log π_old).
+    token_mean     Σ_bt x / Σ_bt m          each token weighs the same (DAPO, Yu et al. 2025)
+    sequence_mean  mean_b Σ_t x / Σ_t m     each sequence weighs the same (GRPO, Shao et al.
+                                            2024, eq. 3): a long answer's tokens weigh less
+    max_length     Σ_bt x / (B · T)         a constant divisor, no length bias (Dr. GRPO, Liu
+                                            et al. 2025)
+
+  A row without real tokens counts in sequence_mean as 0.
+  """
+  if how not in LOSS_AGGREGATIONS:
+    raise InputError(f'Loss aggregation {how!r}; choose one of {", ".join(LOSS_AGGREGATIONS)}.')
+  mask = mask_BxT.astype(bool)
+  if how == 'token_mean':
+    return masked_mean(x_BxT, mask)
+  if how == 'sequence_mean':
+    return jnp.mean(masked_mean(x_BxT, mask, axis=1))
+  return jnp.sum(jnp.where(mask, x_BxT, 0.0)) / mask.size
+
+
+def ppo_policy_loss(logprobs_BxT, old_logprobs_BxT, advantages_BxT, mask_BxT, *, clip_eps,
+                    clip_eps_high=None, aggregation: str = 'token_mean'):
+  """Clipped surrogate (Schulman et al. 2017), per token
+
+    max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε_high)),    ρ = exp(log π − log π_old),
+
+  aggregated over the real tokens by `aggregate_tokens`. ε_high = ε unless given: DAPO's
+  "clip-higher" (Yu et al. 2025) raises it (0.28 against ε = 0.2) so that unlikely tokens with
+  a positive advantage can grow further.
 
   Only log π carries gradient. Metrics: 'policy/clipfrac' is the fraction of tokens where the
   clipped term is the larger (so the token's gradient is 0); 'policy/approxkl' the k2 estimate
@@ -104,8 +131,9 @@ def ppo_policy_loss(logprobs_BxT, old_logprobs_BxT, advantages_BxT, mask_BxT, *,
   ratio = jnp.exp(log_ratio)
   advantages = _constant(advantages_BxT)
   unclipped = -advantages * ratio
-  clipped = -advantages * jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+  high = clip_eps if clip_eps_high is None else clip_eps_high
+  clipped = -advantages * jnp.clip(ratio, 1 - clip_eps, 1 + high)
+  loss = aggregate_tokens(jnp.maximum(unclipped, clipped), mask, aggregation)
   return loss, {
       'loss/policy': loss,
       'policy/clipfrac': masked_mean(clipped > unclipped, mask),

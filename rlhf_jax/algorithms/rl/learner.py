@@ -38,7 +38,7 @@ from rlhf_jax.algorithms.rl.rollout import merge_and_score, reward_model_scores
 from rlhf_jax.config import reward_model_paths
 from rlhf_jax.errors import InputError
 from rlhf_jax.losses import adaptive_kl_coef
-from rlhf_jax.losses.ppo import KL_ESTIMATORS
+from rlhf_jax.losses.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from rlhf_jax.models import lora
 from rlhf_jax.models.loading import LoadedModel
 from rlhf_jax.rewards.ensemble import EnsembleReward, check_aggregation
@@ -52,7 +52,8 @@ ADVANTAGE_ESTIMATOR = {'ppo': 'gae', 'grpo': 'grpo', 'rloo': 'rloo'}
 
 def check_config(config) -> None:
   rl = config.rl
-  choices = {'critic': CRITICS, 'kl_estimator': KL_ESTIMATORS}
+  choices = {'critic': CRITICS, 'kl_estimator': KL_ESTIMATORS,
+             'loss_aggregation': LOSS_AGGREGATIONS}
   for key, allowed in choices.items():
     if rl[key] not in allowed:
       raise InputError(f'config.rl.{key}={rl[key]!r}; choose one of {allowed}.')
@@ -191,7 +192,8 @@ def scoring_options(config, *, eos_id: int) -> dict:
               missing_eos_penalty=rl.missing_eos_penalty,
               estimator=ADVANTAGE_ESTIMATOR[config.algorithm], group_size=rl.group_size,
               gamma=rl.gamma, lam=rl.lam, whiten_rewards=rl.whiten_rewards,
-              whiten_advantages=rl.whiten_advantages, aggregation=rl.reward_aggregation,
+              whiten_advantages=rl.whiten_advantages,
+              normalize_group_std=rl.normalize_group_std, aggregation=rl.reward_aggregation,
               uncertainty_weight=rl.uncertainty_weight)
 
 
@@ -355,8 +357,9 @@ def make_loss_fn(config):
   rl = config.rl
   return functools.partial(
       rl_loss_fn, temperature=rl.temperature, chunk_size=config.train.logprob_chunk_size,
-      clip_eps=rl.clip_eps, value_clip_eps=rl.value_clip_eps, vf_coef=rl.vf_coef,
-      kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0, ptx_coef=rl.ptx_coef)
+      clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, value_clip_eps=rl.value_clip_eps,
+      vf_coef=rl.vf_coef, kl_loss_coef=rl.kl_coef if rl.kl_in_loss else 0.0,
+      ptx_coef=rl.ptx_coef, loss_aggregation=rl.loss_aggregation)
 
 
 def pretraining_rows(ctx) -> DataBatches | None:

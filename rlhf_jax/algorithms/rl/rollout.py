@@ -37,11 +37,12 @@ ESTIMATORS = ('gae', 'grpo', 'rloo')
 
 def advantages_and_returns(scores_B, kl_BxN, values_BxN, mask_BxN, *, estimator: str, kl_coef,
                            group_size: int, gamma: float, lam: float, whiten_rewards: bool,
-                           whiten_advantages: bool):
+                           whiten_advantages: bool, normalize_group_std: bool = True):
   """(advantages [B, N], returns [B, N] or None) of one rollout; see the module docstring.
 
   Rows of one group are consecutive (prompt i owns rows i·G … i·G + G − 1). Sequence-level
-  advantages go to every response token of their row.
+  advantages go to every response token of their row. `normalize_group_std=False`: GRPO's
+  advantages keep the group's mean baseline only (Dr. GRPO).
   """
   mask = mask_BxN.astype(bool)
   returns = None
@@ -53,8 +54,8 @@ def advantages_and_returns(scores_B, kl_BxN, values_BxN, mask_BxN, *, estimator:
   elif estimator in ('grpo', 'rloo'):
     rewards_B = scores_B - kl_coef * masked_sum(kl_BxN, mask, axis=-1)
     grouped = rewards_B.reshape(-1, group_size)
-    baselined = (group_advantages(grouped) if estimator == 'grpo'
-                 else leave_one_out_advantages(grouped))
+    baselined = (group_advantages(grouped, normalize_std=normalize_group_std)
+                 if estimator == 'grpo' else leave_one_out_advantages(grouped))
     advantages = jnp.where(mask, baselined.reshape(-1, 1), 0.0)
   else:
     raise InputError(f'Advantage estimator {estimator!r}; choose one of {ESTIMATORS}.')
