@@ -98,7 +98,9 @@ def aggregate_tokens(x_BxT, mask_BxT, how: str = 'token_mean'):
     max_length     Σ_bt x / (B · T)         a constant divisor, no length bias (Dr. GRPO, Liu
                                             et al. 2025)
 
-  A row without real tokens counts in sequence_mean as 0.
+  A row without real tokens counts in sequence_mean as 0. With gradient accumulation the
+  micro-batches' aggregates are averaged: the minibatch's own for sequence_mean and
+  max_length; token_mean then weighs each micro-batch alike, not each token.
   """
   if how not in LOSS_AGGREGATIONS:
     raise InputError(f'Loss aggregation {how!r}; choose one of {", ".join(LOSS_AGGREGATIONS)}.')
