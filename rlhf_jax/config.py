@@ -123,9 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # How the pod-scale presets run (`pod_presets`): bfloat16 matmuls over float32 master weights,
-# every block rematerialised, layers scanned, attention never holding [T, S] scores, and
-# parameters, gradients and optimizer state sharded over every chip (FSDP).
-POD_NUMERICS = dict(dtype='bfloat16', remat='full', scan_layers=True, attention='chunked')
+# every block rematerialised, layers scanned, and parameters, gradients and optimizer state
+# sharded over every chip (FSDP). Attention is the default 'auto': the hardware's flash kernel
+# (splash on TPU, cuDNN on CUDA), else chunked; never [T, S] scores for whole sequences.
+POD_NUMERICS = dict(dtype='bfloat16', remat='full', scan_layers=True)
 POD_MESH = {'data': 1, 'fsdp': -1, 'tensor': 1}
 
 

@@ -163,9 +163,9 @@ def test_chunked_self_attention_skips_the_key_blocks_after_each_query_block():
 
 
 def test_auto_is_chunked_in_small_blocks_for_long_self_attention_on_cpu():
-  q, k, v = qkv(2, length=attention.CPU_CHUNKED_FROM, batch=1)
+  q, k, v = qkv(2, length=attention.CHUNKED_FROM, batch=1)
   long_mask, short_mask = (by_position(jnp.ones((1, n), jnp.bool_))
-                           for n in (attention.CPU_CHUNKED_FROM, attention.CPU_CHUNKED_FROM - 1))
+                           for n in (attention.CHUNKED_FROM, attention.CHUNKED_FROM - 1))
   chunked = chunked_attention(q, k, v, long_mask, q_block=attention.CPU_BLOCK,
                               kv_block=attention.CPU_BLOCK)
   np.testing.assert_array_equal(attend(q, k, v, long_mask, implementation='auto'), chunked)
@@ -266,8 +266,6 @@ def test_the_cudnn_call_equals_dense_with_its_gradients(case):
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
 
 
-
-
 @pytest.mark.parametrize('overrides', [dict(dtype='bfloat16'), dict(dtype='float32'),
                                        dict(dtype='bfloat16', scan_layers=True, remat='full')])
 def test_auto_on_cuda_lowers_a_training_step_to_cudnn_flash_attention(monkeypatch, overrides):
@@ -313,14 +311,18 @@ def test_auto_picks_an_implementation_for_each_platform():
   queries = lambda length=256, head_dim=64, dtype=jnp.bfloat16: jnp.zeros(
       (1, length, 4, head_dim), dtype)
   pick = lambda q, platform, mask=mask: attention._auto(q, mask, platform)[0]
+  options = lambda q, platform: attention._auto(q, mask, platform)[1]
   assert pick(queries(), 'cuda') == 'cudnn'
-  for unsupported in (queries(dtype=jnp.float32), queries(head_dim=12), queries(head_dim=256),
-                      queries(length=255)):
-    assert pick(unsupported, 'cuda') == 'dense'
+  for unsupported in (queries(dtype=jnp.float32), queries(head_dim=12), queries(head_dim=256)):
+    assert pick(unsupported, 'cuda') == 'chunked'  # Long: no kernel, but no [T, S] scores.
+  assert pick(queries(length=255), 'cuda') == 'dense'  # Odd for cuDNN, short for chunked.
   assert pick(queries(), 'cuda', through_cache) == 'dense'
-  assert pick(queries(), 'rocm') == 'dense'
+  assert pick(queries(), 'rocm') == 'chunked' and options(queries(), 'rocm') == {}
   assert pick(queries(), 'tpu') == 'splash' and pick(queries(length=200), 'tpu') == 'dense'
+  assert pick(queries(length=300), 'tpu') == 'chunked'  # Not whole splash tiles.
   assert pick(queries(), 'cpu') == 'chunked' and pick(queries(length=255), 'cpu') == 'dense'
+  assert options(queries(), 'cpu') == {'q_block': attention.CPU_BLOCK,
+                                       'kv_block': attention.CPU_BLOCK}
 
 
 def test_cudnn_names_what_it_needs():

@@ -18,8 +18,8 @@
   padding, segments and the window as an additive [B, 1, T, T] mask. A KV cache's steps fall
   back to 'dense'.
 - 'auto' (the default): 'splash' on TPU (for sequences of a multiple of 128 tokens), 'cudnn' on
-  CUDA GPUs (where its shapes and dtypes allow), 'chunked' in small blocks on CPU
-  (self-attention over 256 tokens or more), 'dense' elsewhere.
+  CUDA GPUs (where its shapes and dtypes allow); where neither applies, 'chunked' for
+  self-attention over 256 tokens or more (in small blocks on CPU), 'dense' below.
 
 A query that may attend no key (a row of padding) gets the mean of the values it is shown: its
 masked scores are dense attention's large negative number, not −∞. Finite, and unused; as
@@ -86,12 +86,14 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask.dense())
 
 
-# 'auto' on CPU: self-attention over at least CPU_CHUNKED_FROM tokens is 'chunked' in blocks of
-# CPU_BLOCK (cache-sized, and each query block skips the key blocks after it). Forward and
-# backward of the `small` shape's attention on this project's 2-core CPU
+# 'auto' without a kernel: self-attention over at least CHUNKED_FROM tokens is 'chunked', on CPU
+# in blocks of CPU_BLOCK (cache-sized, and each query block skips the key blocks after it).
+# Forward and backward of the `small` shape's attention on this project's 2-core CPU
 # (`python benchmarks/attention_speed.py`): dense 353 ms, chunked in blocks of 64 227 ms, of
-# 512 369 ms; below 256 tokens the gain is smaller than chunked's longer compilation.
-CPU_BLOCK, CPU_CHUNKED_FROM = 64, 256
+# 512 369 ms; below 256 tokens the gain is smaller than chunked's longer compilation. On
+# accelerators chunked (in its default blocks) is chosen for its memory, which stays linear
+# in T, not for speed (unmeasured there).
+CPU_BLOCK, CHUNKED_FROM = 64, 256
 
 
 _TARGET_PLATFORM = contextvars.ContextVar('attention_target_platform', default=None)
@@ -121,8 +123,8 @@ def current_platform() -> str:
 
 def _auto(q_BxTxNxH, mask: AttentionMask, platform: str) -> tuple[str, dict]:
   """(implementation, its options) for these queries on this platform: 'splash' on TPU
-  (sequences of whole tiles), 'cudnn' on CUDA (where `cudnn_unsupported` finds nothing),
-  'chunked' in CPU_BLOCK blocks on CPU (long self-attention), 'dense' otherwise."""
+  (sequences of whole tiles), 'cudnn' on CUDA (where `cudnn_unsupported` finds nothing);
+  otherwise 'chunked' for long self-attention (in CPU_BLOCK blocks on CPU), 'dense' below."""
   t = q_BxTxNxH.shape[1]
   if not mask.self_attention:
     return 'dense', {}
@@ -130,8 +132,8 @@ def _auto(q_BxTxNxH, mask: AttentionMask, platform: str) -> tuple[str, dict]:
     return 'splash', {}
   if platform == 'cuda' and not cudnn_unsupported(q_BxTxNxH):
     return 'cudnn', {}
-  if platform == 'cpu' and t >= CPU_CHUNKED_FROM:
-    return 'chunked', {'q_block': CPU_BLOCK, 'kv_block': CPU_BLOCK}
+  if t >= CHUNKED_FROM:
+    return 'chunked', {'q_block': CPU_BLOCK, 'kv_block': CPU_BLOCK} if platform == 'cpu' else {}
   return 'dense', {}
 
 
