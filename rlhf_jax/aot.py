@@ -308,9 +308,10 @@ def report(config, topology: str | None = None) -> dict:
   layers the FLOPs come from `unrolled_hlo_flops`). A step takes at least HLO FLOPs / peak
   seconds, so MFU <= model FLOPs / HLO FLOPs (what remat and other extra work cost). XLA's
   count takes the body of every loop once, its own loops too (a collective matmul that XLA
-  splits to overlap FSDP's gathers, chunked log-probs and attention): when it comes out below
-  the model's FLOPs, it has missed work and gives no bound (None). Online RL reports memory
-  and compile time only.
+  splits to overlap FSDP's gathers, chunked log-probs and attention), and a Pallas kernel
+  (splash attention) as next to nothing, for want of a cost estimate. Work it misses only
+  loosens the bound, by the missed share; when the count comes out below the model's FLOPs it
+  gives no bound (None). Online RL reports memory and compile time only.
   """
   topology = topology or config.get('slice')
   if not topology:

@@ -192,6 +192,8 @@ def test_preference_losses_take_a_lora_policys_base_as_its_reference(algorithm):
 def test_lora_options_are_checked():
   with pytest.raises(InputError, match='lora_targets'):
     get_preset('tiny').replace(lora_rank=4, lora_targets=('qkv',))
+  with pytest.raises(InputError, match='one at least'):  # Not a full fine-tune in disguise.
+    get_preset('tiny').replace(lora_rank=4, lora_targets=())
 
 
 def test_a_lora_reward_model_trains_its_scalar_head_too():

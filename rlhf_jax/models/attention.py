@@ -146,8 +146,10 @@ def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask: AttentionMask, *,
   on any backend, for tests).
 
   Causality by index equals causality by position within a segment, since positions grow
-  with the index there. Padding becomes a segment of its own (-1): no real token sees it, and
-  each padding query sees at least itself (its output is unused).
+  with the index there. A sliding window is by index too: the same as dense's by position
+  where no padding lies between a segment's tokens (every layout this project builds).
+  Padding becomes a segment of its own (-1): no real token sees it, and each padding query
+  sees at least itself (its output is unused).
   """
   b, t, n, h = q_BxTxNxH.shape
   if t % SPLASH_BLOCK:

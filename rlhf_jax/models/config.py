@@ -68,7 +68,8 @@ class ModelConfig:
   # Qwen3: RMSNorm over each head's queries and keys before RoPE.
   qk_norm: bool = False
   # LoRA (Hu et al. 2021, `rlhf_jax.models.lora`): rank r > 0 adds W + (α / r)·A·B to each
-  # `lora_targets` projection and trains only A and B; 0: no adapters.
+  # `lora_targets` projection and trains only A and B (and a scalar or value head, in full); 0:
+  # no adapters.
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = LORA_TARGETS
@@ -78,7 +79,7 @@ class ModelConfig:
   quantize_base: str = ''
   # How attention is computed (`rlhf_jax.models.attention`); 'chunked' holds no [T, S] scores,
   # 'splash' is TPU's Pallas kernel, 'cudnn' NVIDIA's fused kernel, 'auto' splash on TPU, cudnn
-  # on CUDA GPUs, chunked on CPU for long sequences, and dense elsewhere.
+  # on CUDA GPUs, else chunked for long sequences and dense for short ones.
   attention: Literal['dense', 'chunked', 'splash', 'cudnn', 'auto'] = 'auto'
 
   def __post_init__(self):
@@ -88,9 +89,10 @@ class ModelConfig:
       raise InputError(f'config.model.remat={self.remat!r}; choose one of {REMAT_POLICIES}.')
     object.__setattr__(self, 'lora_targets', tuple(self.lora_targets))
     unknown = set(self.lora_targets) - set(LORA_TARGETS)
-    if unknown or self.lora_rank < 0:
+    if unknown or self.lora_rank < 0 or (self.lora_rank and not self.lora_targets):
       raise InputError(f'config.model.lora_targets={self.lora_targets!r}, lora_rank='
-                       f'{self.lora_rank}: targets are among {LORA_TARGETS}, the rank >= 0.')
+                       f'{self.lora_rank}: targets are among {LORA_TARGETS} (one at least '
+                       'with a rank > 0), the rank >= 0.')
     if self.quantize_base not in ('', 'nf4') or (self.quantize_base and not self.lora_rank):
       raise InputError(f'config.model.quantize_base={self.quantize_base!r}: "nf4" (QLoRA, with '
                        f'config.model.lora_rank > 0; it is {self.lora_rank}) or "".')

@@ -1,8 +1,9 @@
 """LoRA (Hu et al. 2021): train the low-rank A and B of W + (α / r)·A·B, keep W frozen.
 
 `config.model.lora_rank` = r > 0 gives each of `lora_targets`' projections an adapter
-(`layers.Dense`, its factors `LoRAParam`s). A run then trains the adapters alone: the train
-step differentiates them only (`split_trained`), the optimizer keeps moments for them only,
+(`layers.Dense`, its factors `LoRAParam`s). A run then trains the adapters (and a new scalar
+or value head, `HeadParam`) alone: the train step differentiates them only (`split_trained`),
+the optimizer keeps moments for them only,
 and the base weights (which may be stored in bfloat16) enter the step as an argument that is
 never donated. The reference model of DPO, KTO and online RL is the same base with the
 adapters switched off (`without_adapters`), not a second copy. The exported checkpoint has the
