@@ -102,13 +102,14 @@ class Compiled:
   resident_bytes: int = 0
 
 
-def compile_train_step(config, slice_: Slice, cfg: ModelConfig | None = None) -> Compiled:
-  """The train step of `config` compiled for `slice_`, from abstract inputs only; `cfg`
-  replaces the architecture config.model describes."""
+def compile_train_step(config, slice_: Slice, cfg: ModelConfig | None = None, *,
+                       devices: list | None = None) -> Compiled:
+  """The train step of `config` compiled for `slice_` (or for `devices`), from abstract inputs
+  only; `cfg` replaces the architecture config.model describes."""
   if config.get('algorithm') not in LOSS_FNS:
     raise InputError(f'config.algorithm={config.get("algorithm")!r}: rlhf_jax.aot compiles '
                      f'{sorted(LOSS_FNS) + sorted(RL_ALGORITHMS)}.')
-  mesh = parallel.make_mesh(config.mesh, slice_.devices())
+  mesh = parallel.make_mesh(config.mesh, devices or slice_.devices())
   check_batch_sizes(config, mesh)
   cfg = cfg or architecture(config.model)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -285,18 +286,38 @@ def hlo_flops(compiled: Compiled) -> float | None:
   return float((cost[0] if isinstance(cost, list) else cost).get('flops', 0.0)) or None
 
 
-def unrolled_hlo_flops(config, slice_: Slice) -> float | None:
-  """XLA's FLOPs of one step on one chip with the layers unrolled.
+def chip_hlo_flops(config, slice_: Slice) -> float | None:
+  """XLA's FLOPs of one chip's share of a train step, counted where no loop hides work.
 
-  XLA's cost analysis counts a loop's body once, so a scanned model's count misses all layers
-  but one. Each layer costs the same, so from the unrolled step with one and with two layers:
-  f(L) = f(1) + (L − 1)·(f(2) − f(1)).
+  XLA's cost analysis counts a loop's body once and a Pallas kernel (splash) as next to
+  nothing, and the step compiled for the slice has both, and loops of XLA's own (collective
+  matmuls that overlap FSDP's gathers with compute). So the count is of the same step compiled
+  for this machine's CPU on one chip's rows (batch_size / chips: data parallelism and FSDP split
+  the batch, tensor parallelism each matmul), in the step's numerics and remat, with dense
+  attention, log-probs in one chunk, no gradient accumulation and unrolled layers; each layer
+  costs the same, so from one and two of them, f(L) = f(1) + (L − 1)·(f(2) − f(1)). Dense
+  attention computes every [T, S] score, as the model's count has it; a causal kernel computes
+  about half. The optimizer's update counts for every parameter, not a chip's shard (a few
+  FLOPs a parameter against thousands a parameter for the step).
   """
-  cfg = architecture(config.model)
-  one, two = (hlo_flops(compile_train_step(config, slice_, cfg.replace(n_layers=n,
-                                                                       scan_layers=False)))
-              for n in (1, 2))
-  return None if one is None or two is None else one + (cfg.n_layers - 1) * (two - one)
+  one, two = (step_flops_on_cpu(config, slice_, n_layers) for n_layers in (1, 2))
+  layers = architecture(config.model).n_layers
+  return None if one is None or two is None else one + (layers - 1) * (two - one)
+
+
+def step_flops_on_cpu(config, slice_: Slice, n_layers: int) -> float | None:
+  """XLA's FLOPs of one chip's share of `config`'s train step with `n_layers` unrolled layers,
+  compiled for this machine's CPU (see `chip_hlo_flops`)."""
+  rows = config.train.batch_size / slice_.chips
+  counted = config.copy_and_resolve_references()
+  counted.train.batch_size = math.ceil(rows)
+  counted.train.logprob_chunk_size = counted.train.seq_len
+  counted.optim.grad_accum_steps = 1
+  counted.mesh.update(data=1, fsdp=1, tensor=1)
+  cfg = architecture(config.model).replace(n_layers=n_layers, scan_layers=False,
+                                           attention='dense')
+  flops = hlo_flops(compile_train_step(counted, slice_, cfg, devices=jax.devices('cpu')[:1]))
+  return flops and flops * rows / counted.train.batch_size
 
 
 def report(config, topology: str | None = None) -> dict:
@@ -304,14 +325,10 @@ def report(config, topology: str | None = None) -> dict:
   (default: config.slice, the slice a pod-scale preset is sized for): the train step, and for
   online RL also the sampling and scoring programs (`compile_rl_programs`).
 
-  Memory and HLO FLOPs are per chip (XLA's analyses of the partitioned step; for scanned
-  layers the FLOPs come from `unrolled_hlo_flops`). A step takes at least HLO FLOPs / peak
-  seconds, so MFU <= model FLOPs / HLO FLOPs (what remat and other extra work cost). XLA's
-  count takes the body of every loop once, its own loops too (a collective matmul that XLA
-  splits to overlap FSDP's gathers, chunked log-probs and attention), and a Pallas kernel
-  (splash attention) as next to nothing, for want of a cost estimate. Work it misses only
-  loosens the bound, by the missed share; when the count comes out below the model's FLOPs it
-  gives no bound (None). Online RL reports memory and compile time only.
+  Memory is per chip, from XLA's analysis of the partitioned step; HLO FLOPs are one chip's
+  share of the step (`chip_hlo_flops`). A step takes at least HLO FLOPs / peak seconds, so
+  MFU <= model FLOPs / HLO FLOPs (what remat and other extra work cost), with attention
+  counted in full on both sides. Online RL reports memory and compile time only.
   """
   topology = topology or config.get('slice')
   if not topology:
@@ -327,9 +344,7 @@ def report(config, topology: str | None = None) -> dict:
           for name, m in memory.items()}
   largest = max(memory, key=lambda name: memory[name]['total'])
   train = programs['train']
-  flops = hlo_flops(train) if train.model_flops else None
-  if flops and architecture(config.model).scan_layers:
-    flops = unrolled_hlo_flops(config, slice_)
+  flops = chip_hlo_flops(config, slice_) if train.model_flops else None
   model_flops = train.model_flops / slice_.chips if train.model_flops else None
   result = {
       'topology': topology, 'libtpu_topology': slice_.topology, 'chips': slice_.chips,
@@ -340,7 +355,7 @@ def report(config, topology: str | None = None) -> dict:
       'hlo_tflops_per_chip': flops / 1e12 if flops else None,
       'model_tflops_per_chip': model_flops / 1e12 if model_flops else None,
       'min_step_s': flops / slice_.chip.peak_bf16_flops if flops else None,
-      # No bound from a count that misses work (see above).
+      # None where XLA counts less than the model: a count that missed work.
       'mfu_bound': model_flops / flops if flops and flops >= model_flops else None,
       'xla_error': next((p.oom for p in programs.values() if p.oom), None),
   }
@@ -371,7 +386,7 @@ def print_report(result: dict) -> None:
     if r['hlo_tflops_per_chip']:
       bound = (f'at least {r["min_step_s"] * 1e3:.3g} ms at peak bf16, MFU at most '
                f'{r["mfu_bound"]:.0%}' if r['mfu_bound'] else
-               'XLA counts fewer than the model (loops counted once): no MFU bound')
+               'XLA counts fewer than the model: no MFU bound')
       print(f'compiled in {r["compile_s"]:.1f} s; per chip and step '
             f'{r["hlo_tflops_per_chip"]:.4g} HLO TFLOPs, {r["model_tflops_per_chip"]:.4g} model '
             f'TFLOPs: {bound}')

@@ -62,23 +62,34 @@ def test_sft_step_fits_and_memory_grows_with_the_batch():
   assert large['model_tflops_per_chip'] == pytest.approx(2 * small['model_tflops_per_chip'])
 
 
-def test_scanned_layers_compile_one_block_and_count_every_layer():
-  """The scanned step's program does not grow with depth, where the unrolled one does, and its
-  HLO FLOPs (extrapolated from one and two unrolled layers) are the unrolled step's."""
+def test_scanned_layers_compile_one_block():
+  """The scanned step's program does not grow with depth, where the unrolled one does."""
   def lowered_size(n_layers, scan_layers):
     config = sorting_config(32)
     config.model.n_layers, config.model.scan_layers = n_layers, scan_layers
     return len(aot.compile_train_step(config, parse_slice('v5p-8')).executable.as_text())
   assert lowered_size(6, True) < 1.05 * lowered_size(2, True)
   assert lowered_size(6, False) > 1.5 * lowered_size(2, False)
-  reports = {}
-  for scan_layers in (False, True):
-    config = sorting_config(32)
-    config.model.n_layers, config.model.scan_layers = 4, scan_layers
-    reports[scan_layers] = aot.report(config, 'v5p-8')
-  assert reports[True]['hlo_tflops_per_chip'] == pytest.approx(
-      reports[False]['hlo_tflops_per_chip'], rel=0.02)
-  assert reports[True]['fits'] and 0 < reports[True]['mfu_bound'] <= 1
+
+
+@pytest.mark.parametrize('config_file', ['sft.py:sorting', 'dpo.py:tiny'])
+def test_a_chip_flops_are_those_of_its_rows_every_layer_counted(config_file):
+  """chip_hlo_flops, from one and two layers of the step on this CPU for one chip's rows,
+  equals the CPU's count of all four layers, and XLA's count of the TPU step when nothing
+  hides work there (data parallelism, layers unrolled, sequences in one log-prob chunk); the
+  same FSDP step with scanned layers, counted on the TPU, misses most of it."""
+  config = load_config(config_file)
+  config.train.batch_size, config.model.n_layers, config.model.scan_layers = 32, 4, False
+  slice_ = parse_slice('v5p-8')
+  counted = aot.chip_hlo_flops(config, slice_)
+  assert counted == pytest.approx(aot.step_flops_on_cpu(config, slice_, 4), rel=1e-4)
+  assert counted == pytest.approx(aot.hlo_flops(aot.compile_train_step(config, slice_)),
+                                  rel=0.03)
+  config.model.scan_layers, config.mesh.data, config.mesh.fsdp = True, 1, -1
+  assert aot.hlo_flops(aot.compile_train_step(config, slice_)) < 0.6 * counted
+  report = aot.report(config, 'v5p-8')
+  assert report['hlo_tflops_per_chip'] * 1e12 == pytest.approx(counted)
+  assert report['fits'] and 0 < report['mfu_bound'] <= 1
 
 
 def test_splash_attention_compiles_into_the_sharded_scanned_step(monkeypatch):
