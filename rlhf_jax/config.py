@@ -48,7 +48,7 @@ def architecture(model: ml_collections.ConfigDict, *, head: str | None = None) -
   config.model.hf_path (no weights read) with a `head` head (default config.model.head), in
   config.model's numerics. What `export` and `aot` rebuild abstractly."""
   if not model.hf_path:
-    return to_model_config(model)
+    return to_model_config(model).replace(head=head or model.head)
   cfg = read_hf_config(local_dir(model.hf_path, key='config.model.hf_path'),
                        head=head or model.head)
   return cfg.replace(**{field: model[field] for field in RUN_FIELDS})

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from rlhf_jax import aot, parallel
-from rlhf_jax.config import POD_SLICES, check_batch_sizes, load_config, to_model_config
+from rlhf_jax.config import (POD_SLICES, architecture, check_batch_sizes, load_config,
+                             to_model_config)
 from rlhf_jax.errors import InputError
 from rlhf_jax.models import attention
 from rlhf_jax.models.attention import AttentionMask, splash_attention
@@ -179,6 +180,14 @@ def test_online_rl_compiles_sampling_scoring_and_the_update(lora_rank):
   reference = 0 if lora_rank else cfg.num_params()
   other_models = 4 * (reference + cfg.replace(head='scalar').num_params())
   assert programs['train']['resident_gib'] * aot.GIB == pytest.approx(other_models)
+
+
+def test_the_architecture_has_the_head_asked_for_with_or_without_a_checkpoint():
+  """What aot and export rebuild: an RL policy is an LM even where config.model says 'scalar'."""
+  config = load_config('rm.py:tiny')
+  config.model.hf_path = None
+  assert architecture(config.model).head == 'scalar'
+  assert architecture(config.model, head='lm').head == 'lm'
 
 
 def test_a_step_that_does_not_fit_exits_with_status_1():
