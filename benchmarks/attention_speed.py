@@ -7,8 +7,9 @@
 The gradient of sum(attention(q, k, v)²) with respect to q, k and v for causal rows of real
 tokens (6 query heads and 2 key/value heads of 64, as the `small` preset), with 'dense'
 attention, with 'chunked' in each block size given (`rlhf_jax.models.attention`) and, on a
-CUDA GPU in bfloat16 or float16, with 'cudnn'; the best of `repeats` runs after one that compiles. This is what chose 'auto's CPU_BLOCK and
-CHUNKED_FROM. The last line printed is one JSON object for scripts.
+CUDA GPU in bfloat16 or float16, with 'cudnn'; the best of `repeats` runs after one that
+compiles. This is what chose 'auto's CPU_BLOCK and CHUNKED_FROM. The last line printed is one
+JSON object for scripts.
 """
 
 import argparse

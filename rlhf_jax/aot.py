@@ -102,14 +102,13 @@ class Compiled:
   resident_bytes: int = 0
 
 
-def compile_train_step(config, slice_: Slice, cfg: ModelConfig | None = None, *,
-                       devices: list | None = None) -> Compiled:
-  """The train step of `config` compiled for `slice_` (or for `devices`), from abstract inputs
-  only; `cfg` replaces the architecture config.model describes."""
+def compile_train_step(config, devices: list, cfg: ModelConfig | None = None) -> Compiled:
+  """The train step of `config` compiled for `devices` (a slice's: `Slice.devices`), from
+  abstract inputs only; `cfg` replaces the architecture config.model describes."""
   if config.get('algorithm') not in LOSS_FNS:
     raise InputError(f'config.algorithm={config.get("algorithm")!r}: rlhf_jax.aot compiles '
                      f'{sorted(LOSS_FNS) + sorted(RL_ALGORITHMS)}.')
-  mesh = parallel.make_mesh(config.mesh, devices or slice_.devices())
+  mesh = parallel.make_mesh(config.mesh, devices)
   check_batch_sizes(config, mesh)
   cfg = cfg or architecture(config.model)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -172,8 +171,8 @@ def compile_program(jitted, args: tuple, mesh, *, model_flops: float | None = No
   return result
 
 
-def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
-  """Online RL's three programs compiled for `slice_`: 'sampling' (the policy's rollout with
+def compile_rl_programs(config, devices: list) -> dict[str, Compiled]:
+  """Online RL's three programs compiled for `devices` (a slice's): 'sampling' (the policy's rollout with
   its KV cache), 'scoring' (the trained model, the reference and the reward model over the
   rollout) and 'train' (one minibatch update of policy and critic).
 
@@ -183,7 +182,7 @@ def compile_rl_programs(config, slice_: Slice) -> dict[str, Compiled]:
   LoRA the reference is the policy's base and the reward model has no adapters, as in a run.
   """
   rl = config.rl
-  mesh = parallel.make_mesh(config.mesh, slice_.devices())
+  mesh = parallel.make_mesh(config.mesh, devices)
   check_batch_sizes(config, mesh)
   cfg = architecture(config.model, head='lm')
   scalar = cfg.replace(head='scalar')
@@ -316,7 +315,7 @@ def step_flops_on_cpu(config, slice_: Slice, n_layers: int) -> float | None:
   counted.mesh.update(data=1, fsdp=1, tensor=1)
   cfg = architecture(config.model).replace(n_layers=n_layers, scan_layers=False,
                                            attention='dense')
-  flops = hlo_flops(compile_train_step(counted, slice_, cfg, devices=jax.devices('cpu')[:1]))
+  flops = hlo_flops(compile_train_step(counted, jax.devices('cpu')[:1], cfg))
   return flops and flops * rows / counted.train.batch_size
 
 
@@ -336,9 +335,9 @@ def report(config, topology: str | None = None) -> dict:
                      'preset that sets config.slice.')
   slice_ = parse_slice(topology)
   if config.get('algorithm') in RL_ALGORITHMS:
-    programs = compile_rl_programs(config, slice_)
+    programs = compile_rl_programs(config, slice_.devices())
   else:
-    programs = {'train': compile_train_step(config, slice_)}
+    programs = {'train': compile_train_step(config, slice_.devices())}
   memory = {name: memory_gib(program) for name, program in programs.items()}
   fits = {name: programs[name].oom is None and m['total'] <= slice_.chip.hbm_gib
           for name, m in memory.items()}

@@ -68,7 +68,7 @@ def test_scanned_layers_compile_one_block():
   def lowered_size(n_layers, scan_layers):
     config = sorting_config(32)
     config.model.n_layers, config.model.scan_layers = n_layers, scan_layers
-    return len(aot.compile_train_step(config, parse_slice('v5p-8')).executable.as_text())
+    return len(aot.compile_train_step(config, parse_slice('v5p-8').devices()).executable.as_text())
   assert lowered_size(6, True) < 1.05 * lowered_size(2, True)
   assert lowered_size(6, False) > 1.5 * lowered_size(2, False)
 
@@ -84,10 +84,10 @@ def test_a_chip_flops_are_those_of_its_rows_every_layer_counted(config_file):
   slice_ = parse_slice('v5p-8')
   counted = aot.chip_hlo_flops(config, slice_)
   assert counted == pytest.approx(aot.step_flops_on_cpu(config, slice_, 4), rel=1e-4)
-  assert counted == pytest.approx(aot.hlo_flops(aot.compile_train_step(config, slice_)),
+  assert counted == pytest.approx(aot.hlo_flops(aot.compile_train_step(config, slice_.devices())),
                                   rel=0.03)
   config.model.scan_layers, config.mesh.data, config.mesh.fsdp = True, 1, -1
-  assert aot.hlo_flops(aot.compile_train_step(config, slice_)) < 0.6 * counted
+  assert aot.hlo_flops(aot.compile_train_step(config, slice_.devices())) < 0.6 * counted
   report = aot.report(config, 'v5p-8')
   assert report['hlo_tflops_per_chip'] * 1e12 == pytest.approx(counted)
   assert report['fits'] and 0 < report['mfu_bound'] <= 1
@@ -103,7 +103,7 @@ def test_splash_attention_compiles_into_the_sharded_scanned_step(monkeypatch):
   called = []
   monkeypatch.setattr(attention, 'splash_attention',
                       lambda *args: called.append(1) or splash_attention(*args))
-  assert aot.compile_train_step(config, parse_slice('v5p-8')).oom is None
+  assert aot.compile_train_step(config, parse_slice('v5p-8').devices()).oom is None
   assert called  # Traced once for the scanned block (and its rematerialization).
 
   mesh = parallel.make_mesh({'data': 1, 'fsdp': -1}, parse_slice('v5p-8').devices())

@@ -77,9 +77,9 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: AttentionMask, *,
   if implementation == 'splash' and mask.self_attention:
     return splash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if implementation == 'cudnn' and mask.self_attention:
-    if current_platform() != 'cuda':
+    if (platform := current_platform()) != 'cuda':
       raise InputError("config.model.attention='cudnn' needs an NVIDIA GPU (install "
-                       f"jax[cuda12]); JAX runs on {current_platform()}.")
+                       f"jax[cuda12]); JAX runs on {platform}.")
     return cudnn_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
   if implementation == 'chunked':
     return chunked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, **options)
@@ -113,8 +113,8 @@ def compiling_for(platform: str):
 def current_platform() -> str:
   """'cpu', 'tpu', 'cuda' or 'rocm' (JAX's backend 'gpu' is either of the last two), or the
   platform being compiled for (`compiling_for`)."""
-  if _TARGET_PLATFORM.get():
-    return _TARGET_PLATFORM.get()
+  if target := _TARGET_PLATFORM.get():
+    return target
   backend = jax.default_backend()
   if backend == 'gpu':
     return 'cuda' if 'cuda' in jax.extend.backend.get_backend().platform_version else 'rocm'
